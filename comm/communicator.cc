@@ -1,0 +1,33 @@
+// Communicator helpers and the expert-parallel x data-parallel mesh.
+#include "comm/communicator.h"
+
+#include <cstring>
+#include "runtime/error.h"
+
+namespace moe {
+
+void broadcast_string(Communicator& comm, std::string& s, int root) {
+  std::vector<double> len{static_cast<double>(s.size())};
+  comm.broadcast(len.data(), 1, DType::kF64, root);
+  std::vector<int32_t> buf((static_cast<size_t>(len[0]) + 3) / 4, 0);
+  if (comm.rank() == root && !s.empty()) std::memcpy(buf.data(), s.data(), s.size());
+  if (!buf.empty()) comm.broadcast(buf.data(), buf.size(), DType::kI32, root);
+  s.assign(reinterpret_cast<const char*>(buf.data()), static_cast<size_t>(len[0]));
+}
+
+ProcessGroups make_process_groups(std::unique_ptr<Communicator> world, int ep) {
+  int n = world->size();
+  if (ep < 1 || n % ep != 0) {
+    throw ConfigError("parallel.ep", detail::concat("must divide the number of ranks (", n, " ranks, ep = ", ep, ")"));
+  }
+  int r = world->rank();
+  ProcessGroups groups;
+  groups.ep = world->split(/*color=*/r / ep, /*key=*/r % ep);
+  groups.dp = world->split(/*color=*/r % ep, /*key=*/r / ep);
+  groups.world = std::move(world);
+  MOE_CHECK(groups.ep->size() == ep && groups.ep->rank() == r % ep, "ep group of rank ", r);
+  MOE_CHECK(groups.dp->size() == n / ep && groups.dp->rank() == r / ep, "dp group of rank ", r);
+  return groups;
+}
+
+}  // namespace moe

@@ -1,0 +1,70 @@
+// The communicator interface: the collectives the runtime needs, over one group of ranks.
+//
+// Buffers are raw pointers plus element counts and a dtype, so one interface serves host memory (MPI)
+// and, later, device memory (NCCL). Every call is collective over the group: all its ranks must make
+// the same calls in the same order. Failures throw CommError naming the call, file:line and the rank.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/tensor.h"
+
+namespace moe {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::string name() const = 0;  // "mpi"
+
+  // send holds size() chunks of `count` elements; chunk r goes to rank r; recv gets chunk i from rank i.
+  virtual void all_to_all(const void* send, void* recv, size_t count, DType dtype) = 0;
+  // Variable counts and offsets (elements), one per rank.
+  virtual void all_to_all_v(const void* send, const std::vector<size_t>& send_counts,
+                            const std::vector<size_t>& send_offsets, void* recv,
+                            const std::vector<size_t>& recv_counts, const std::vector<size_t>& recv_offsets,
+                            DType dtype) = 0;
+  // Elementwise sum over ranks; send == recv is allowed (in place).
+  virtual void all_reduce_sum(const void* send, void* recv, size_t count, DType dtype) = 0;
+  // recv holds size() chunks of `count`; chunk i comes from rank i.
+  virtual void all_gather(const void* send, void* recv, size_t count, DType dtype) = 0;
+  virtual void broadcast(void* buf, size_t count, DType dtype, int root) = 0;
+  virtual void barrier() = 0;
+
+  // A sub-communicator of the ranks passing the same color, ordered by key. Collective.
+  virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+
+  // ---- typed conveniences over host vectors
+  void all_reduce_sum(std::vector<double>& values) {
+    all_reduce_sum(values.data(), values.data(), values.size(), DType::kF64);
+  }
+  void all_reduce_sum(Tensor& t) { all_reduce_sum(t.raw(), t.raw(), static_cast<size_t>(t.numel()), t.dtype()); }
+};
+
+// The 2-D mesh of ranks, created once at start-up and passed to whoever communicates.
+//
+// world = ep * dp. Rank r has ep_rank = r % ep and dp_rank = r / ep, so an expert-parallel group is
+// `ep` consecutive ranks (one node, in the reference shape) and holds every routed expert once. The
+// data-parallel group of a rank is the ranks with the same ep_rank: the replicas of its expert shard,
+// over which expert gradients are reduced. Replicated parameters are reduced over the world.
+struct ProcessGroups {
+  std::unique_ptr<Communicator> world;
+  std::unique_ptr<Communicator> ep;  // size ep: tokens cross it in dispatch/combine
+  std::unique_ptr<Communicator> dp;  // size world/ep: expert-data-parallel group
+
+  int ep_size() const { return ep->size(); }
+  int dp_size() const { return dp->size(); }
+};
+
+// Sends root's string to every rank of the group (length, then bytes). Collective.
+void broadcast_string(Communicator& comm, std::string& s, int root);
+
+// Splits `world` into the mesh. Throws ConfigError (key parallel.ep) when ep does not divide the world.
+ProcessGroups make_process_groups(std::unique_ptr<Communicator> world, int ep);
+
+}  // namespace moe

@@ -1,0 +1,174 @@
+// Communicator over MPI for host buffers.
+//
+// Every communicator is a duplicate of its parent with MPI_ERRORS_RETURN, so a failed call comes back
+// as a CommError (statement, file:line, rank) instead of MPI's default abort without context.
+#include "comm/mpi/mpi_communicator.h"
+
+#include <mpi.h>
+
+#include <climits>
+#include <cstdlib>
+#include <string>
+
+#include "runtime/error.h"
+
+namespace moe {
+namespace {
+
+[[noreturn]] void throw_mpi_error(int code, const char* stmt, const char* file, int line) {
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(code, text, &len);
+  throw CommError(detail::concat("MPI call failed on rank ", mpi_world_rank(), ": ", stmt, " at ", file, ":", line,
+                                 ": ", std::string(text, static_cast<size_t>(len))));
+}
+
+#define MOE_MPI_CHECK(stmt)                                               \
+  do {                                                                    \
+    int moe_rc_ = (stmt);                                                 \
+    if (moe_rc_ != MPI_SUCCESS) throw_mpi_error(moe_rc_, #stmt, __FILE__, __LINE__); \
+  } while (0)
+
+MPI_Datatype mpi_type(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return MPI_FLOAT;
+    case DType::kF64: return MPI_DOUBLE;
+    case DType::kI32: return MPI_INT32_T;
+  }
+  throw InternalError("no MPI datatype for dtype");
+}
+
+int to_int(size_t n, const char* what) {
+  if (n > static_cast<size_t>(INT_MAX)) {
+    throw CommError(detail::concat(what, ": ", n, " elements exceed the 2^31-1 count limit of MPI"));
+  }
+  return static_cast<int>(n);
+}
+
+std::vector<int> to_ints(const std::vector<size_t>& v, const char* what) {
+  std::vector<int> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = to_int(v[i], what);
+  return out;
+}
+
+// Reductions and broadcasts of more than INT_MAX elements go in pieces.
+constexpr size_t kChunk = size_t{1} << 30;
+
+class MpiCommunicator final : public Communicator {
+ public:
+  explicit MpiCommunicator(MPI_Comm parent) {
+    MOE_MPI_CHECK(MPI_Comm_dup(parent, &comm_));
+    MOE_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
+    MOE_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    MOE_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+  }
+  MpiCommunicator(MPI_Comm owned, bool /*adopt*/) : comm_(owned) {
+    MOE_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
+    MOE_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    MOE_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+  }
+  ~MpiCommunicator() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string name() const override { return "mpi"; }
+
+  void all_to_all(const void* send, void* recv, size_t count, DType dtype) override {
+    to_int(count * static_cast<size_t>(size_), "all_to_all");
+    MOE_MPI_CHECK(MPI_Alltoall(send, static_cast<int>(count), mpi_type(dtype), recv, static_cast<int>(count),
+                               mpi_type(dtype), comm_));
+  }
+
+  void all_to_all_v(const void* send, const std::vector<size_t>& send_counts, const std::vector<size_t>& send_offsets,
+                    void* recv, const std::vector<size_t>& recv_counts, const std::vector<size_t>& recv_offsets,
+                    DType dtype) override {
+    size_t n = static_cast<size_t>(size_);
+    MOE_CHECK(send_counts.size() == n && send_offsets.size() == n && recv_counts.size() == n &&
+                  recv_offsets.size() == n,
+              "all_to_all_v needs one count and offset per rank");
+    auto sc = to_ints(send_counts, "all_to_all_v"), so = to_ints(send_offsets, "all_to_all_v");
+    auto rc = to_ints(recv_counts, "all_to_all_v"), ro = to_ints(recv_offsets, "all_to_all_v");
+    MOE_MPI_CHECK(MPI_Alltoallv(send, sc.data(), so.data(), mpi_type(dtype), recv, rc.data(), ro.data(),
+                                mpi_type(dtype), comm_));
+  }
+
+  void all_reduce_sum(const void* send, void* recv, size_t count, DType dtype) override {
+    size_t elem = dtype_size(dtype);
+    for (size_t done = 0; done < count; done += kChunk) {
+      int n = static_cast<int>(std::min(kChunk, count - done));
+      const void* s = send == recv ? MPI_IN_PLACE : static_cast<const char*>(send) + done * elem;
+      MOE_MPI_CHECK(MPI_Allreduce(s, static_cast<char*>(recv) + done * elem, n, mpi_type(dtype), MPI_SUM, comm_));
+    }
+  }
+
+  void all_gather(const void* send, void* recv, size_t count, DType dtype) override {
+    to_int(count * static_cast<size_t>(size_), "all_gather");
+    MOE_MPI_CHECK(MPI_Allgather(send, static_cast<int>(count), mpi_type(dtype), recv, static_cast<int>(count),
+                                mpi_type(dtype), comm_));
+  }
+
+  void broadcast(void* buf, size_t count, DType dtype, int root) override {
+    size_t elem = dtype_size(dtype);
+    for (size_t done = 0; done < count; done += kChunk) {
+      int n = static_cast<int>(std::min(kChunk, count - done));
+      MOE_MPI_CHECK(MPI_Bcast(static_cast<char*>(buf) + done * elem, n, mpi_type(dtype), root, comm_));
+    }
+  }
+
+  void barrier() override { MOE_MPI_CHECK(MPI_Barrier(comm_)); }
+
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    MPI_Comm sub = MPI_COMM_NULL;
+    MOE_MPI_CHECK(MPI_Comm_split(comm_, color, key, &sub));
+    return std::make_unique<MpiCommunicator>(sub, true);
+  }
+
+ private:
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0, size_ = 1;
+};
+
+}  // namespace
+
+void mpi_init(int* argc, char*** argv) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (initialized) return;
+  int provided = 0;
+  MOE_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided));
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+}
+
+void mpi_finalize() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (mpi_initialized() && !finalized) MPI_Finalize();
+}
+
+void mpi_abort(int code) {
+  if (mpi_initialized()) MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
+}
+
+bool mpi_initialized() {
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  return initialized && !finalized;
+}
+
+int mpi_world_rank() {
+  if (!mpi_initialized()) return 0;
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+
+std::unique_ptr<Communicator> make_mpi_world() { return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD); }
+std::unique_ptr<Communicator> make_mpi_self() { return std::make_unique<MpiCommunicator>(MPI_COMM_SELF); }
+
+}  // namespace moe

@@ -1,0 +1,24 @@
+// The MPI implementation of Communicator (host buffers), and the process-level MPI calls main() needs.
+//
+// This header does not include mpi.h, so code above comm/ never sees MPI types.
+#pragma once
+
+#include <memory>
+
+#include "comm/communicator.h"
+
+namespace moe {
+
+// MPI_Init_thread once per process; later calls do nothing.
+void mpi_init(int* argc, char*** argv);
+void mpi_finalize();
+// Kills every rank of the job (MPI_Abort on MPI_COMM_WORLD). Safe to call before mpi_init.
+[[noreturn]] void mpi_abort(int code);
+bool mpi_initialized();
+// The rank in MPI_COMM_WORLD, or 0 before mpi_init.
+int mpi_world_rank();
+
+std::unique_ptr<Communicator> make_mpi_world();  // MPI_COMM_WORLD (duplicated)
+std::unique_ptr<Communicator> make_mpi_self();   // MPI_COMM_SELF (duplicated): a group of one
+
+}  // namespace moe

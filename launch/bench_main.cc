@@ -1,0 +1,36 @@
+// moe_bench: benchmarks with one table format (nccl-tests style); exit code 1 on a wrong result.
+//
+//   mpirun -np N moe_bench layer [--tokens=4096] [--hidden=512] [--experts=8] [--top_k=2] [--shared=0,1]
+//                                [--ffn_hidden=0] [--capacity_factor=1.25] [--iters=10] [--warmup=2]
+//                                [--threads=1] [--dtype=float32|float64] [--format=table|json|csv]
+// Lists (comma-separated) give one row per combination.
+#include <cstdio>
+#include <string>
+
+#include "launch/layer_bench.h"
+
+using namespace moe;
+
+namespace {
+const char* kUsage =
+    "usage: mpirun -np N moe_bench layer [--tokens=4096] [--hidden=512] [--experts=8] [--top_k=2]\n"
+    "                 [--shared=0,1] [--ffn_hidden=0] [--capacity_factor=1.25] [--iters=10] [--warmup=2]\n"
+    "                 [--threads=1] [--dtype=float32|float64] [--format=table|json|csv]\n"
+    "Comma-separated lists give one row per combination. tokens is per rank; ep = number of ranks.\n";
+}
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  std::string what = argv[1];
+  if (what != "layer") {
+    std::fprintf(stderr, "moe_bench: unknown benchmark '%s'\n%s", what.c_str(), kUsage);
+    return 2;
+  }
+  return run_job(argc, argv, "moe_bench", [&] {
+    CommandLine cl = parse_command_line(argc, argv, 2);
+    return run_layer_bench(cl);
+  });
+}

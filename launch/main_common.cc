@@ -1,0 +1,114 @@
+// MPI start-up, the single catch site, and configuration loading shared by the entry points.
+#include "launch/main_common.h"
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "comm/mpi/mpi_communicator.h"
+#include "runtime/log.h"
+
+namespace moe {
+
+int run_job(int argc, char** argv, const char* program, const std::function<int()>& body) {
+  try {
+    mpi_init(&argc, &argv);
+    int rank = mpi_world_rank();
+    auto world = make_mpi_world();
+    log_set_rank(rank, world->size());
+    world.reset();
+    int rc = body();
+    mpi_finalize();
+    return rc;
+  } catch (const Error& e) {
+    std::string line = std::string(program) + ": error: " + e.what();
+    if (!e.key().empty() && e.kind() != ErrorKind::kConfig) line += " (config key " + e.key() + ")";
+    if (e.collective()) {
+      if (mpi_world_rank() == 0) std::fprintf(stderr, "%s\n", line.c_str());
+      std::fflush(stderr);
+      mpi_finalize();
+      return 2;
+    }
+    std::fprintf(stderr, "%s%s\n", line.c_str(),
+                 mpi_initialized() ? (" [rank " + std::to_string(mpi_world_rank()) + "]").c_str() : "");
+    std::fflush(stderr);
+    mpi_abort(1);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: error: %s [rank %d]\n", program, e.what(), mpi_world_rank());
+    std::fflush(stderr);
+    mpi_abort(1);
+  }
+}
+
+CommandLine parse_command_line(int argc, char** argv, int first) {
+  CommandLine cl;
+  for (int i = first; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--", 0) == 0) {
+      std::string body = a.substr(2);
+      size_t eq = body.find('=');
+      std::string name = body.substr(0, eq);
+      if (name.find('.') != std::string::npos) {
+        if (eq == std::string::npos) {
+          if (i + 1 >= argc) {
+            ConfigError e(name, "missing value after --" + name);
+            e.mark_collective();  // every rank parses the same argv
+            throw e;
+          }
+          body += "=" + std::string(argv[++i]);
+        }
+        cl.overrides.push_back(body);
+      } else {
+        cl.flags.push_back(body);
+      }
+    } else if (a == "-h") {
+      cl.flags.push_back("help");
+    } else if (cl.config_path.empty() && cl.positional.empty()) {
+      cl.config_path = a;
+    } else {
+      cl.positional.push_back(a);
+    }
+  }
+  return cl;
+}
+
+Config load_config(const CommandLine& cl, Communicator& world, ConfigSources* sources) {
+  try {
+    // Rank 0 reads the file; its contents (or the failure) reach every rank.
+    std::string text, failure;
+    if (world.rank() == 0 && !cl.config_path.empty()) {
+      std::ifstream in(cl.config_path);
+      if (!in) {
+        failure = "cannot read config file " + cl.config_path;
+      } else {
+        std::ostringstream s;
+        s << in.rdbuf();
+        text = s.str();
+      }
+    }
+    broadcast_string(world, failure, 0);
+    if (!failure.empty()) throw ConfigError("", failure);
+    broadcast_string(world, text, 0);
+    Config c = parse_config(text, cl.config_path.empty() ? "(no file)" : cl.config_path, cl.overrides, sources);
+    validate_config(c, world.size());
+    return c;
+  } catch (Error& e) {
+    e.mark_collective();
+    throw;
+  }
+}
+
+std::string config_help() {
+  std::ostringstream out;
+  Config defaults;
+  size_t w = 0;
+  for (const auto& f : config_fields()) w = std::max(w, f.key.size() + f.type.size() + 3);
+  for (const auto& f : config_fields()) {
+    std::string head = f.key + " (" + f.type + ")";
+    std::string def = f.get(defaults);
+    out << "  --" << head << std::string(w - head.size() + 1, ' ') << "default " << (def.empty() ? "''" : def) << "\n";
+  }
+  return out.str();
+}
+
+}  // namespace moe

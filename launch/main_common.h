@@ -1,0 +1,35 @@
+// What every entry point shares: MPI start-up, the one place errors are caught, and config loading.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "runtime/config.h"
+
+namespace moe {
+
+// Starts MPI, runs body, and is the only catch site: an error prints one line
+//   <program>: error: <what> [(config key <key>)]
+// and stops the job: cleanly (exit code 2) when every rank raised it together (a collective config
+// error), otherwise through MPI_Abort so no rank is left waiting (exit code 1).
+int run_job(int argc, char** argv, const char* program, const std::function<int()>& body);
+
+struct CommandLine {
+  std::string config_path;             // first positional argument, or ""
+  std::vector<std::string> overrides;  // "section.key=value"
+  std::vector<std::string> flags;      // other "--name" options, without "--"
+  std::vector<std::string> positional; // positional arguments after the config path
+};
+// Splits argv: "--section.key=value" and "--section.key value" are overrides, other "--x" are flags.
+CommandLine parse_command_line(int argc, char** argv, int first);
+
+// Rank 0 reads the YAML file and broadcasts it; every rank parses and validates the same text, so a
+// configuration error is raised by every rank together (marked collective).
+Config load_config(const CommandLine& cl, Communicator& world, ConfigSources* sources);
+
+// Usage text listing every configuration key, its type and default.
+std::string config_help();
+
+}  // namespace moe

@@ -1,0 +1,42 @@
+// The MoE FFN layer: route -> dispatch -> experts -> combine, plus shared experts.
+//
+//   y = sum_{selected e} g_e * Expert_e(x) + sum_j Shared_j(x)
+//
+// Routed experts are sharded over the expert-parallel group (this rank holds num_experts / ep of them,
+// consecutive); shared experts are replicated and see every local token. Losses (aux, z) are computed
+// over the global batch by the router.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "model/dispatcher.h"
+#include "model/experts.h"
+#include "model/router.h"
+
+namespace moe {
+
+class MoeLayer {
+ public:
+  // groups: the mesh (world for the router statistics, ep for dispatch). ep_rank picks the expert shard.
+  MoeLayer(ParamSet& params, const std::string& prefix, const Config& config, int layer, int ep_size, int ep_rank);
+
+  // x (T, H) -> y (T, H). stats receives the global routing statistics and losses of this layer.
+  Tensor forward(Backend& backend, ProcessGroups& groups, const Tensor& x, const StepContext& ctx, RouterStats& stats);
+  // dy (T, H) -> dx (T, H); accumulates every parameter gradient of the layer.
+  Tensor backward(Backend& backend, ProcessGroups& groups, const Tensor& dy);
+
+  Router& router() { return router_; }
+  FfnExperts& experts() { return experts_; }
+  FfnExperts* shared() { return shared_.get(); }
+  const Dispatcher& dispatcher() const { return dispatcher_; }
+
+ private:
+  Router router_;
+  FfnExperts experts_;
+  std::unique_ptr<FfnExperts> shared_;
+  Dispatcher dispatcher_;
+  int64_t capacity_ = 0;
+};
+
+}  // namespace moe

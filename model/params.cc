@@ -1,0 +1,107 @@
+// Parameter allocation, initialisation and gradient reduction.
+#include "model/params.h"
+
+#include <cmath>
+
+#include "runtime/rng.h"
+
+namespace moe {
+
+Param* ParamSet::add(Param spec) {
+  MOE_CHECK(!values_[0].defined() && !values_[1].defined(), "parameter ", spec.name, " declared after allocate()");
+  MOE_CHECK(find(spec.name) == nullptr, "duplicate parameter ", spec.name);
+  params_.push_back(std::move(spec));
+  return &params_.back();
+}
+
+void ParamSet::allocate(Backend& backend, DType dtype, uint64_t seed) {
+  for (int s = 0; s < 2; ++s) {
+    ParamScope scope = static_cast<ParamScope>(s);
+    int64_t total = 0, total_grad = 0;
+    for (const Param& p : params_) {
+      if (p.scope != scope) continue;
+      total += shape_numel(p.shape);
+      if (p.trainable) total_grad += shape_numel(p.shape);
+    }
+    values_[s] = backend.zeros({total}, dtype);
+    grads_[s] = backend.zeros({total_grad}, dtype);
+    int64_t off = 0, goff = 0;
+    for (Param& p : params_) {
+      if (p.scope != scope) continue;
+      int64_t n = shape_numel(p.shape);
+      p.value = values_[s].rows(off, off + n).reshape(p.shape);
+      off += n;
+      if (p.trainable) {
+        p.grad = grads_[s].rows(goff, goff + n).reshape(p.shape);
+        goff += n;
+      }
+    }
+  }
+  // Initialise on the host, then copy: element i of local expert l is element
+  // (expert_offset + l) * per_expert + i of the global tensor.
+  for (Param& p : params_) {
+    int64_t n = shape_numel(p.shape);
+    std::vector<double> host(static_cast<size_t>(n), 0.0);
+    if (p.init == ParamInit::kOnes) {
+      std::fill(host.begin(), host.end(), 1.0);
+    } else if (p.init == ParamInit::kNormal) {
+      RngStream rng{seed, rng_stream(RngPurpose::kInit, name_hash(p.name.c_str()))};
+      int64_t base = 0;
+      if (p.scope == ParamScope::kExpert) base = p.expert_offset * (n / p.shape[0]);
+      for (int64_t i = 0; i < n; ++i) host[i] = p.init_std * rng.normal(static_cast<uint64_t>(base + i));
+    }
+    Tensor staged = host_tensor(p.shape, dtype);
+    if (dtype == DType::kF64) {
+      std::copy(host.begin(), host.end(), staged.data<double>());
+    } else {
+      std::copy(host.begin(), host.end(), staged.data<float>());
+    }
+    backend.copy_from_host(staged.raw(), p.value);
+  }
+}
+
+std::vector<Param*> ParamSet::all() {
+  std::vector<Param*> out;
+  for (Param& p : params_) out.push_back(&p);
+  return out;
+}
+
+std::vector<Param*> ParamSet::trainable() {
+  std::vector<Param*> out;
+  for (Param& p : params_)
+    if (p.trainable) out.push_back(&p);
+  return out;
+}
+
+Param* ParamSet::find(const std::string& name) {
+  for (Param& p : params_)
+    if (p.name == name) return &p;
+  return nullptr;
+}
+
+void ParamSet::zero_grads(Backend& backend) {
+  for (Tensor& g : grads_)
+    if (g.defined()) backend.fill(g, 0.0);
+}
+
+int64_t ParamSet::numel(ParamScope scope) const {
+  const Tensor& v = values_[static_cast<int>(scope)];
+  return v.defined() ? v.numel() : 0;
+}
+
+void reduce_gradients(ParamSet& params, ProcessGroups& groups) {
+  Tensor& rep = params.grads(ParamScope::kReplicated);
+  if (rep.numel() && groups.world->size() > 1) groups.world->all_reduce_sum(rep);
+  Tensor& exp = params.grads(ParamScope::kExpert);
+  if (exp.numel() && groups.dp->size() > 1) groups.dp->all_reduce_sum(exp);
+}
+
+double global_grad_norm(ParamSet& params, Backend& backend, ProcessGroups& groups) {
+  // Replicated gradients are identical everywhere after the reduction; each EP group holds every
+  // expert exactly once, so expert squares are summed over the EP group only.
+  std::vector<double> expert_sq{backend.sum_squares(params.grads(ParamScope::kExpert))};
+  if (groups.ep->size() > 1) groups.ep->all_reduce_sum(expert_sq);
+  return std::sqrt(backend.sum_squares(params.grads(ParamScope::kReplicated)) + expert_sq[0]);
+}
+
+}  // namespace moe

@@ -1,0 +1,70 @@
+// Parameters: declared by the modules, then allocated together in flat per-scope buffers.
+//
+// Each scope (replicated, expert) has one flat value buffer and one flat gradient buffer, and every
+// parameter is a view into them, so the gradient reduction of a scope is one collective over one buffer:
+// replicated gradients over the world, expert gradients over the expert-data-parallel group.
+#pragma once
+
+#include <deque>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "runtime/backend.h"
+
+namespace moe {
+
+enum class ParamScope : uint8_t {
+  kReplicated,  // the same on every rank: embeddings, norms, router, shared experts, head
+  kExpert,      // this rank's shard of the routed experts; replicated over its dp group
+};
+
+enum class ParamInit : uint8_t { kNormal, kOnes, kZeros };
+
+struct Param {
+  std::string name;      // "layers.0.moe.experts.w_gate"
+  Shape shape;           // for expert params the leading dimension is the local expert count
+  ParamScope scope = ParamScope::kReplicated;
+  ParamInit init = ParamInit::kNormal;
+  double init_std = 0.0;
+  bool trainable = true;  // false: a buffer (no gradient, no optimizer), still checkpointed
+  bool decay = true;      // weight decay applies
+  int64_t expert_offset = 0;  // expert params: global index of local expert 0
+
+  Tensor value;
+  Tensor grad;  // undefined for buffers
+};
+
+class ParamSet {
+ public:
+  // Declares a parameter; the returned pointer stays valid for the life of the set. Storage comes with
+  // allocate().
+  Param* add(Param spec);
+  // Allocates the flat buffers and initialises every value from (seed, name, global element index), so
+  // a parameter's values do not depend on the number of ranks or on how experts are sharded.
+  void allocate(Backend& backend, DType dtype, uint64_t seed);
+
+  std::vector<Param*> all();
+  std::vector<Param*> trainable();
+  Param* find(const std::string& name);
+
+  // Flat gradient buffer of a scope (may be empty).
+  Tensor& grads(ParamScope scope) { return grads_[static_cast<int>(scope)]; }
+  void zero_grads(Backend& backend);
+  int64_t numel(ParamScope scope) const;
+
+ private:
+  std::deque<Param> params_;
+  Tensor values_[2];
+  Tensor grads_[2];
+};
+
+// Sums gradients over the ranks that hold the same parameter: replicated over the world, expert
+// shards over the dp group. With losses normalised by the global token count this gives the gradient
+// of the global loss, whatever (ep, dp).
+void reduce_gradients(ParamSet& params, ProcessGroups& groups);
+
+// sqrt of the sum of squares of every gradient of the model (each expert counted once).
+double global_grad_norm(ParamSet& params, Backend& backend, ProcessGroups& groups);
+
+}  // namespace moe

@@ -1,0 +1,167 @@
+// Router forward/backward and the router losses.
+#include "model/router.h"
+
+#include <cmath>
+
+namespace moe {
+
+Router::Router(ParamSet& params, const std::string& prefix, const Config& config, int layer)
+    : moe_(config.moe), layer_(layer), seed_(config.train.seed) {
+  Param w;
+  w.name = prefix + ".weight";
+  w.shape = {config.moe.num_experts, config.model.hidden};
+  w.init_std = config.model.init_std;
+  weight_ = params.add(w);
+  Param b;
+  b.name = prefix + ".bias";
+  b.shape = {config.moe.num_experts};
+  b.init = ParamInit::kZeros;
+  b.trainable = false;
+  b.decay = false;
+  bias_ = params.add(b);
+}
+
+int64_t Router::capacity(int64_t group_tokens) const {
+  if (moe_.capacity_factor <= 0) return 0;  // dropless
+  double exact = static_cast<double>(moe_.top_k) * static_cast<double>(group_tokens) * moe_.capacity_factor /
+                 moe_.num_experts;
+  // ceil, forgiving the last-bit error of the product (k * S / E * cf = 1280.0000000000002 gives 1280)
+  int64_t c = static_cast<int64_t>(std::ceil(exact * (1.0 - 1e-12)));
+  c = std::max<int64_t>(c, moe_.min_capacity);
+  return std::max<int64_t>(1, std::min<int64_t>(c, group_tokens));  // an expert gets at most S per group
+}
+
+const RouteState& Router::forward(Backend& backend, Communicator& world, const Tensor& x, const StepContext& ctx,
+                                  RouterStats& stats) {
+  const int64_t t_count = x.dim(0);
+  const int e_count = moe_.num_experts, k = moe_.top_k;
+  const DType ft = x.dtype();
+  const double t_global = static_cast<double>(ctx.global_tokens);
+  MOE_CHECK(ctx.global_tokens > 0, "router: global token count not set");
+
+  const int64_t groups = moe_.group_size > 0 ? t_count / moe_.group_size : 1;
+  MOE_CHECK(groups >= 1 && t_count % groups == 0, "router: ", t_count, " tokens do not split into groups of ",
+            moe_.group_size);
+  args_ = RouteArgs{};
+  args_.num_experts = e_count;
+  args_.top_k = k;
+  args_.num_groups = static_cast<int>(groups);
+  args_.capacity = capacity(t_count / groups);
+  args_.normalize = moe_.normalize_topk;
+  bool hard = moe_.router_grad == RouterGrad::kStraightThrough ||
+              (moe_.router_grad == RouterGrad::kGumbel && moe_.gumbel_hard);
+  args_.gate_mode = hard ? GateMode::kHard : GateMode::kSoft;
+  args_.priority = moe_.priority;
+  args_.random_routing = moe_.random_routing && ctx.training;
+  args_.rng = RngStream{seed_, rng_stream(RngPurpose::kRandomRouting, static_cast<uint64_t>(ctx.step), layer_)};
+  args_.token_offset = ctx.token_offset;
+  token_offset_ = ctx.token_offset;
+
+  // logits (T, E) = x_in (T, H) W_r^T
+  jittered_ = ctx.training && moe_.router_jitter > 0;
+  if (jittered_) {
+    jitter_rng_ = RngStream{seed_, rng_stream(RngPurpose::kJitter, static_cast<uint64_t>(ctx.step), layer_)};
+    x_in_ = backend.empty(x.shape(), ft);
+    backend.jitter(x, moe_.router_jitter, jitter_rng_, ctx.token_offset, x_in_);
+  } else {
+    x_in_ = x;
+  }
+  logits_ = backend.empty({t_count, e_count}, ft);
+  backend.gemm(x_in_, Trans::kN, weight_->value, Trans::kT, logits_, 1.0, 0.0);
+  probs_ = backend.empty({t_count, e_count}, ft);
+  backend.router_probs(moe_.score, logits_, probs_);
+  if (moe_.router_grad == RouterGrad::kGumbel && ctx.training) {
+    sel_probs_ = backend.empty({t_count, e_count}, ft);
+    RngStream g{seed_, rng_stream(RngPurpose::kGumbel, static_cast<uint64_t>(ctx.step), layer_)};
+    backend.gumbel_probs(logits_, moe_.gumbel_tau, g, ctx.token_offset, sel_probs_);
+  } else {
+    sel_probs_ = probs_;
+  }
+  backend.route(args_, sel_probs_, bias_->value, state_);
+
+  // One all-reduce of [choices (E), score sums (E), processed (E), dropped, sum lse^2] over the world.
+  std::vector<double> packed(static_cast<size_t>(3 * e_count + 2), 0.0);
+  std::vector<int32_t> choices(static_cast<size_t>(e_count)), fill(static_cast<size_t>(e_count * groups));
+  backend.copy_to_host(state_.choices, choices.data());
+  backend.copy_to_host(state_.fill, fill.data());
+  std::vector<double> score_sums = backend.column_sums(probs_);
+  for (int e = 0; e < e_count; ++e) {
+    packed[e] = choices[e];
+    packed[e_count + e] = score_sums[e];
+    for (int64_t g = 0; g < groups; ++g) packed[2 * e_count + e] += fill[e * groups + g];
+  }
+  packed[3 * e_count] = static_cast<double>(state_.num_dropped);
+  if (moe_.z_loss_coef > 0) {
+    dlogits_z_ = backend.zeros({t_count, e_count}, ft);
+    packed[3 * e_count + 1] = backend.z_loss(logits_, moe_.z_loss_coef / t_global, dlogits_z_);
+  } else {
+    dlogits_z_ = Tensor();
+  }
+  if (world.size() > 1) world.all_reduce_sum(packed);
+
+  stats.load.assign(packed.begin(), packed.begin() + e_count);
+  stats.tokens.assign(packed.begin() + 2 * e_count, packed.begin() + 3 * e_count);
+  stats.dropped = packed[3 * e_count];
+  stats.assignments = k * t_global;
+  stats.z_loss = moe_.z_loss_coef * packed[3 * e_count + 1] / t_global;
+  stats.aux_loss = 0;
+  aux_grad_.assign(static_cast<size_t>(e_count), 0.0);
+  for (int e = 0; e < e_count; ++e) {
+    double f = packed[e] / (k * t_global);
+    double p = packed[e_count + e] / t_global;
+    stats.aux_loss += moe_.aux_loss_coef * e_count * f * p;
+    aux_grad_[e] = moe_.aux_loss_coef * e_count * f / t_global;  // d aux / d s_te, any local token t
+  }
+  last_load_ = stats.load;
+  return state_;
+}
+
+void Router::backward(Backend& backend, const Tensor& dgate, Tensor& dx) {
+  const int64_t t_count = probs_.dim(0);
+  const int e_count = moe_.num_experts;
+  const DType ft = probs_.dtype();
+  Tensor dsel = backend.empty({t_count, e_count}, ft);
+  backend.route_backward(args_, sel_probs_, state_, dgate, dsel);
+
+  Tensor dlogits = backend.empty({t_count, e_count}, ft);
+  if (dlogits_z_.defined()) {
+    backend.copy(dlogits_z_, dlogits);
+  } else {
+    backend.fill(dlogits, 0.0);
+  }
+  Tensor dprobs = dsel;
+  if (sel_probs_.raw() != probs_.raw()) {  // gumbel: selection scores are softmax((u + g) / tau)
+    backend.router_probs_backward(ScoreFn::kSoftmax, dsel, sel_probs_, 1.0 / moe_.gumbel_tau, dlogits);
+    dprobs = backend.zeros({t_count, e_count}, ft);
+  }
+  if (moe_.aux_loss_coef > 0) backend.add_row_vector(dprobs, aux_grad_);
+  backend.router_probs_backward(moe_.score, dprobs, probs_, 1.0, dlogits);
+
+  backend.gemm(dlogits, Trans::kT, x_in_, Trans::kN, weight_->grad, 1.0, 1.0);  // dW_r (E, H) += dlogits^T x_in
+  Tensor dx_in = backend.empty({t_count, x_in_.dim(1)}, ft);
+  backend.gemm(dlogits, Trans::kN, weight_->value, Trans::kN, dx_in, 1.0, 0.0);  // (T, H)
+  if (jittered_) backend.jitter(dx_in, moe_.router_jitter, jitter_rng_, token_offset_, dx_in);
+  backend.axpy(1.0, dx_in, dx);
+}
+
+void Router::update_bias(Backend& backend, double rate) {
+  if (rate <= 0 || last_load_.empty()) return;
+  const int e_count = moe_.num_experts;
+  double mean = 0;
+  for (double l : last_load_) mean += l;
+  mean /= e_count;
+  Tensor host = host_tensor({e_count}, bias_->value.dtype());
+  backend.copy_to_host(bias_->value, host.raw());
+  for (int e = 0; e < e_count; ++e) {
+    double diff = mean - last_load_[e];
+    double step = rate * static_cast<double>((diff > 0) - (diff < 0));
+    if (host.dtype() == DType::kF64) {
+      host.data<double>()[e] += step;
+    } else {
+      host.data<float>()[e] += static_cast<float>(step);
+    }
+  }
+  backend.copy_from_host(host.raw(), bias_->value);
+}
+
+}  // namespace moe

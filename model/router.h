@@ -1,0 +1,71 @@
+// The router of one MoE layer: logits, scores, top-k with capacity slots, and the router losses.
+//
+//   u = W_r x (fp32)             logits (T, E); x jittered by U(1-eps, 1+eps) in training when enabled
+//   s = softmax(u) | sigmoid(u)  scores (T, E)
+//   selection scores: s, or softmax((u + gumbel) / tau) with router_grad = gumbel
+//   route: top-k over selection + bias, gates, random routing, GShard capacity (the `route` op)
+//   aux  = alpha * E * sum_i f_i P_i,  f_i = choices_i / (k T), P_i = sum_t s_ti / T   (global T)
+//   z    = beta / T * sum_t logsumexp(u_t)^2
+//
+// Load statistics are summed over every rank in one all-reduce before the losses are formed, so the
+// losses and their gradients are those of the global batch.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "model/context.h"
+#include "model/params.h"
+#include "runtime/config.h"
+
+namespace moe {
+
+// Global routing statistics of one layer and step.
+struct RouterStats {
+  double aux_loss = 0;
+  double z_loss = 0;
+  std::vector<double> load;    // (E) top-k choices per expert before capacity, summed over ranks
+  std::vector<double> tokens;  // (E) assignments each expert processed, summed over ranks
+  double dropped = 0;          // assignments dropped for capacity, summed over ranks
+  double assignments = 0;      // k * global tokens
+};
+
+class Router {
+ public:
+  Router(ParamSet& params, const std::string& prefix, const Config& config, int layer);
+
+  // Routes x (T, H). The returned state describes the send buffer of the dispatcher.
+  const RouteState& forward(Backend& backend, Communicator& world, const Tensor& x, const StepContext& ctx,
+                            RouterStats& stats);
+  // dgate (T, k): gradient of the gate values. Adds the router's input gradient to dx (T, H) and
+  // accumulates dW_r. Includes the aux and z-loss gradients.
+  void backward(Backend& backend, const Tensor& dgate, Tensor& dx);
+
+  // Loss-free balancing: b_i += rate * sign(mean load - load_i) with the global loads of the last forward.
+  void update_bias(Backend& backend, double rate);
+
+  const RouteArgs& route_args() const { return args_; }
+  const RouteState& state() const { return state_; }
+  int64_t capacity(int64_t group_tokens) const;
+  Param* weight() { return weight_; }
+  Param* bias() { return bias_; }
+
+ private:
+  MoeConfig moe_;
+  int layer_;
+  uint64_t seed_;
+  Param* weight_;  // (E, H)
+  Param* bias_;    // (E) loss-free balancing bias; selection only
+  // saved by forward
+  RouteArgs args_;
+  RouteState state_;
+  Tensor x_in_, logits_, probs_, sel_probs_, dlogits_z_;
+  std::vector<double> aux_grad_;  // per expert: d aux / d s_ti for every local token
+  std::vector<double> last_load_;
+  int64_t token_offset_ = 0;
+  RngStream jitter_rng_;
+  bool jittered_ = false;
+};
+
+}  // namespace moe

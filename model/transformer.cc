@@ -1,0 +1,103 @@
+// Transformer forward/backward over byte tokens.
+#include "model/transformer.h"
+
+namespace moe {
+
+Transformer::Transformer(const Config& config, Backend& backend, ProcessGroups& groups)
+    : config_(config), backend_(backend), groups_(groups) {
+  const int64_t h = config.model.hidden, v = config.model.vocab_size;
+  auto matrix = [&](const std::string& name, Shape shape) {
+    Param p;
+    p.name = name;
+    p.shape = std::move(shape);
+    p.init_std = config.model.init_std;
+    return params_.add(p);
+  };
+  auto norm = [&](const std::string& name) {
+    Param p;
+    p.name = name;
+    p.shape = {h};
+    p.init = ParamInit::kOnes;
+    p.decay = false;
+    return params_.add(p);
+  };
+  embedding_ = matrix("embedding", {v, h});
+  for (int l = 0; l < config.model.layers; ++l) {
+    std::string prefix = "layers." + std::to_string(l);
+    blocks_.push_back(Block{norm(prefix + ".moe_norm"), {}, {}, {}});
+    moe_.push_back(std::make_unique<MoeLayer>(params_, prefix + ".moe", config, l, groups.ep_size(),
+                                              groups.ep->rank()));
+  }
+  final_norm_ = norm("final_norm");
+  head_ = matrix("head", {v, h});
+  params_.allocate(backend, config.runtime.dtype, config.train.seed);
+}
+
+StepStats Transformer::forward_backward(const Tensor& inputs, const Tensor& targets, const StepContext& ctx) {
+  PhaseTimes scratch;
+  PhaseTimes& times = ctx.times ? *ctx.times : scratch;
+  const int64_t t_count = inputs.numel(), h = config_.model.hidden, v = config_.model.vocab_size;
+  const DType ft = config_.runtime.dtype;
+  const double eps = config_.model.norm_eps;
+  StepStats stats;
+  stats.layers.resize(blocks_.size());
+
+  // ---- forward
+  PhaseTimer timer;
+  Tensor x = backend_.empty({t_count, h}, ft);
+  backend_.embedding_forward(inputs, embedding_->value, x);
+  for (size_t l = 0; l < blocks_.size(); ++l) {
+    Block& b = blocks_[l];
+    b.x = x;
+    b.normed = backend_.empty({t_count, h}, ft);
+    b.rstd = backend_.empty({t_count}, ft);
+    backend_.rmsnorm_forward(x, b.norm->value, eps, b.normed, b.rstd);
+    timer.lap(times.other);
+    Tensor y = moe_[l]->forward(backend_, groups_, b.normed, ctx, stats.layers[l]);
+    timer = PhaseTimer();
+    Tensor next = backend_.empty({t_count, h}, ft);
+    backend_.copy(x, next);
+    backend_.axpy(1.0, y, next);
+    x = next;
+  }
+  Tensor xf = backend_.empty({t_count, h}, ft), rstd_f = backend_.empty({t_count}, ft);
+  backend_.rmsnorm_forward(x, final_norm_->value, eps, xf, rstd_f);
+  Tensor logits = backend_.empty({t_count, v}, ft);
+  backend_.gemm(xf, Trans::kN, head_->value, Trans::kT, logits, 1.0, 0.0);  // (T, V)
+  Tensor dlogits = backend_.empty({t_count, v}, ft);
+  const double inv_tokens = 1.0 / static_cast<double>(ctx.global_tokens);
+  double ce_sum = backend_.cross_entropy(logits, targets, inv_tokens, dlogits);
+  std::vector<double> ce{ce_sum};
+  if (groups_.world->size() > 1) groups_.world->all_reduce_sum(ce);
+  stats.ce_loss = ce[0] * inv_tokens;
+  for (const RouterStats& r : stats.layers) {
+    stats.aux_loss += r.aux_loss;
+    stats.z_loss += r.z_loss;
+  }
+  stats.loss = stats.ce_loss + stats.aux_loss + stats.z_loss;
+  timer.lap(times.other);
+
+  // ---- backward
+  backend_.gemm(dlogits, Trans::kT, xf, Trans::kN, head_->grad, 1.0, 1.0);  // dW_head (V, H) += dlogits^T xf
+  Tensor dxf = backend_.empty({t_count, h}, ft);
+  backend_.gemm(dlogits, Trans::kN, head_->value, Trans::kN, dxf, 1.0, 0.0);
+  Tensor dx = backend_.empty({t_count, h}, ft);
+  backend_.rmsnorm_backward(dxf, x, final_norm_->value, rstd_f, dx, final_norm_->grad);
+  for (size_t l = blocks_.size(); l-- > 0;) {
+    Block& b = blocks_[l];
+    Tensor dnormed = moe_[l]->backward(backend_, groups_, dx);
+    Tensor dxb = backend_.empty({t_count, h}, ft);
+    backend_.rmsnorm_backward(dnormed, b.x, b.norm->value, b.rstd, dxb, b.norm->grad);
+    backend_.axpy(1.0, dxb, dx);  // residual: dx flows through unchanged, plus the branch
+    b = Block{b.norm, {}, {}, {}};
+  }
+  backend_.embedding_backward(inputs, dx, embedding_->grad);
+  timer.lap(times.backward);
+  return stats;
+}
+
+void Transformer::update_balance_bias(double rate) {
+  for (auto& layer : moe_) layer->router().update_bias(backend_, rate);
+}
+
+}  // namespace moe

@@ -1,0 +1,58 @@
+// The model: byte embedding -> L x [RMSNorm -> MoE FFN -> residual] -> RMSNorm -> LM head.
+//
+// Each block is pre-norm residual: x = x + moe(norm(x)). Attention, when it comes, is a second sublayer
+// in front of the MoE one, x = x + attn(norm_attn(x)), with its own slot in Block; nothing else moves.
+// The loss is the mean next-token cross-entropy over the global batch plus every layer's aux and z
+// losses. Gradients are left un-reduced in the ParamSet (see reduce_gradients).
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "model/moe_layer.h"
+
+namespace moe {
+
+// Global losses and statistics of one forward/backward.
+struct StepStats {
+  double loss = 0;      // total: ce + aux + z
+  double ce_loss = 0;   // mean cross-entropy over the global batch
+  double aux_loss = 0;  // summed over layers
+  double z_loss = 0;    // summed over layers
+  std::vector<RouterStats> layers;
+};
+
+class Transformer {
+ public:
+  Transformer(const Config& config, Backend& backend, ProcessGroups& groups);
+
+  // inputs, targets (T) I32 on this rank. Runs forward and backward, accumulating gradients.
+  StepStats forward_backward(const Tensor& inputs, const Tensor& targets, const StepContext& ctx);
+
+  // Loss-free balancing update of every layer (after the optimizer step).
+  void update_balance_bias(double rate);
+
+  ParamSet& params() { return params_; }
+  std::vector<std::unique_ptr<MoeLayer>>& layers() { return moe_; }
+  const Config& config() const { return config_; }
+  Backend* backend() { return &backend_; }
+
+ private:
+  struct Block {
+    Param* norm;  // (H) RMSNorm before the MoE FFN
+    // saved by forward
+    Tensor x, normed, rstd;
+  };
+
+  Config config_;
+  Backend& backend_;
+  ProcessGroups& groups_;
+  ParamSet params_;
+  Param* embedding_;   // (V, H)
+  Param* final_norm_;  // (H)
+  Param* head_;        // (V, H)
+  std::vector<Block> blocks_;
+  std::vector<std::unique_ptr<MoeLayer>> moe_;
+};
+
+}  // namespace moe

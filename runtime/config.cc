@@ -1,0 +1,490 @@
+// The configuration table, YAML/CLI parsing, validation and the generated reference.
+#include "runtime/config.h"
+
+#include "runtime/json.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <set>
+#include <sstream>
+
+namespace moe {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// scalar parsing and printing
+
+double parse_double(const std::string& key, const std::string& text) {
+  std::string t = text;
+  std::transform(t.begin(), t.end(), t.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (t == ".nan" || t == "nan") return std::numeric_limits<double>::quiet_NaN();
+  if (t == ".inf" || t == "+.inf" || t == "inf") return std::numeric_limits<double>::infinity();
+  if (t == "-.inf" || t == "-inf") return -std::numeric_limits<double>::infinity();
+  const char* begin = text.c_str();
+  char* end = nullptr;
+  errno = 0;
+  double v = std::strtod(begin, &end);
+  if (text.empty() || end != begin + text.size() || errno == ERANGE) {
+    throw ConfigError(key, "expected a number, got '" + text + "'");
+  }
+  return v;
+}
+
+template <typename V>
+V parse_integer(const std::string& key, const std::string& text) {
+  const char* begin = text.c_str();
+  char* end = nullptr;
+  errno = 0;
+  bool ok = !text.empty() && text.find_first_of(".eE") == std::string::npos;
+  V v{};
+  if constexpr (std::is_unsigned_v<V>) {
+    ok = ok && text[0] != '-';
+    unsigned long long u = std::strtoull(begin, &end, 10);
+    ok = ok && end == begin + text.size() && errno != ERANGE && u <= std::numeric_limits<V>::max();
+    v = static_cast<V>(u);
+  } else {
+    long long s = std::strtoll(begin, &end, 10);
+    ok = ok && end == begin + text.size() && errno != ERANGE && s >= std::numeric_limits<V>::min() &&
+         s <= std::numeric_limits<V>::max();
+    v = static_cast<V>(s);
+  }
+  if (!ok) throw ConfigError(key, "expected an integer, got '" + text + "'");
+  return v;
+}
+
+bool parse_bool(const std::string& key, const std::string& text) {
+  std::string t = text;
+  std::transform(t.begin(), t.end(), t.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (t == "true" || t == "yes" || t == "on" || t == "1") return true;
+  if (t == "false" || t == "no" || t == "off" || t == "0") return false;
+  throw ConfigError(key, "expected true or false, got '" + text + "'");
+}
+
+template <typename V>
+const char* type_name() {
+  if constexpr (std::is_same_v<V, bool>) return "bool";
+  if constexpr (std::is_same_v<V, double>) return "float";
+  if constexpr (std::is_same_v<V, std::string>) return "string";
+  return "int";
+}
+
+// ---------------------------------------------------------------------------------------------------
+// field builders
+
+template <typename Sec, typename V>
+ConfigField field(const char* key, Sec Config::*sec, V Sec::*mem, const char* doc) {
+  ConfigField f;
+  f.key = key;
+  f.type = type_name<V>();
+  f.doc = doc;
+  std::string k = key;
+  f.set = [k, sec, mem](Config& c, const std::string& text) {
+    V& dst = c.*sec.*mem;
+    if constexpr (std::is_same_v<V, bool>) {
+      dst = parse_bool(k, text);
+    } else if constexpr (std::is_same_v<V, double>) {
+      dst = parse_double(k, text);
+    } else if constexpr (std::is_same_v<V, std::string>) {
+      dst = text;
+    } else {
+      dst = parse_integer<V>(k, text);
+    }
+  };
+  f.get = [sec, mem](const Config& c) -> std::string {
+    const V& v = c.*sec.*mem;
+    if constexpr (std::is_same_v<V, bool>) {
+      return v ? "true" : "false";
+    } else if constexpr (std::is_same_v<V, double>) {
+      return format_double(v);
+    } else if constexpr (std::is_same_v<V, std::string>) {
+      return v;
+    } else {
+      return std::to_string(v);
+    }
+  };
+  return f;
+}
+
+template <typename Sec, typename E>
+ConfigField choice(const char* key, Sec Config::*sec, E Sec::*mem, std::vector<std::pair<std::string, E>> names,
+                   const char* doc) {
+  ConfigField f;
+  f.key = key;
+  f.doc = doc;
+  for (size_t i = 0; i < names.size(); ++i) f.type += (i ? " | " : "") + names[i].first;
+  std::string k = key, type = f.type;
+  f.set = [k, type, sec, mem, names](Config& c, const std::string& text) {
+    for (const auto& [name, value] : names) {
+      if (name == text) {
+        c.*sec.*mem = value;
+        return;
+      }
+    }
+    throw ConfigError(k, "expected one of " + type + ", got '" + text + "'");
+  };
+  f.get = [sec, mem, names](const Config& c) -> std::string {
+    for (const auto& [name, value] : names)
+      if (value == c.*sec.*mem) return name;
+    return "?";
+  };
+  return f;
+}
+
+std::vector<ConfigField> build_fields() {
+  using C = Config;
+  std::vector<ConfigField> f;
+  // parallel
+  f.push_back(field("parallel.ep", &C::parallel, &ParallelConfig::ep,
+                    "Expert-parallel group size: routed experts are sharded over this many consecutive ranks; the "
+                    "world is ep x dp with dp = ranks / ep."));
+  // model
+  f.push_back(field("model.hidden", &C::model, &ModelConfig::hidden, "Hidden size H of every token."));
+  f.push_back(field("model.layers", &C::model, &ModelConfig::layers, "Number of transformer blocks, each with one MoE FFN."));
+  f.push_back(field("model.vocab_size", &C::model, &ModelConfig::vocab_size,
+                    "Vocabulary size; 256 for byte tokens. Every token id in the data must be below it."));
+  f.push_back(field("model.seq_len", &C::model, &ModelConfig::seq_len, "Tokens per training sequence."));
+  f.push_back(field("model.norm_eps", &C::model, &ModelConfig::norm_eps, "RMSNorm epsilon."));
+  f.push_back(field("model.init_std", &C::model, &ModelConfig::init_std,
+                    "Standard deviation of the normal initialisation of weight matrices (output projections are "
+                    "scaled by 1/sqrt(2 * layers))."));
+  // moe
+  f.push_back(field("moe.num_experts", &C::moe, &MoeConfig::num_experts,
+                    "Routed experts E per MoE layer; must be divisible by parallel.ep."));
+  f.push_back(field("moe.top_k", &C::moe, &MoeConfig::top_k, "Experts each token is routed to (1 <= top_k <= num_experts)."));
+  f.push_back(field("moe.capacity_factor", &C::moe, &MoeConfig::capacity_factor,
+                    "GShard capacity per expert and group: C = ceil(top_k * group_size / num_experts * "
+                    "capacity_factor). A value <= 0 means dropless: every assignment is sent, with variable-size "
+                    "exchanges."));
+  f.push_back(field("moe.min_capacity", &C::moe, &MoeConfig::min_capacity,
+                    "Lower bound on the capacity C (capped at group_size, which no expert can exceed)."));
+  f.push_back(field("moe.group_size", &C::moe, &MoeConfig::group_size,
+                    "Tokens per capacity group S; must divide the tokens of a rank. 0: all tokens of a rank form "
+                    "one group. Fixing it makes results independent of the number of ranks."));
+  f.push_back(field("moe.num_shared_experts", &C::moe, &MoeConfig::num_shared_experts,
+                    "DeepSeekMoE shared experts: see every local token, are replicated on every rank, never cross "
+                    "the network."));
+  f.push_back(choice("moe.expert_type", &C::moe, &MoeConfig::expert_type,
+                     {{"swiglu", ExpertType::kSwiGLU}, {"gelu", ExpertType::kGelu}, {"relu", ExpertType::kRelu}},
+                     "Expert FFN: swiglu is W_down(silu(W_gate x) * W_up x); gelu and relu are the plain "
+                     "two-layer FFN W_down(act(W_up x)). No biases."));
+  f.push_back(field("moe.ffn_hidden", &C::moe, &MoeConfig::ffn_hidden,
+                    "Mid size F of a routed expert. 0: round_up(8H/3, multiple_of) for swiglu, 4H otherwise."));
+  f.push_back(field("moe.shared_ffn_hidden", &C::moe, &MoeConfig::shared_ffn_hidden,
+                    "Mid size of each shared expert. 0: the same as the routed experts."));
+  f.push_back(field("moe.multiple_of", &C::moe, &MoeConfig::multiple_of, "Rounding multiple of the default mid size."));
+  f.push_back(choice("moe.score", &C::moe, &MoeConfig::score,
+                     {{"softmax", ScoreFn::kSoftmax}, {"sigmoid", ScoreFn::kSigmoid}},
+                     "Router scores s from logits u = W_r x: softmax over experts, or per-expert sigmoid "
+                     "(DeepSeek-V3)."));
+  f.push_back(field("moe.normalize_topk", &C::moe, &MoeConfig::normalize_topk,
+                    "Renormalise the selected scores of a token to sum to 1 to form its gate values."));
+  f.push_back(field("moe.router_jitter", &C::moe, &MoeConfig::router_jitter,
+                    "Switch-style jitter: during training the router input is multiplied by U(1 - eps, 1 + eps). "
+                    "0: off."));
+  f.push_back(choice("moe.priority", &C::moe, &MoeConfig::priority,
+                     {{"token", Priority::kToken}, {"batch", Priority::kBatch}},
+                     "Order in which a group's tokens claim expert slots within one choice rank: token order, or "
+                     "batch-prioritised by top-1 score (V-MoE). Every 1st choice always comes before any 2nd."));
+  f.push_back(field("moe.random_routing", &C::moe, &MoeConfig::random_routing,
+                    "GShard random routing: the 2nd choice is kept only if 2 * g2 / (g1 + g2) > U(0, 1). Needs "
+                    "top_k = 2."));
+  f.push_back(choice("moe.router_grad", &C::moe, &MoeConfig::router_grad,
+                     {{"exact", RouterGrad::kExact},
+                      {"straight_through", RouterGrad::kStraightThrough},
+                      {"gumbel", RouterGrad::kGumbel}},
+                     "Router gradient: exact (through the selected gate values), straight_through (hard 1 or 1/k "
+                     "gates forward, soft-gate gradient backward), gumbel (top-k over softmax((u + g) / tau), "
+                     "softmax scores only)."));
+  f.push_back(field("moe.gumbel_tau", &C::moe, &MoeConfig::gumbel_tau, "Gumbel-softmax temperature tau (> 0)."));
+  f.push_back(field("moe.gumbel_hard", &C::moe, &MoeConfig::gumbel_hard,
+                    "Gumbel-softmax with hard gates forward and soft gradients backward."));
+  f.push_back(field("moe.aux_loss_coef", &C::moe, &MoeConfig::aux_loss_coef,
+                    "alpha of the Switch load-balance loss alpha * E * sum_i f_i P_i, with f and P over the global "
+                    "batch. 0: off."));
+  f.push_back(field("moe.z_loss_coef", &C::moe, &MoeConfig::z_loss_coef,
+                    "beta of the ST-MoE router z-loss beta * mean_t logsumexp(u_t)^2. 0: off."));
+  f.push_back(field("moe.bias_update_rate", &C::moe, &MoeConfig::bias_update_rate,
+                    "gamma of DeepSeek-V3 loss-free balancing: after each step b_i += gamma * sign(mean load - "
+                    "load_i), loads counted globally; b only affects expert selection. 0: off."));
+  // train
+  f.push_back(field("train.steps", &C::train, &TrainConfig::steps, "Optimizer steps to run (the final step number)."));
+  f.push_back(field("train.seed", &C::train, &TrainConfig::seed,
+                    "Seed of every random stream: initialisation, synthetic data, jitter, gumbel noise, random "
+                    "routing."));
+  f.push_back(field("train.batch_size", &C::train, &TrainConfig::batch_size,
+                    "Global batch in sequences per step, split evenly over the ranks."));
+  f.push_back(choice("train.optimizer", &C::train, &TrainConfig::optimizer,
+                     {{"adamw", OptimizerType::kAdamW}, {"sgd", OptimizerType::kSgd}},
+                     "AdamW with decoupled weight decay, or plain SGD."));
+  f.push_back(field("train.lr", &C::train, &TrainConfig::lr, "Peak learning rate, reached after warm-up."));
+  f.push_back(field("train.min_lr", &C::train, &TrainConfig::min_lr, "Learning rate at the end of the cosine decay."));
+  f.push_back(field("train.warmup_steps", &C::train, &TrainConfig::warmup_steps, "Linear warm-up steps."));
+  f.push_back(field("train.beta1", &C::train, &TrainConfig::beta1, "AdamW beta1."));
+  f.push_back(field("train.beta2", &C::train, &TrainConfig::beta2, "AdamW beta2."));
+  f.push_back(field("train.eps", &C::train, &TrainConfig::eps, "AdamW epsilon."));
+  f.push_back(field("train.weight_decay", &C::train, &TrainConfig::weight_decay,
+                    "Decoupled weight decay of weight matrices (not of norms or the loss-free bias)."));
+  f.push_back(field("train.grad_clip", &C::train, &TrainConfig::grad_clip,
+                    "Clip the global gradient norm (over all ranks' shards) to this value. 0: off."));
+  f.push_back(field("train.log_every", &C::train, &TrainConfig::log_every, "Print a progress line every this many steps."));
+  f.push_back(field("train.metrics_path", &C::train, &TrainConfig::metrics_path,
+                    "Append one JSON line per step to this file (written by rank 0). Empty: none."));
+  f.push_back(field("train.checkpoint_dir", &C::train, &TrainConfig::checkpoint_dir,
+                    "Directory for checkpoints (step_NNNNNNNN/ subdirectories). Empty: no checkpoints."));
+  f.push_back(field("train.checkpoint_every", &C::train, &TrainConfig::checkpoint_every,
+                    "Write a checkpoint every this many steps, and after the last step. 0: only after the last step."));
+  f.push_back(field("train.resume", &C::train, &TrainConfig::resume,
+                    "Resume from a checkpoint: 'auto' (the latest in checkpoint_dir, if any) or a step directory. "
+                    "Empty: start fresh."));
+  // data
+  f.push_back(choice("data.source", &C::data, &DataConfig::source,
+                     {{"synthetic", DataSource::kSynthetic}, {"file", DataSource::kFile}},
+                     "synthetic: a deterministic Markov chain over the vocabulary, keyed by train.seed; file: a "
+                     "token file written by moe_data (data.path)."));
+  f.push_back(field("data.path", &C::data, &DataConfig::path, "Token file for data.source = file."));
+  // runtime
+  f.push_back(choice("runtime.dtype", &C::runtime, &RuntimeConfig::dtype,
+                     {{"float32", DType::kF32}, {"float64", DType::kF64}},
+                     "Precision of parameters, activations and optimizer state on the CPU backend."));
+  f.push_back(field("runtime.threads", &C::runtime, &RuntimeConfig::threads, "BLAS threads per rank."));
+  return f;
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j)
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+const ConfigField& find_field(const std::string& key) {
+  for (const auto& f : config_fields())
+    if (f.key == key) return f;
+  std::string best;
+  size_t best_d = 4;
+  for (const auto& f : config_fields()) {
+    size_t d = edit_distance(key, f.key);
+    if (d < best_d) best_d = d, best = f.key;
+  }
+  throw ConfigError(key, "unknown key" + (best.empty() ? std::string() : " (did you mean " + best + "?)"));
+}
+
+std::string node_kind(const YAML::Node& n) {
+  switch (n.Type()) {
+    case YAML::NodeType::Map: return "a mapping";
+    case YAML::NodeType::Sequence: return "a list";
+    case YAML::NodeType::Null: return "nothing";
+    default: return "a scalar";
+  }
+}
+
+void apply(Config& c, const std::string& key, const std::string& value, const std::string& source,
+           ConfigSources* sources) {
+  find_field(key).set(c, value);
+  if (sources) (*sources)[key] = source;
+}
+
+}  // namespace
+
+const std::vector<ConfigField>& config_fields() {
+  static const std::vector<ConfigField> fields = build_fields();
+  return fields;
+}
+
+Config parse_config(const std::string& yaml_text, const std::string& yaml_name,
+                    const std::vector<std::string>& overrides, ConfigSources* sources) {
+  Config c;
+  if (sources) {
+    sources->clear();
+    for (const auto& f : config_fields()) (*sources)[f.key] = "default";
+  }
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::Exception& e) {
+    throw ConfigError("", detail::concat(yaml_name, ":", e.mark.line + 1, ":", e.mark.column + 1,
+                                         ": not valid YAML: ", e.msg));
+  }
+  if (root && !root.IsNull()) {
+    if (!root.IsMap()) throw ConfigError("", yaml_name + ": expected a mapping of sections at the top level");
+    for (const auto& section : root) {
+      std::string name = section.first.as<std::string>();
+      if (!section.second.IsMap()) {
+        // A scalar at the top level is a key without its section, or an unknown section.
+        throw ConfigError(name, "expected a section (a mapping of keys), got " + node_kind(section.second) +
+                                    " in " + yaml_name);
+      }
+      for (const auto& item : section.second) {
+        std::string key = name + "." + item.first.as<std::string>();
+        find_field(key);  // unknown keys first, before any type complaint
+        if (!item.second.IsScalar()) {
+          throw ConfigError(key, "expected a single value, got " + node_kind(item.second) + " in " + yaml_name);
+        }
+        apply(c, key, item.second.Scalar(), yaml_name, sources);
+      }
+    }
+  }
+  for (const std::string& o : overrides) {
+    size_t eq = o.find('=');
+    if (eq == std::string::npos) throw ConfigError(o, "override needs the form --section.key=value");
+    apply(c, o.substr(0, eq), o.substr(eq + 1), "command line", sources);
+  }
+  return c;
+}
+
+int expert_ffn_hidden(const Config& c) {
+  if (c.moe.ffn_hidden > 0) return c.moe.ffn_hidden;
+  if (c.moe.expert_type != ExpertType::kSwiGLU) return 4 * c.model.hidden;
+  int m = std::max(1, c.moe.multiple_of);
+  int f = (8 * c.model.hidden + 2) / 3;  // ceil(8H/3)
+  return ((f + m - 1) / m) * m;
+}
+
+int shared_ffn_hidden(const Config& c) {
+  return c.moe.shared_ffn_hidden > 0 ? c.moe.shared_ffn_hidden : expert_ffn_hidden(c);
+}
+
+int64_t local_tokens(const Config& c, int world_size) {
+  return int64_t{c.train.batch_size} / world_size * c.model.seq_len;
+}
+
+void validate_config(const Config& c, int world) {
+  auto need = [](bool ok, const char* key, const std::string& msg) {
+    if (!ok) throw ConfigError(key, msg);
+  };
+  auto finite = [&](double v, const char* key) {
+    need(std::isfinite(v), key, "must be a finite number (got " + format_double(v) + ")");
+  };
+  auto str = [](auto v) { return detail::concat(v); };
+
+  need(c.parallel.ep >= 1, "parallel.ep", "must be >= 1 (got " + str(c.parallel.ep) + ")");
+  need(world % c.parallel.ep == 0, "parallel.ep",
+       "must divide the number of ranks (" + str(world) + " ranks, ep = " + str(c.parallel.ep) + ")");
+
+  need(c.model.hidden >= 1, "model.hidden", "must be >= 1");
+  need(c.model.layers >= 1, "model.layers", "must be >= 1");
+  need(c.model.vocab_size >= 2 && c.model.vocab_size <= 65536, "model.vocab_size", "must be in [2, 65536]");
+  need(c.model.seq_len >= 1, "model.seq_len", "must be >= 1");
+  finite(c.model.norm_eps, "model.norm_eps");
+  need(c.model.norm_eps > 0, "model.norm_eps", "must be > 0");
+  finite(c.model.init_std, "model.init_std");
+  need(c.model.init_std >= 0, "model.init_std", "must be >= 0");
+
+  const MoeConfig& m = c.moe;
+  need(m.num_experts >= 1, "moe.num_experts", "must be >= 1 (got " + str(m.num_experts) + ")");
+  need(m.num_experts % c.parallel.ep == 0, "moe.num_experts",
+       "must be divisible by parallel.ep (" + str(m.num_experts) + " experts, ep = " + str(c.parallel.ep) + ")");
+  need(m.top_k >= 1, "moe.top_k", "must be >= 1 (got " + str(m.top_k) + ")");
+  need(m.top_k <= m.num_experts, "moe.top_k",
+       "must be <= moe.num_experts (got " + str(m.top_k) + " > " + str(m.num_experts) + ")");
+  finite(m.capacity_factor, "moe.capacity_factor");
+  need(m.min_capacity >= 0, "moe.min_capacity", "must be >= 0");
+  need(m.group_size >= 0, "moe.group_size", "must be >= 0");
+  need(m.num_shared_experts >= 0, "moe.num_shared_experts", "must be >= 0");
+  need(m.ffn_hidden >= 0, "moe.ffn_hidden", "must be >= 0");
+  need(m.shared_ffn_hidden >= 0, "moe.shared_ffn_hidden", "must be >= 0");
+  need(m.multiple_of >= 1, "moe.multiple_of", "must be >= 1");
+  finite(m.router_jitter, "moe.router_jitter");
+  need(m.router_jitter >= 0 && m.router_jitter < 1, "moe.router_jitter", "must be in [0, 1)");
+  need(!m.random_routing || m.top_k == 2, "moe.random_routing",
+       "needs moe.top_k = 2 (got top_k = " + str(m.top_k) + ")");
+  finite(m.gumbel_tau, "moe.gumbel_tau");
+  need(m.gumbel_tau > 0, "moe.gumbel_tau", "must be > 0");
+  need(m.router_grad != RouterGrad::kGumbel || m.score == ScoreFn::kSoftmax, "moe.router_grad",
+       "gumbel needs moe.score = softmax");
+  need(!m.gumbel_hard || m.router_grad == RouterGrad::kGumbel, "moe.gumbel_hard", "needs moe.router_grad = gumbel");
+  finite(m.aux_loss_coef, "moe.aux_loss_coef");
+  need(m.aux_loss_coef >= 0, "moe.aux_loss_coef", "must be >= 0");
+  finite(m.z_loss_coef, "moe.z_loss_coef");
+  need(m.z_loss_coef >= 0, "moe.z_loss_coef", "must be >= 0");
+  finite(m.bias_update_rate, "moe.bias_update_rate");
+  need(m.bias_update_rate >= 0, "moe.bias_update_rate", "must be >= 0");
+
+  const TrainConfig& t = c.train;
+  need(t.steps >= 0, "train.steps", "must be >= 0");
+  need(t.batch_size >= 1, "train.batch_size", "must be >= 1");
+  need(t.batch_size % world == 0, "train.batch_size",
+       "must be divisible by the number of ranks (" + str(t.batch_size) + " sequences, " + str(world) + " ranks)");
+  int64_t tokens = local_tokens(c, world);
+  need(m.group_size == 0 || tokens % m.group_size == 0, "moe.group_size",
+       "must divide the tokens of a rank (" + str(tokens) + " = batch_size / ranks * seq_len, group_size = " +
+           str(m.group_size) + ")");
+  for (auto [v, key] : {std::pair{t.lr, "train.lr"}, {t.min_lr, "train.min_lr"}, {t.weight_decay, "train.weight_decay"},
+                        {t.grad_clip, "train.grad_clip"}, {t.eps, "train.eps"}}) {
+    finite(v, key);
+    need(v >= 0, key, "must be >= 0");
+  }
+  for (auto [v, key] : {std::pair{t.beta1, "train.beta1"}, {t.beta2, "train.beta2"}}) {
+    finite(v, key);
+    need(v >= 0 && v < 1, key, "must be in [0, 1)");
+  }
+  need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0");
+  need(t.log_every >= 1, "train.log_every", "must be >= 1");
+  need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0");
+  need(t.resume.empty() || !t.checkpoint_dir.empty() || t.resume != "auto", "train.resume",
+       "'auto' needs train.checkpoint_dir");
+  need(c.data.source != DataSource::kFile || !c.data.path.empty(), "data.path", "is required when data.source = file");
+  need(c.runtime.threads >= 1, "runtime.threads", "must be >= 1");
+}
+
+std::vector<std::pair<std::string, std::string>> config_values(const Config& c) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& f : config_fields()) out.emplace_back(f.key, f.get(c));
+  return out;
+}
+
+std::string config_table(const Config& c, const ConfigSources& sources) {
+  size_t kw = 0, vw = 0;
+  auto values = config_values(c);
+  for (const auto& [k, v] : values) kw = std::max(kw, k.size()), vw = std::max(vw, v.empty() ? 2 : v.size());
+  std::ostringstream out;
+  for (const auto& [k, v] : values) {
+    auto it = sources.find(k);
+    std::string src = it == sources.end() ? "default" : it->second;
+    std::string shown = v.empty() ? "''" : v;
+    out << "  " << k << std::string(kw - k.size() + 2, ' ') << shown;
+    if (src != "default") out << std::string(vw - shown.size() + 2, ' ') << "(" << src << ")";
+    out << "\n";
+  }
+  return out.str();
+}
+
+std::string config_reference_markdown() {
+  Config defaults;
+  std::ostringstream out;
+  out << "# Configuration reference\n\n"
+      << "<!-- Generated by `build/moe_train --config-reference` from the field table in runtime/config.cc. "
+         "Do not edit by hand: tests/unit/config_test.cc fails when this file and the table differ. -->\n\n"
+      << "A run is configured by a YAML file of sections (`parallel`, `model`, `moe`, `train`, `data`, "
+         "`runtime`), each a mapping of the keys below, and by command-line overrides "
+         "`--section.key=value` (or `--section.key value`), applied after the file. An unknown key, a value of "
+         "the wrong type, or a value out of range stops the run before any work with one line naming the key. "
+         "The resolved configuration is printed once at start-up.\n\n"
+      << "```yaml\nmoe:\n  num_experts: 8\n  top_k: 2\ntrain:\n  steps: 300\n```\n";
+  std::string section;
+  for (const auto& f : config_fields()) {
+    std::string s = f.key.substr(0, f.key.find('.'));
+    if (s != section) {
+      section = s;
+      out << "\n## " << section << "\n\n| key | type | default | meaning |\n|---|---|---|---|\n";
+    }
+    std::string def = f.get(defaults);
+    std::string type = f.type;
+    for (size_t pos = 0; (pos = type.find('|', pos)) != std::string::npos; pos += 2) type.replace(pos, 1, "\\|");
+    out << "| `" << f.key << "` | " << type << " | " << (def.empty() ? "''" : "`" + def + "`") << " | " << f.doc
+        << " |\n";
+  }
+  return out.str();
+}
+
+}  // namespace moe

@@ -1,0 +1,133 @@
+// Run configuration: plain structs, filled from YAML and `--section.key=value` overrides.
+//
+// One table of fields (config_fields()) drives everything about the configuration: YAML parsing,
+// command-line overrides, type errors, unknown-key errors, the resolved-configuration printout, the
+// manifest stored in checkpoints, and docs/CONFIG.md. Cross-field rules live in validate_config().
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "runtime/backend.h"
+
+namespace moe {
+
+enum class ExpertType : uint8_t { kSwiGLU, kGelu, kRelu };
+enum class RouterGrad : uint8_t { kExact, kStraightThrough, kGumbel };
+enum class OptimizerType : uint8_t { kAdamW, kSgd };
+enum class DataSource : uint8_t { kSynthetic, kFile };
+
+struct ParallelConfig {
+  int ep = 1;
+};
+
+struct ModelConfig {
+  int hidden = 64;
+  int layers = 2;
+  int vocab_size = 256;
+  int seq_len = 64;
+  double norm_eps = 1e-5;
+  double init_std = 0.02;
+};
+
+struct MoeConfig {
+  int num_experts = 8;
+  int top_k = 2;
+  double capacity_factor = 1.25;
+  int min_capacity = 4;
+  int group_size = 0;
+  int num_shared_experts = 0;
+  ExpertType expert_type = ExpertType::kSwiGLU;
+  int ffn_hidden = 0;
+  int shared_ffn_hidden = 0;
+  int multiple_of = 64;
+  ScoreFn score = ScoreFn::kSoftmax;
+  bool normalize_topk = true;
+  double router_jitter = 0.0;
+  Priority priority = Priority::kToken;
+  bool random_routing = false;
+  RouterGrad router_grad = RouterGrad::kExact;
+  double gumbel_tau = 1.0;
+  bool gumbel_hard = false;
+  double aux_loss_coef = 0.01;
+  double z_loss_coef = 0.001;
+  double bias_update_rate = 0.0;
+};
+
+struct TrainConfig {
+  int64_t steps = 300;
+  uint64_t seed = 1234;
+  int batch_size = 32;
+  OptimizerType optimizer = OptimizerType::kAdamW;
+  double lr = 3e-3;
+  double min_lr = 3e-4;
+  int64_t warmup_steps = 20;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+  double grad_clip = 1.0;
+  int64_t log_every = 10;
+  std::string metrics_path;
+  std::string checkpoint_dir;
+  int64_t checkpoint_every = 0;
+  std::string resume;
+};
+
+struct DataConfig {
+  DataSource source = DataSource::kSynthetic;
+  std::string path;
+};
+
+struct RuntimeConfig {
+  DType dtype = DType::kF32;
+  int threads = 1;
+};
+
+struct Config {
+  ParallelConfig parallel;
+  ModelConfig model;
+  MoeConfig moe;
+  TrainConfig train;
+  DataConfig data;
+  RuntimeConfig runtime;
+};
+
+// One configuration key.
+struct ConfigField {
+  std::string key;                   // "moe.top_k"
+  std::string type;                  // "int", "float", "bool", "string", or "a | b | c" for choices
+  std::string doc;                   // one sentence for --help and docs/CONFIG.md
+  std::function<void(Config&, const std::string&)> set;  // parses text; throws ConfigError naming the key
+  std::function<std::string(const Config&)> get;         // the value as text that set() parses back
+};
+
+const std::vector<ConfigField>& config_fields();
+
+// Where each key's value came from: "default", the YAML file name, or "command line".
+using ConfigSources = std::map<std::string, std::string>;
+
+// Parses YAML text (may be empty) and then `key=value` overrides (without the leading "--").
+// Unknown keys and malformed values throw ConfigError naming the key. Does not validate.
+Config parse_config(const std::string& yaml_text, const std::string& yaml_name,
+                    const std::vector<std::string>& overrides, ConfigSources* sources = nullptr);
+
+// Cross-field and range checks for a run on `world_size` ranks; throws ConfigError naming the key.
+void validate_config(const Config& config, int world_size);
+
+// Derived sizes.
+int expert_ffn_hidden(const Config& config);  // moe.ffn_hidden, or its default for the expert type
+int shared_ffn_hidden(const Config& config);  // moe.shared_ffn_hidden, or expert_ffn_hidden
+int64_t local_tokens(const Config& config, int world_size);  // tokens per rank per step
+
+// Every key with its value, in table order.
+std::vector<std::pair<std::string, std::string>> config_values(const Config& config);
+// The resolved configuration as an aligned table, one key per line, with its source.
+std::string config_table(const Config& config, const ConfigSources& sources);
+// docs/CONFIG.md, generated from the table.
+std::string config_reference_markdown();
+
+}  // namespace moe

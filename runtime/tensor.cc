@@ -1,0 +1,113 @@
+// Tensor views, dtype names, and host allocation.
+#include "runtime/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <sstream>
+
+namespace moe {
+
+const char* error_kind_name(ErrorKind kind) {
+  switch (kind) {
+    case ErrorKind::kConfig: return "config";
+    case ErrorKind::kInput: return "input";
+    case ErrorKind::kComm: return "comm";
+    case ErrorKind::kInternal: return "internal";
+  }
+  return "unknown";
+}
+
+size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return 4;
+    case DType::kF64: return 8;
+    case DType::kI32: return 4;
+  }
+  return 0;
+}
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return "F32";
+    case DType::kF64: return "F64";
+    case DType::kI32: return "I32";
+  }
+  return "?";
+}
+
+const char* device_name(Device device) {
+  switch (device) {
+    case Device::kCpu: return "cpu";
+  }
+  return "?";
+}
+
+std::string shape_str(const Shape& shape) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << ")";
+  return out.str();
+}
+
+int64_t shape_numel(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    MOE_CHECK(d >= 0, "negative dimension in shape ", shape_str(shape));
+    n *= d;
+  }
+  return n;
+}
+
+Tensor::Tensor(std::shared_ptr<Storage> storage, size_t byte_offset, Shape shape, DType dtype)
+    : storage_(std::move(storage)), offset_(byte_offset), shape_(std::move(shape)), dtype_(dtype) {
+  numel_ = shape_numel(shape_);
+  MOE_CHECK(offset_ + nbytes() <= storage_->nbytes, "view ", str(), " at byte ", offset_,
+            " overruns storage of ", storage_->nbytes, " bytes");
+}
+
+int64_t Tensor::dim(int i) const {
+  int r = rank();
+  if (i < 0) i += r;
+  MOE_CHECK(i >= 0 && i < r, "dim ", i, " out of range for ", str());
+  return shape_[static_cast<size_t>(i)];
+}
+
+Tensor Tensor::rows(int64_t begin, int64_t end) const {
+  MOE_CHECK(rank() >= 1 && begin >= 0 && begin <= end && end <= shape_[0], "rows [", begin, ", ", end,
+            ") of ", str());
+  Shape s = shape_;
+  s[0] = end - begin;
+  int64_t row_elems = shape_[0] == 0 ? 0 : numel_ / shape_[0];
+  return Tensor(storage_, offset_ + static_cast<size_t>(begin * row_elems) * dtype_size(dtype_), s, dtype_);
+}
+
+Tensor Tensor::reshape(Shape shape) const {
+  MOE_CHECK(shape_numel(shape) == numel_, "reshape ", str(), " to ", shape_str(shape));
+  return Tensor(storage_, offset_, std::move(shape), dtype_);
+}
+
+std::string Tensor::str() const { return std::string(dtype_name(dtype_)) + shape_str(shape_); }
+
+void Tensor::check_dtype(DType expected) const {
+  MOE_CHECK(defined(), "use of an undefined tensor");
+  MOE_CHECK(dtype_ == expected, "tensor ", str(), " accessed as ", dtype_name(expected));
+}
+
+Tensor host_tensor(const Shape& shape, DType dtype) {
+  size_t nbytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
+  size_t alloc = ((nbytes + 63) / 64) * 64;
+  void* p = alloc ? std::aligned_alloc(64, alloc) : nullptr;
+  if (alloc && !p) throw std::bad_alloc();
+  if (p) std::memset(p, 0, alloc);
+  auto storage = std::make_shared<Storage>(p, nbytes, Device::kCpu, [](void* q) { std::free(q); });
+  return Tensor(std::move(storage), 0, shape, dtype);
+}
+
+void check_shape(const Tensor& t, const Shape& shape, const char* what) {
+  MOE_CHECK(t.defined() && t.shape() == shape, what, ": expected shape ", shape_str(shape), ", got ",
+            t.defined() ? t.str() : std::string("undefined"));
+}
+
+}  // namespace moe

@@ -1,0 +1,41 @@
+// Checkpoints: one safetensors file per writing rank plus a JSON manifest, written atomically.
+//
+//   <checkpoint_dir>/step_00000100/rank_00000.safetensors   replicated tensors + expert shard of ep rank 0
+//   <checkpoint_dir>/step_00000100/rank_0000r.safetensors   expert shard of ep rank r (dp rank 0 writes)
+//   <checkpoint_dir>/step_00000100/manifest.json            written last: config, step, seed, data
+//                                                           position, optimizer steps, files with CRC-32
+//   <checkpoint_dir>/latest                                 "step_00000100", updated after the manifest
+//
+// Every file goes to a temporary name and is renamed into place, so a crash leaves either the old
+// checkpoint or a complete new one; a step directory without a manifest is not a checkpoint. Expert
+// tensors are stored per global expert ("layers.0.moe.experts.5.w_gate") so a checkpoint can be read
+// back under another (ep, dp) layout. Optimizer moments are "optim.m.<tensor>" / "optim.v.<tensor>".
+// The directory must be visible to every rank (a shared filesystem on a cluster).
+#pragma once
+
+#include <string>
+
+#include "model/transformer.h"
+#include "train/optimizer.h"
+
+namespace moe {
+
+struct TrainingState {
+  int64_t step = 0;           // steps completed
+  int64_t next_sequence = 0;  // first global sequence of the next step
+};
+
+// Collective over the world. Returns the step directory.
+std::string save_checkpoint(const std::string& checkpoint_dir, const TrainingState& state, const Config& config,
+                            Transformer& model, Optimizer& optimizer, ProcessGroups& groups);
+
+// train.resume resolved on rank 0 and broadcast: "" (start fresh) or a step directory. Collective.
+std::string resolve_resume(const Config& config, Communicator& world);
+
+// Rank 0 checks the manifest (format, config compatibility) and every file (size, CRC-32) before any
+// rank reads; a problem throws InputError there while the others wait in a broadcast, so the job stops
+// with one message. Collective over the world.
+TrainingState load_checkpoint(const std::string& step_dir, const Config& config, Transformer& model,
+                              Optimizer& optimizer, ProcessGroups& groups);
+
+}  // namespace moe

@@ -1,0 +1,187 @@
+// The training loop.
+#include "train/trainer.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+
+#include "runtime/json.h"
+#include "runtime/log.h"
+
+namespace moe {
+
+Trainer::Trainer(const Config& config, Backend& backend, ProcessGroups& groups)
+    : config_(config), backend_(backend), groups_(groups) {
+  validate_config(config_, groups.world->size());
+  // Rank 0 checks the data file first, so a missing or bad file is one message, not one per rank.
+  if (config_.data.source == DataSource::kFile && groups.world->rank() == 0) {
+    data_ = make_data(config_);
+  }
+  groups.world->barrier();
+  if (!data_) data_ = make_data(config_);
+  model_ = std::make_unique<Transformer>(config_, backend, groups);
+  optimizer_ = std::make_unique<Optimizer>(config_.train, backend, model_->params());
+}
+
+Trainer::~Trainer() {
+  if (metrics_) std::fclose(metrics_);
+}
+
+StepRecord Trainer::train_step() {
+  const int world = groups_.world->size(), rank = groups_.world->rank();
+  const int64_t seq_len = config_.model.seq_len;
+  const int64_t local_seqs = config_.train.batch_size / world;
+  const int64_t tokens = local_seqs * seq_len;
+  StepRecord r;
+  PhaseTimer timer;
+  auto t_start = std::chrono::steady_clock::now();
+
+  // ---- data: this rank's slice of the global batch
+  Tensor inputs = host_tensor({tokens}, DType::kI32), targets = host_tensor({tokens}, DType::kI32);
+  data_->sequences(state_.next_sequence + rank * local_seqs, local_seqs, static_cast<int>(seq_len),
+                   inputs.data<int32_t>(), targets.data<int32_t>());
+  Tensor d_inputs = backend_.empty({tokens}, DType::kI32), d_targets = backend_.empty({tokens}, DType::kI32);
+  backend_.copy_from_host(inputs.raw(), d_inputs);
+  backend_.copy_from_host(targets.raw(), d_targets);
+  model_->params().zero_grads(backend_);
+  timer.lap(r.times.other);
+
+  // ---- forward + backward
+  StepContext ctx;
+  ctx.step = state_.step;
+  ctx.training = true;
+  ctx.token_offset = rank * tokens;
+  ctx.global_tokens = int64_t{config_.train.batch_size} * seq_len;
+  ctx.times = &r.times;
+  r.stats = model_->forward_backward(d_inputs, d_targets, ctx);
+  timer = PhaseTimer();
+  if (!std::isfinite(r.stats.loss)) {
+    throw Error(ErrorKind::kInput, "training diverged: loss is " + format_double(r.stats.loss) + " at step " +
+                                       std::to_string(state_.step + 1) + " (lower train.lr?)", "train.lr");
+  }
+
+  // ---- gradients: reduce, clip, update
+  reduce_gradients(model_->params(), groups_);
+  timer.lap(r.times.allreduce);
+  r.lr = learning_rate(config_.train, state_.step);
+  r.grad_norm = global_grad_norm(model_->params(), backend_, groups_);
+  clip_gradients(model_->params(), backend_, r.grad_norm, config_.train.grad_clip);
+  optimizer_->step(r.lr);
+  if (config_.moe.bias_update_rate > 0) model_->update_balance_bias(config_.moe.bias_update_rate);
+  timer.lap(r.times.optimizer);
+
+  ++state_.step;
+  state_.next_sequence += config_.train.batch_size;
+  r.step = state_.step;
+
+  double dropped = 0, assignments = 0;
+  for (const RouterStats& l : r.stats.layers) {
+    dropped += l.dropped;
+    assignments += l.assignments;
+    double mean = 0, mx = 0;
+    for (double v : l.load) mean += v, mx = std::max(mx, v);
+    mean /= std::max<size_t>(1, l.load.size());
+    if (mean > 0) r.max_mean_load = std::max(r.max_mean_load, mx / mean);
+  }
+  r.dropped_frac = assignments > 0 ? dropped / assignments : 0;
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  r.times.other += seconds - r.times.total();  // whatever no phase claimed (bookkeeping above)
+  r.tokens_per_s = static_cast<double>(ctx.global_tokens) / std::max(seconds, 1e-12);
+  return r;
+}
+
+std::string Trainer::metrics_line(const StepRecord& r) const {
+  JsonWriter j;
+  j.begin_object();
+  j.field("step", r.step).field("loss", r.stats.loss).field("ce", r.stats.ce_loss);
+  j.field("aux", r.stats.aux_loss).field("z", r.stats.z_loss).field("lr", r.lr).field("grad_norm", r.grad_norm);
+  j.field("dropped_frac", r.dropped_frac).field("max_mean_load", r.max_mean_load);
+  j.field("tokens_per_s", r.tokens_per_s);
+  const PhaseTimes& t = r.times;
+  j.key("time_s").begin_object();
+  j.field("router", t.router).field("dispatch", t.dispatch).field("experts", t.experts).field("combine", t.combine);
+  j.field("shared", t.shared).field("backward", t.backward).field("optimizer", t.optimizer);
+  j.field("allreduce", t.allreduce).field("other", t.other).field("total", t.total());
+  j.end_object();
+  j.key("layers").begin_array();
+  for (const RouterStats& l : r.stats.layers) {
+    j.begin_object().field("aux", l.aux_loss).field("z", l.z_loss);
+    j.field("dropped_frac", l.assignments > 0 ? l.dropped / l.assignments : 0.0);
+    std::vector<int64_t> load, tokens;
+    for (double v : l.load) load.push_back(static_cast<int64_t>(v));
+    for (double v : l.tokens) tokens.push_back(static_cast<int64_t>(v));
+    j.array("load", load).array("tokens_per_expert", tokens);
+    j.end_object();
+  }
+  j.end_array();
+  j.end_object();
+  return j.str();
+}
+
+void Trainer::report(const StepRecord& r, double elapsed, int64_t first_step) {
+  if (metrics_) {
+    std::string line = metrics_line(r) + "\n";
+    if (std::fputs(line.c_str(), metrics_) < 0 || std::fflush(metrics_) != 0) {
+      throw InputError(config_.train.metrics_path, std::string("cannot write metrics: ") + std::strerror(errno),
+                       "train.metrics_path");
+    }
+  }
+  recent_step_times_.push_back(r.times.total());
+  if (recent_step_times_.size() > 20) recent_step_times_.erase(recent_step_times_.begin());
+  if (r.step % config_.train.log_every != 0 && r.step != config_.train.steps && r.step != first_step + 1) return;
+  double avg = 0;
+  for (double t : recent_step_times_) avg += t;
+  avg /= static_cast<double>(recent_step_times_.size());
+  char line[512];
+  int width = static_cast<int>(std::to_string(config_.train.steps).size());
+  std::snprintf(line, sizeof(line),
+                "step %*lld/%lld | loss %.4f | aux %.4f | z %.4f | %8.0f tok/s | drop %5.2f%% | load max/mean %.2f | "
+                "lr %.2e | %s elapsed | ETA %s",
+                width, static_cast<long long>(r.step), static_cast<long long>(config_.train.steps), r.stats.loss,
+                r.stats.aux_loss, r.stats.z_loss, r.tokens_per_s, 100.0 * r.dropped_frac, r.max_mean_load, r.lr,
+                format_duration(elapsed).c_str(),
+                format_duration(avg * static_cast<double>(config_.train.steps - r.step)).c_str());
+  log_info(line);
+}
+
+std::vector<StepRecord> Trainer::run() {
+  Communicator& world = *groups_.world;
+  std::string resume = resolve_resume(config_, world);
+  if (!resume.empty()) {
+    load(resume);
+  } else if (config_.train.resume == "auto") {
+    log_info("no checkpoint in " + config_.train.checkpoint_dir + "; starting from step 0");
+  }
+  if (world.rank() == 0 && !config_.train.metrics_path.empty()) {
+    metrics_ = std::fopen(config_.train.metrics_path.c_str(), state_.step > 0 ? "a" : "w");
+    if (!metrics_) {
+      throw InputError(config_.train.metrics_path, std::string("cannot open metrics file: ") + std::strerror(errno),
+                       "train.metrics_path");
+    }
+  }
+  std::vector<StepRecord> records;
+  const int64_t first = state_.step;
+  auto t0 = std::chrono::steady_clock::now();
+  while (state_.step < config_.train.steps) {
+    StepRecord r = train_step();
+    double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    report(r, elapsed, first);
+    records.push_back(std::move(r));
+    bool last = state_.step == config_.train.steps;
+    bool periodic = config_.train.checkpoint_every > 0 && state_.step % config_.train.checkpoint_every == 0;
+    if (!config_.train.checkpoint_dir.empty() && (last || periodic)) save(config_.train.checkpoint_dir);
+  }
+  return records;
+}
+
+void Trainer::save(const std::string& dir) {
+  std::string path = save_checkpoint(dir, state_, config_, *model_, *optimizer_, groups_);
+  log_info("checkpoint: " + path);
+}
+
+void Trainer::load(const std::string& step_dir) {
+  state_ = load_checkpoint(step_dir, config_, *model_, *optimizer_, groups_);
+}
+
+}  // namespace moe

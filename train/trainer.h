@@ -1,0 +1,59 @@
+// The training loop: data -> forward/backward -> gradient reduction -> clipping -> optimizer ->
+// loss-free bias update, with progress lines, JSON metrics and checkpoints.
+#pragma once
+
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/transformer.h"
+#include "train/checkpoint.h"
+#include "train/data.h"
+#include "train/optimizer.h"
+
+namespace moe {
+
+// Everything reported about one step (global values; times from rank 0).
+struct StepRecord {
+  int64_t step = 0;  // 1-based: the number of steps completed
+  StepStats stats;
+  double lr = 0;
+  double grad_norm = 0;
+  double dropped_frac = 0;   // capacity-dropped assignments / all assignments, all layers
+  double max_mean_load = 0;  // max over layers of max_i load_i / mean load (before capacity)
+  double tokens_per_s = 0;
+  PhaseTimes times;
+};
+
+class Trainer {
+ public:
+  Trainer(const Config& config, Backend& backend, ProcessGroups& groups);
+  ~Trainer();
+
+  // Resumes if configured, trains to train.steps, writes checkpoints and metrics. Returns the records
+  // of the steps it ran.
+  std::vector<StepRecord> run();
+  StepRecord train_step();
+
+  void save(const std::string& dir);
+  void load(const std::string& step_dir);
+  int64_t step() const { return state_.step; }
+  Transformer& model() { return *model_; }
+
+ private:
+  void report(const StepRecord& r, double elapsed, int64_t first_step);
+  std::string metrics_line(const StepRecord& r) const;
+
+  Config config_;
+  Backend& backend_;
+  ProcessGroups& groups_;
+  std::unique_ptr<Transformer> model_;
+  std::unique_ptr<Optimizer> optimizer_;
+  std::unique_ptr<DataSet> data_;
+  TrainingState state_;
+  std::FILE* metrics_ = nullptr;
+  std::vector<double> recent_step_times_;
+};
+
+}  // namespace moe
