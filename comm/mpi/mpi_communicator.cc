@@ -168,6 +168,13 @@ int mpi_world_rank() {
   return r;
 }
 
+int mpi_world_size() {
+  if (!mpi_initialized()) return 1;
+  int n = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  return n;
+}
+
 std::unique_ptr<Communicator> make_mpi_world() { return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD); }
 std::unique_ptr<Communicator> make_mpi_self() { return std::make_unique<MpiCommunicator>(MPI_COMM_SELF); }
 

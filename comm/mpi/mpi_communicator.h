@@ -17,6 +17,8 @@ void mpi_finalize();
 bool mpi_initialized();
 // The rank in MPI_COMM_WORLD, or 0 before mpi_init.
 int mpi_world_rank();
+// The size of MPI_COMM_WORLD, or 1 before mpi_init.
+int mpi_world_size();
 
 std::unique_ptr<Communicator> make_mpi_world();  // MPI_COMM_WORLD (duplicated)
 std::unique_ptr<Communicator> make_mpi_self();   // MPI_COMM_SELF (duplicated): a group of one

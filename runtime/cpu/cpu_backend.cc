@@ -31,7 +31,12 @@ void same_dtype(const Tensor& a, const Tensor& b, const char* op) {
   MOE_CHECK(a.dtype() == b.dtype(), op, ": dtype mismatch ", a.str(), " vs ", b.str());
 }
 
-int64_t row_len(const Tensor& t) { return t.rank() == 0 ? 1 : (t.dim(0) == 0 ? 0 : t.numel() / t.dim(0)); }
+// Elements per row: the product of every dimension after the first (defined for zero rows too).
+int64_t row_len(const Tensor& t) {
+  int64_t n = 1;
+  for (int i = 1; i < t.rank(); ++i) n *= t.dim(i);
+  return n;
+}
 
 template <typename T>
 void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const T* a, int64_t lda, const T* b,
