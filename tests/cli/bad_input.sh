@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# A whole job given bad input must stop on every rank within seconds, exit non-zero, and print exactly one
+# line containing "error:" that names the problem.
+#
+#   bad_input.sh CASE MOE_TRAIN MOE_DATA MPIEXEC
+set -u
+case_name=$1 train=$(realpath "$2") data=$(realpath "$3") mpiexec=$4
+ranks=4
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+small=(--model.hidden=16 --model.layers=1 --model.seq_len=8 --train.batch_size=8 --train.log_every=1000)
+args=() expect=""
+case $case_name in
+  unknown_key)
+    printf 'moe:\n  num_expert: 8\n' > bad.yaml
+    args=(bad.yaml) expect="moe.num_expert: unknown key (did you mean moe.num_experts?)" ;;
+  wrong_type)
+    printf 'train:\n  steps: many\n' > bad.yaml
+    args=(bad.yaml) expect="train.steps: expected an integer" ;;
+  top_k)
+    args=(--moe.top_k=9 --moe.num_experts=8) expect="moe.top_k: must be <= moe.num_experts" ;;
+  num_experts_ep)
+    args=(--moe.num_experts=6 --parallel.ep=4) expect="moe.num_experts: must be divisible by parallel.ep" ;;
+  world_ep)
+    args=(--parallel.ep=3) expect="parallel.ep: must divide the number of ranks" ;;
+  nan_capacity)
+    args=(--moe.capacity_factor=nan) expect="moe.capacity_factor" ;;
+  missing_data)
+    args=("${small[@]}" --data.source=file --data.path=nowhere.bin) expect="nowhere.bin" ;;
+  truncated_data)
+    "$data" synthetic tokens.bin 4096 >/dev/null || exit 1
+    truncate -s 2000 tokens.bin
+    args=("${small[@]}" --data.source=file --data.path=tokens.bin) expect="truncated" ;;
+  corrupt_checkpoint)
+    OMPI_MCA_rmaps_base_oversubscribe=1 "$mpiexec" -q -np $ranks "$train" "${small[@]}" --parallel.ep=4 \
+      --train.steps=2 --train.checkpoint_dir=ck >/dev/null 2>&1 || { echo "setup run failed"; exit 1; }
+    file=ck/step_00000002/rank_00002.safetensors
+    [[ -f $file ]] || { echo "no $file"; exit 1; }
+    printf 'XXXX' | dd of="$file" bs=1 seek=200 conv=notrunc status=none
+    args=("${small[@]}" --parallel.ep=4 --train.steps=4 --train.checkpoint_dir=ck --train.resume=auto)
+    expect="corrupt checkpoint file" ;;
+  *) echo "unknown case $case_name"; exit 1 ;;
+esac
+
+start=$SECONDS
+timeout 60 "$mpiexec" -q -np $ranks "$train" "${args[@]}" > out.txt 2>&1
+rc=$?
+elapsed=$((SECONDS - start))
+cat out.txt
+fail() { echo "FAIL ($case_name): $*"; exit 1; }
+[[ $rc -ne 124 && $rc -ne 137 ]] || fail "the job hung (killed after 60 s)"
+[[ $rc -ne 0 ]] || fail "exit code 0"
+errors=$(grep -c "error:" out.txt)
+[[ $errors -eq 1 ]] || fail "expected exactly one line with 'error:', got $errors"
+grep -qF -- "$expect" out.txt || fail "the error line does not say '$expect'"
+echo "ok ($case_name): exit code $rc after ${elapsed}s"

@@ -1,0 +1,165 @@
+// Dispatch -> combine across the expert-parallel group, forward and backward, with hand-made routing:
+// balanced, every token to one expert, and most experts empty; dropless and with a capacity.
+//
+// The "experts" multiply their rows by (global expert index + 1), so a row that reached the wrong
+// expert, or came back to the wrong token, shows up in the result:
+//   y[t]  = sum_{sent j} g_tj (e_tj + 1) x[t]        dx[t] = sum_{sent j} g_tj (e_tj + 1) dy[t]
+//   dgate[t, j] = (e_tj + 1) <dy[t], x[t]> when sent, else 0
+// With gates summing to one and a single expert multiplier of one, y = x and dx = dy exactly.
+#include <gtest/gtest.h>
+
+#include "comm/mpi/mpi_communicator.h"
+#include "model/dispatcher.h"
+#include "tests/test_util.h"
+
+namespace moe {
+namespace {
+
+enum class Skew { kRandom, kAllToExpertZero, kLastTwoOnly };
+
+struct Case {
+  const char* name;
+  Skew skew;
+  int64_t capacity;  // 0: dropless
+};
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+class DispatchRoundTrip : public ::testing::TestWithParam<Case> {};
+
+void scale_rows(Backend& backend, Tensor& rows, const std::vector<int64_t>& expert_rows, int64_t first_expert) {
+  std::vector<double> v = test::values(backend, rows);
+  const int64_t h = rows.numel() == 0 ? 0 : rows.numel() / rows.dim(0);
+  int64_t r = 0;
+  for (size_t l = 0; l < expert_rows.size(); ++l) {
+    for (int64_t i = 0; i < expert_rows[l]; ++i, ++r) {
+      for (int64_t j = 0; j < h; ++j) v[r * h + j] *= static_cast<double>(first_expert + l + 1);
+    }
+  }
+  backend.copy_from_host(v.data(), rows);
+}
+
+void run_case(const Case& c, int ep) {
+  const int world = mpi_world_size(), rank = mpi_world_rank();
+  const int experts = ep == 1 ? 4 : 2 * ep;  // two experts per rank of the ep group
+  const int k = 2;
+  const int64_t t = 9, h = 5, offset = t * rank;
+  ProcessGroups groups = test::world_groups(ep);
+  auto backend = make_cpu_backend({});
+
+  // Router scores for this rank's tokens.
+  Tensor probs = host_tensor({t, experts}, DType::kF64);
+  RngStream rng{5, rng_stream(RngPurpose::kTest, 77)};
+  for (int64_t i = 0; i < t; ++i) {
+    for (int e = 0; e < experts; ++e) {
+      double p = rng.uniform(static_cast<uint64_t>((offset + i) * experts + e));
+      if (c.skew == Skew::kAllToExpertZero && e == 0) p += 10;
+      if (c.skew == Skew::kLastTwoOnly && e >= experts - 2) p += 10;
+      probs.data<double>()[i * experts + e] = p;
+    }
+  }
+  RouteArgs args;
+  args.num_experts = experts;
+  args.top_k = k;
+  args.capacity = c.capacity;
+  args.token_offset = offset;
+  RouteState route;
+  backend->route(args, probs, Tensor(), route);
+
+  Tensor x = test::random_tensor(*backend, {t, h}, DType::kF64, 21, offset * h);
+  Tensor dy = test::random_tensor(*backend, {t, h}, DType::kF64, 22, offset * h);
+  Dispatcher dispatcher(experts, static_cast<int>(h));
+  const int64_t first_expert = static_cast<int64_t>(experts / ep) * groups.ep->rank();
+
+  Tensor expert_in = dispatcher.dispatch(*backend, *groups.ep, x, route, c.capacity);
+  int64_t received = 0;
+  for (int64_t n : dispatcher.expert_rows()) received += n;
+  EXPECT_EQ(received, expert_in.dim(0));
+  scale_rows(*backend, expert_in, dispatcher.expert_rows(), first_expert);
+  Tensor y = backend->zeros({t, h}, DType::kF64);
+  dispatcher.combine(*backend, *groups.ep, expert_in, route, y);
+
+  Tensor dgate = backend->empty({t, k}, DType::kF64);
+  Tensor d_out = dispatcher.combine_backward(*backend, *groups.ep, dy, route, dgate);
+  scale_rows(*backend, d_out, dispatcher.expert_rows(), first_expert);
+  Tensor dx = backend->zeros({t, h}, DType::kF64);
+  dispatcher.dispatch_backward(*backend, *groups.ep, d_out, route, dx);
+
+  std::vector<double> xv = test::values(*backend, x), dyv = test::values(*backend, dy);
+  std::vector<double> gate = test::values(*backend, route.gate), idx = test::values(*backend, route.expert_idx),
+                      row = test::values(*backend, route.row_idx);
+  std::vector<double> want_y(t * h, 0), want_dx(t * h, 0), want_dgate(t * k, 0);
+  int64_t sent = 0;
+  for (int64_t i = 0; i < t; ++i) {
+    double dot = 0;
+    for (int64_t j = 0; j < h; ++j) dot += dyv[i * h + j] * xv[i * h + j];
+    for (int j = 0; j < k; ++j) {
+      if (row[i * k + j] < 0) continue;
+      ++sent;
+      double m = gate[i * k + j] * (idx[i * k + j] + 1);
+      for (int64_t q = 0; q < h; ++q) {
+        want_y[i * h + q] += m * xv[i * h + q];
+        want_dx[i * h + q] += m * dyv[i * h + q];
+      }
+      want_dgate[i * k + j] = (idx[i * k + j] + 1) * dot;
+    }
+  }
+  const std::string where = std::string(c.name) + " ep=" + std::to_string(ep) + " world=" + std::to_string(world);
+  EXPECT_LT(test::rel_diff(test::values(*backend, y), want_y), 1e-14) << where;
+  EXPECT_LT(test::rel_diff(test::values(*backend, dx), want_dx), 1e-14) << where;
+  EXPECT_LT(test::rel_diff(test::values(*backend, dgate), want_dgate), 1e-14) << where;
+  if (c.capacity == 0) {
+    EXPECT_EQ(sent, t * k) << where;  // dropless sends everything
+  }
+
+  // Every sent assignment arrives exactly once somewhere in the ep group.
+  std::vector<double> counts{static_cast<double>(sent), static_cast<double>(received)};
+  groups.ep->all_reduce_sum(counts);
+  EXPECT_EQ(counts[0], counts[1]) << where;
+}
+
+TEST_P(DispatchRoundTrip, IdentityExpertsReturnTheInputAndTheGradient) {
+  for (int ep = 1; ep <= mpi_world_size(); ++ep) {
+    if (mpi_world_size() % ep == 0) run_case(GetParam(), ep);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Routing, DispatchRoundTrip,
+                         ::testing::Values(Case{"random_dropless", Skew::kRandom, 0},
+                                           Case{"random_capacity", Skew::kRandom, 3},
+                                           Case{"all_to_expert_zero_dropless", Skew::kAllToExpertZero, 0},
+                                           Case{"all_to_expert_zero_capacity", Skew::kAllToExpertZero, 4},
+                                           Case{"last_two_only_dropless", Skew::kLastTwoOnly, 0},
+                                           Case{"last_two_only_capacity_no_drops", Skew::kLastTwoOnly, 9}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+TEST(DispatchRoundTripExact, NormalisedGatesGiveBackTheInputItself) {
+  // One expert multiplier of 1 everywhere: the round trip is the identity, y == x and dx == dy.
+  const int rank = mpi_world_rank(), world = mpi_world_size();
+  const int experts = world, k = 2;
+  const int64_t t = 7, h = 3;
+  ProcessGroups groups = test::world_groups(world);
+  auto backend = make_cpu_backend({});
+  Tensor probs = host_tensor({t, experts}, DType::kF64);
+  for (int64_t i = 0; i < t * experts; ++i) probs.data<double>()[i] = 1.0 + (i * 7 % 5);
+  RouteArgs args;
+  args.num_experts = experts;
+  args.top_k = std::min(k, experts);
+  RouteState route;
+  backend->route(args, probs, Tensor(), route);
+  Tensor x = test::random_tensor(*backend, {t, h}, DType::kF64, 31, rank * t * h);
+  Dispatcher d(experts, static_cast<int>(h));
+  Tensor in = d.dispatch(*backend, *groups.ep, x, route, 0);
+  Tensor y = backend->zeros({t, h}, DType::kF64);
+  d.combine(*backend, *groups.ep, in, route, y);
+  std::vector<double> xv = test::values(*backend, x), yv = test::values(*backend, y);
+  EXPECT_LT(test::rel_diff(yv, xv), 1e-15);
+  Tensor dgate = backend->empty({t, args.top_k}, DType::kF64);
+  Tensor dout = d.combine_backward(*backend, *groups.ep, x, route, dgate);
+  Tensor dx = backend->zeros({t, h}, DType::kF64);
+  d.dispatch_backward(*backend, *groups.ep, dout, route, dx);
+  EXPECT_LT(test::rel_diff(test::values(*backend, dx), xv), 1e-15);
+}
+
+}  // namespace
+}  // namespace moe

@@ -1,0 +1,157 @@
+// Short training runs under mpirun: the loss falls, reruns are bit-identical, resuming from a checkpoint
+// matches the uninterrupted run bit for bit, the loss curve does not depend on the number of ranks, and
+// the metrics file holds one JSON line per step.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "comm/mpi/mpi_communicator.h"
+#include <yaml-cpp/yaml.h>
+
+#include "runtime/json.h"
+#include "tests/test_util.h"
+#include "train/trainer.h"
+
+namespace moe {
+namespace {
+
+namespace fs = std::filesystem;
+
+Config tiny_model(int64_t steps) {
+  const int world = mpi_world_size();
+  Config c;
+  c.model.hidden = 16;
+  c.model.layers = 2;
+  c.model.seq_len = 16;
+  c.model.init_std = 0.05;
+  c.moe.num_experts = world % 3 == 0 ? 6 : 8;
+  c.parallel.ep = c.moe.num_experts % world == 0 ? world : (world % 2 == 0 ? 2 : 1);
+  c.moe.top_k = 2;
+  c.moe.ffn_hidden = 16;
+  c.moe.num_shared_experts = 1;
+  c.moe.capacity_factor = 1.25;
+  c.moe.min_capacity = 1;
+  c.train.batch_size = 24;
+  c.train.steps = steps;
+  c.train.lr = 1e-2;
+  c.train.min_lr = 1e-3;
+  c.train.warmup_steps = 3;
+  c.train.log_every = 1000;
+  return c;
+}
+
+std::vector<double> losses(const std::vector<StepRecord>& records) {
+  std::vector<double> out;
+  for (const StepRecord& r : records) out.push_back(r.stats.loss);
+  return out;
+}
+
+std::vector<StepRecord> train(const Config& config, ProcessGroups& groups) {
+  validate_config(config, groups.world->size());
+  auto backend = make_cpu_backend({});
+  Trainer trainer(config, *backend, groups);
+  return trainer.run();
+}
+
+// A directory every rank agrees on, removed at the end of the test.
+class SharedDir {
+ public:
+  explicit SharedDir(Communicator& world) : world_(world) {
+    if (world.rank() == 0) {
+      path_ = (fs::temp_directory_path() / ("moe_train_test_" + std::to_string(::getpid()))).string();
+      fs::create_directories(path_);
+    }
+    broadcast_string(world, path_, 0);
+  }
+  ~SharedDir() {
+    world_.barrier();
+    if (world_.rank() == 0) fs::remove_all(path_);
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  Communicator& world_;
+  std::string path_;
+};
+
+TEST(Training, LossFallsAndRerunsAreBitIdentical) {
+  Config c = tiny_model(40);
+  ProcessGroups groups = test::world_groups(c.parallel.ep);
+  std::vector<double> a = losses(train(c, groups));
+  std::vector<double> b = losses(train(c, groups));
+  ASSERT_EQ(a.size(), 40u);
+  EXPECT_EQ(a, b) << "two runs with the same seed differ";
+  double last = 0;
+  for (size_t i = a.size() - 5; i < a.size(); ++i) last += a[i] / 5;
+  EXPECT_LT(last, a[0] - 0.5) << "loss did not fall: first " << a[0] << ", mean of last five " << last;
+  c.train.seed += 1;
+  EXPECT_NE(losses(train(c, groups)), a) << "the seed changes nothing";
+}
+
+TEST(Training, ResumeMatchesTheUninterruptedRunBitForBit) {
+  ProcessGroups groups = test::world_groups(tiny_model(1).parallel.ep);
+  SharedDir dir(*groups.world);
+  Config full = tiny_model(12);
+  full.moe.bias_update_rate = 1e-3;  // the balancing bias is state too
+  full.moe.router_jitter = 0.01;     // and so is every per-step random stream
+  std::vector<double> want = losses(train(full, groups));
+
+  Config first = full;  // the same run, saving at steps 5, 10 and 12
+  first.train.checkpoint_dir = dir.path();
+  first.train.checkpoint_every = 5;
+  EXPECT_EQ(losses(train(first, groups)), want) << "saving checkpoints changed the run";
+  Config second = full;
+  second.train.checkpoint_dir = dir.path();
+  second.train.resume = dir.path() + "/step_00000005";
+  std::vector<double> got = losses(train(second, groups));
+  ASSERT_EQ(got.size(), 7u);
+  EXPECT_EQ(got, std::vector<double>(want.begin() + 5, want.end()));
+
+  Config again = full;  // resume: auto picks the latest checkpoint (step 12), so nothing is left to do
+  again.train.checkpoint_dir = dir.path();
+  again.train.resume = "auto";
+  again.train.steps = 12;
+  EXPECT_TRUE(train(again, groups).empty());
+}
+
+TEST(Training, LossCurveDoesNotDependOnTheNumberOfRanks) {
+  Config c = tiny_model(6);
+  c.runtime.dtype = DType::kF64;
+  c.moe.group_size = static_cast<int>(local_tokens(c, mpi_world_size()));  // the same capacity groups
+  ProcessGroups groups = test::world_groups(c.parallel.ep);
+  std::vector<double> dist = losses(train(c, groups));
+  Config one = c;
+  one.parallel.ep = 1;
+  ProcessGroups self = test::self_groups();
+  std::vector<double> single = losses(train(one, self));
+  EXPECT_LT(test::rel_diff(dist, single), 1e-10);
+}
+
+TEST(Training, MetricsFileHasOneJsonLinePerStep) {
+  Config c = tiny_model(3);
+  ProcessGroups groups = test::world_groups(c.parallel.ep);
+  SharedDir dir(*groups.world);
+  c.train.metrics_path = dir.path() + "/metrics.jsonl";
+  train(c, groups);
+  if (groups.world->rank() != 0) return;
+  std::ifstream in(c.train.metrics_path);
+  std::string line;
+  int lines = 0;
+  while (std::getline(in, line)) {
+    ++lines;
+    YAML::Node j = parse_json(line, "metrics line");
+    EXPECT_EQ(j["step"].as<int>(), lines);
+    for (const char* key : {"loss", "aux", "z", "dropped_frac", "tokens_per_s"}) EXPECT_TRUE(j[key]) << key;
+    for (const char* key : {"router", "dispatch", "experts", "combine", "shared", "backward", "optimizer", "allreduce"}) {
+      EXPECT_TRUE(j["time_s"][key]) << key;
+    }
+    ASSERT_EQ(j["layers"].size(), 2u);
+    EXPECT_EQ(j["layers"][0]["tokens_per_expert"].size(), static_cast<size_t>(c.moe.num_experts));
+  }
+  EXPECT_EQ(lines, 3);
+}
+
+}  // namespace
+}  // namespace moe

@@ -1,0 +1,48 @@
+// GoogleTest main for every test binary: starts MPI (a singleton when run without mpirun), and on
+// ranks other than 0 replaces the default printer with one that reports only failures, tagged with the
+// rank, so a dist test prints one report plus whatever went wrong elsewhere. Dist tests must reach every
+// collective on every rank: use EXPECT_*, not ASSERT_*, before a collective.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+
+#include "comm/mpi/mpi_communicator.h"
+
+namespace {
+
+class FailurePrinter : public testing::EmptyTestEventListener {
+ public:
+  explicit FailurePrinter(int rank) : rank_(rank) {}
+  void OnTestPartResult(const testing::TestPartResult& r) override {
+    if (!r.failed()) return;
+    std::fprintf(stderr, "[rank %d] %s:%d: Failure\n%s\n", rank_, r.file_name() ? r.file_name() : "?", r.line_number(),
+                 r.summary());
+  }
+  void OnTestEnd(const testing::TestInfo& info) override {
+    if (info.result()->Failed()) {
+      std::fprintf(stderr, "[rank %d] FAILED %s.%s\n", rank_, info.test_suite_name(), info.name());
+    }
+  }
+
+ private:
+  int rank_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  testing::InitGoogleTest(&argc, argv);
+  moe::mpi_init(&argc, &argv);
+  int rank = moe::mpi_world_rank();
+  // An exception escaping a test on one rank would leave the others waiting in a collective: let it
+  // terminate the process instead, which makes mpirun stop the whole job.
+  if (moe::mpi_world_size() > 1) GTEST_FLAG_SET(catch_exceptions, false);
+  if (rank != 0) {
+    auto& listeners = testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+    listeners.Append(new FailurePrinter(rank));
+  }
+  int rc = RUN_ALL_TESTS();
+  moe::mpi_finalize();
+  return rc;
+}

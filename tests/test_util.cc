@@ -1,0 +1,109 @@
+// Shared test helpers.
+#include "tests/test_util.h"
+
+#include <algorithm>
+
+#include "comm/mpi/mpi_communicator.h"
+
+namespace moe::test {
+
+Tensor random_tensor(Backend& backend, const Shape& shape, DType dtype, uint64_t stream, int64_t offset, double scale) {
+  Tensor h = host_tensor(shape, dtype);
+  RngStream rng{99, rng_stream(RngPurpose::kTest, stream)};
+  for (int64_t i = 0; i < h.numel(); ++i) {
+    double v = scale * rng.normal(static_cast<uint64_t>(offset + i));
+    if (dtype == DType::kF64) {
+      h.data<double>()[i] = v;
+    } else {
+      h.data<float>()[i] = static_cast<float>(v);
+    }
+  }
+  Tensor d = backend.empty(shape, dtype);
+  backend.copy_from_host(h.raw(), d);
+  return d;
+}
+
+std::vector<double> values(Backend& backend, const Tensor& t) {
+  Tensor h = host_tensor(t.shape(), t.dtype());
+  backend.copy_to_host(t, h.raw());
+  std::vector<double> out(static_cast<size_t>(t.numel()));
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    switch (t.dtype()) {
+      case DType::kF64: out[i] = h.data<double>()[i]; break;
+      case DType::kF32: out[i] = h.data<float>()[i]; break;
+      case DType::kI32: out[i] = h.data<int32_t>()[i]; break;
+    }
+  }
+  return out;
+}
+
+double rel_diff(const std::vector<double>& a, const std::vector<double>& b, double floor) {
+  if (a.size() != b.size()) return INFINITY;
+  double diff = 0, scale = floor;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff = std::max(diff, std::abs(a[i] - b[i]));
+    scale = std::max(scale, std::abs(b[i]));
+  }
+  return diff / scale;
+}
+
+ProcessGroups self_groups() { return make_process_groups(make_mpi_self(), 1); }
+ProcessGroups world_groups(int ep) { return make_process_groups(make_mpi_world(), ep); }
+
+Config small_config(int num_experts, int top_k, int hidden) {
+  Config c;
+  c.model.hidden = hidden;
+  c.moe.num_experts = num_experts;
+  c.moe.top_k = top_k;
+  c.moe.ffn_hidden = 2 * hidden;
+  c.moe.capacity_factor = 1.0;
+  c.moe.min_capacity = 0;
+  c.moe.aux_loss_coef = 0.05;
+  c.moe.z_loss_coef = 0.01;
+  c.model.init_std = 0.5;  // large enough that routing is far from uniform
+  return c;
+}
+
+LayerResult run_layer(const Config& config, Backend& backend, ProcessGroups& groups, int64_t tokens,
+                      int64_t token_offset, int64_t global_tokens, bool reduce, int64_t step,
+                      double r_scale) {
+  const DType dt = config.runtime.dtype;
+  const int64_t h = config.model.hidden;
+  ParamSet params;
+  MoeLayer layer(params, "moe", config, 0, groups.ep_size(), groups.ep->rank());
+  params.allocate(backend, dt, config.train.seed);
+  Tensor x = random_tensor(backend, {tokens, h}, dt, 11, token_offset * h);
+  Tensor r = random_tensor(backend, {tokens, h}, dt, 12, token_offset * h, r_scale);
+  StepContext ctx;
+  ctx.step = step;
+  ctx.token_offset = token_offset;
+  ctx.global_tokens = global_tokens;
+  LayerResult out;
+  Tensor y = layer.forward(backend, groups, x, ctx, out.stats);
+  Tensor dx = layer.backward(backend, groups, r);
+  if (reduce) reduce_gradients(params, groups);
+  out.y = values(backend, y);
+  out.dx = values(backend, dx);
+  out.aux = out.stats.aux_loss;
+  out.z = out.stats.z_loss;
+  std::vector<double> dot{0};
+  std::vector<double> rv = values(backend, r);
+  for (size_t i = 0; i < rv.size(); ++i) dot[0] += rv[i] * out.y[i];
+  groups.world->all_reduce_sum(dot);
+  out.objective = dot[0] + out.aux + out.z;
+  for (Param* p : params.trainable()) {
+    std::vector<double> g = values(backend, p->grad);
+    if (p->scope == ParamScope::kExpert) {
+      size_t per = g.size() / static_cast<size_t>(p->shape[0]);
+      for (int64_t l = 0; l < p->shape[0]; ++l) {
+        out.grads[p->name + "." + std::to_string(p->expert_offset + l)] =
+            std::vector<double>(g.begin() + l * per, g.begin() + (l + 1) * per);
+      }
+    } else {
+      out.grads[p->name] = g;
+    }
+  }
+  return out;
+}
+
+}  // namespace moe::test

@@ -1,0 +1,49 @@
+// Shared test helpers: inputs derived from (stream, global index), tensor comparison, a layer harness.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "model/moe_layer.h"
+#include "runtime/backend.h"
+
+namespace moe::test {
+
+// A tensor of N(0, scale^2) values; element i is drawn at (stream, offset + i), so every rank can build
+// its slice of a global tensor, and a single process the whole of it, from the same numbers.
+Tensor random_tensor(Backend& backend, const Shape& shape, DType dtype, uint64_t stream, int64_t offset = 0,
+                     double scale = 1.0);
+std::vector<double> values(Backend& backend, const Tensor& t);
+// max |a - b| / max(max |b|, floor): a per-tensor relative error that ignores tiny entries.
+double rel_diff(const std::vector<double>& a, const std::vector<double>& b, double floor = 1e-12);
+
+// ProcessGroups of one rank (MPI_COMM_SELF).
+ProcessGroups self_groups();
+// ProcessGroups over the whole MPI world with the given ep.
+ProcessGroups world_groups(int ep);
+
+// A small layer configuration used across tests.
+Config small_config(int num_experts = 4, int top_k = 2, int hidden = 8);
+
+// One MoE layer forward+backward with L = <y, r> + aux + z: what the layer computed.
+struct LayerResult {
+  std::vector<double> y, dx;
+  double aux = 0, z = 0, objective = 0;  // objective = <y, r> summed over the world + aux + z
+  std::map<std::string, std::vector<double>> grads;  // per parameter; expert params per global expert
+  RouterStats stats;
+};
+
+// Runs a layer on `groups` over this rank's tokens [token_offset, token_offset + tokens) of a global
+// batch of global_tokens, inputs drawn from streams (x: 11, r: 12). Expert gradients are reported per
+// global expert index ("name.<e>"). When `reduce` is set the gradients are reduced as in training.
+// r_scale = 0 makes dy = 0, leaving only the aux and z losses.
+LayerResult run_layer(const Config& config, Backend& backend, ProcessGroups& groups, int64_t tokens,
+                      int64_t token_offset, int64_t global_tokens, bool reduce = true, int64_t step = 0,
+                      double r_scale = 1.0);
+
+}  // namespace moe::test

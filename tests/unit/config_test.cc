@@ -1,0 +1,105 @@
+// Configuration parsing and validation: every bad value names its key; docs/CONFIG.md is the table.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include "runtime/config.h"
+#include "runtime/error.h"
+
+namespace moe {
+namespace {
+
+// The key named by the ConfigError that `fn` throws ("" when it throws nothing).
+template <typename F>
+std::string error_key(F fn, std::string* message = nullptr) {
+  try {
+    fn();
+  } catch (const ConfigError& e) {
+    if (message) *message = e.what();
+    return e.key();
+  }
+  return "";
+}
+
+TEST(Config, YamlThenOverridesWithSources) {
+  ConfigSources sources;
+  Config c = parse_config("moe:\n  num_experts: 16\n  top_k: 1\ntrain:\n  lr: 0.5\n", "run.yaml",
+                          {"moe.top_k=3", "parallel.ep=4", "train.optimizer=sgd"}, &sources);
+  EXPECT_EQ(c.moe.num_experts, 16);
+  EXPECT_EQ(c.moe.top_k, 3);
+  EXPECT_EQ(c.parallel.ep, 4);
+  EXPECT_DOUBLE_EQ(c.train.lr, 0.5);
+  EXPECT_EQ(c.train.optimizer, OptimizerType::kSgd);
+  EXPECT_EQ(sources["moe.num_experts"], "run.yaml");
+  EXPECT_EQ(sources["moe.top_k"], "command line");
+  EXPECT_EQ(sources["model.hidden"], "default");
+}
+
+TEST(Config, EveryValueRoundTripsThroughItsText) {
+  Config c = parse_config("", "", {"moe.capacity_factor=0.3", "moe.score=sigmoid", "train.seed=77"});
+  std::vector<std::string> overrides;
+  for (const auto& [key, value] : config_values(c)) overrides.push_back(key + "=" + value);
+  Config back = parse_config("", "", overrides);
+  EXPECT_EQ(config_values(back), config_values(c));
+}
+
+TEST(Config, UnknownKeySuggestsTheNearestOne) {
+  std::string msg;
+  EXPECT_EQ(error_key([] { parse_config("moe:\n  top_kk: 2\n", "x.yaml", {}); }, &msg), "moe.top_kk");
+  EXPECT_NE(msg.find("moe.top_k"), std::string::npos) << msg;
+  EXPECT_EQ(error_key([] { parse_config("", "", {"train.stepz=3"}); }), "train.stepz");
+  EXPECT_EQ(error_key([] { parse_config("nosection:\n  a: 1\n", "x.yaml", {}); }), "nosection.a");
+}
+
+TEST(Config, WrongTypesNameTheKey) {
+  EXPECT_EQ(error_key([] { parse_config("moe:\n  top_k: two\n", "x.yaml", {}); }), "moe.top_k");
+  EXPECT_EQ(error_key([] { parse_config("moe:\n  top_k: 2.5\n", "x.yaml", {}); }), "moe.top_k");
+  EXPECT_EQ(error_key([] { parse_config("", "", {"train.lr=fast"}); }), "train.lr");
+  EXPECT_EQ(error_key([] { parse_config("", "", {"moe.normalize_topk=maybe"}); }), "moe.normalize_topk");
+  EXPECT_EQ(error_key([] { parse_config("", "", {"moe.score=relu"}); }), "moe.score");
+  EXPECT_EQ(error_key([] { parse_config("moe:\n  top_k: [1, 2]\n", "x.yaml", {}); }), "moe.top_k");
+  EXPECT_EQ(error_key([] { parse_config("moe: 3\n", "x.yaml", {}); }), "moe");
+}
+
+TEST(Config, MalformedYamlIsAConfigErrorWithThePosition) {
+  std::string msg;
+  error_key([] { parse_config("moe:\n  top_k: [1\n", "bad.yaml", {}); }, &msg);
+  EXPECT_NE(msg.find("bad.yaml:"), std::string::npos) << msg;
+}
+
+TEST(Config, CrossFieldRulesNameTheKey) {
+  auto invalid = [](const std::vector<std::string>& overrides, int world) {
+    return error_key([&] { validate_config(parse_config("", "", overrides), world); });
+  };
+  EXPECT_EQ(invalid({}, 1), "");
+  EXPECT_EQ(invalid({"moe.top_k=9", "moe.num_experts=8"}, 1), "moe.top_k");
+  EXPECT_EQ(invalid({"moe.top_k=0"}, 1), "moe.top_k");
+  EXPECT_EQ(invalid({"moe.num_experts=6", "parallel.ep=4"}, 4), "moe.num_experts");
+  EXPECT_EQ(invalid({"parallel.ep=4"}, 6), "parallel.ep");
+  EXPECT_EQ(invalid({"parallel.ep=0"}, 1), "parallel.ep");
+  EXPECT_EQ(invalid({"moe.capacity_factor=nan"}, 1), "moe.capacity_factor");
+  EXPECT_EQ(invalid({"moe.capacity_factor=inf"}, 1), "moe.capacity_factor");
+  EXPECT_EQ(invalid({"train.lr=-1"}, 1), "train.lr");
+  EXPECT_EQ(invalid({"moe.random_routing=true", "moe.top_k=3"}, 1), "moe.random_routing");
+  EXPECT_EQ(invalid({"train.batch_size=6"}, 4), "train.batch_size");
+  EXPECT_EQ(invalid({"moe.group_size=7"}, 1), "moe.group_size");
+  EXPECT_EQ(invalid({"data.source=file"}, 1), "data.path");
+}
+
+TEST(Config, ReferenceDocumentIsGeneratedFromTheTable) {
+  std::string md = config_reference_markdown();
+  for (const ConfigField& f : config_fields()) {
+    EXPECT_NE(md.find("`" + f.key + "`"), std::string::npos) << f.key << " missing from the reference";
+  }
+  std::ifstream in(std::string(MOE_SOURCE_DIR) + "/docs/CONFIG.md");
+  ASSERT_TRUE(in) << "docs/CONFIG.md missing";
+  std::stringstream text;
+  text << in.rdbuf();
+  EXPECT_EQ(text.str(), md) << "docs/CONFIG.md is stale: regenerate it with `build/moe_train --config-reference "
+                               "> docs/CONFIG.md`";
+}
+
+}  // namespace
+}  // namespace moe

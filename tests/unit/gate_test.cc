@@ -1,0 +1,207 @@
+// The gate, checked by hand: top-k, gates, capacity slots, 1st-before-2nd priority, batch priority,
+// drops, random routing, the dropless row layout, and the capacity formula.
+#include <gtest/gtest.h>
+
+#include "model/router.h"
+#include "tests/test_util.h"
+
+namespace moe {
+namespace {
+
+class GateTest : public ::testing::Test {
+ protected:
+  std::unique_ptr<Backend> backend = make_cpu_backend({});
+
+  Tensor probs(int64_t tokens, int experts, const std::vector<double>& v) {
+    Tensor t = host_tensor({tokens, experts}, DType::kF64);
+    std::copy(v.begin(), v.end(), t.data<double>());
+    return t;
+  }
+  std::vector<int> ints(const Tensor& t) {
+    std::vector<int> out(t.data<int32_t>(), t.data<int32_t>() + t.numel());
+    return out;
+  }
+  std::vector<double> reals(const Tensor& t) {
+    return std::vector<double>(t.data<double>(), t.data<double>() + t.numel());
+  }
+  RouteArgs args(int experts, int k, int64_t capacity, int groups = 1) {
+    RouteArgs a;
+    a.num_experts = experts;
+    a.top_k = k;
+    a.capacity = capacity;
+    a.num_groups = groups;
+    return a;
+  }
+};
+
+TEST_F(GateTest, TopKOrdersByScoreAndBreaksTiesTowardsLowerIndex) {
+  Tensor p = probs(2, 4, {0.1, 0.4, 0.2, 0.3,  /**/ 0.25, 0.25, 0.25, 0.25});
+  RouteState s;
+  RouteArgs a = args(4, 3, 0);
+  a.normalize = false;
+  backend->route(a, p, Tensor(), s);
+  EXPECT_EQ(ints(s.expert_idx), (std::vector<int>{1, 3, 2, /**/ 0, 1, 2}));
+  EXPECT_EQ(reals(s.gate), (std::vector<double>{0.4, 0.3, 0.2, 0.25, 0.25, 0.25}));
+  EXPECT_EQ(ints(s.choices), (std::vector<int>{1, 2, 2, 1}));
+}
+
+TEST_F(GateTest, NormalizedGatesSumToOneAndBiasOnlyChangesSelection) {
+  Tensor p = probs(1, 4, {0.1, 0.5, 0.3, 0.1});
+  Tensor bias = host_tensor({4}, DType::kF64);
+  bias.data<double>()[3] = 1.0;  // pulls expert 3 into the top-2 without changing its gate value
+  RouteState s;
+  backend->route(args(4, 2, 0), p, bias, s);
+  EXPECT_EQ(ints(s.expert_idx), (std::vector<int>{3, 1}));
+  std::vector<double> g = reals(s.gate);
+  EXPECT_NEAR(g[0], 0.1 / 0.6, 1e-15);
+  EXPECT_NEAR(g[1], 0.5 / 0.6, 1e-15);
+  EXPECT_EQ(reals(s.score), (std::vector<double>{0.1, 0.5}));
+}
+
+TEST_F(GateTest, HardGatesAreOneOrOneOverK) {
+  Tensor p = probs(1, 4, {0.1, 0.5, 0.3, 0.1});
+  RouteState s;
+  RouteArgs a = args(4, 2, 0);
+  a.gate_mode = GateMode::kHard;
+  backend->route(a, p, Tensor(), s);
+  EXPECT_EQ(reals(s.gate), (std::vector<double>{0.5, 0.5}));
+  a.normalize = false;
+  backend->route(a, p, Tensor(), s);
+  EXPECT_EQ(reals(s.gate), (std::vector<double>{1.0, 1.0}));
+}
+
+TEST_F(GateTest, CapacityFillsInTokenOrderAndDropsTheRest) {
+  // 4 tokens, all prefer expert 0; capacity 2: tokens 0 and 1 get slots 0 and 1, tokens 2 and 3 drop.
+  Tensor p = probs(4, 2, {0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4});
+  RouteState s;
+  backend->route(args(2, 1, 2), p, Tensor(), s);
+  EXPECT_EQ(ints(s.row_idx), (std::vector<int>{0, 1, -1, -1}));
+  EXPECT_EQ(ints(s.fill), (std::vector<int>{2, 0}));
+  EXPECT_EQ(s.num_dropped, 2);
+  EXPECT_EQ(s.num_rows, 4);  // 2 experts x 1 group x capacity 2
+}
+
+TEST_F(GateTest, EveryFirstChoiceComesBeforeAnySecondChoice) {
+  // Token 0 picks (0, 1); tokens 1 and 2 pick (1, 0). Capacity 2. Token order alone would give token 0's
+  // second choice (expert 1) a slot before token 2's first choice; GShard priority must not.
+  Tensor p = probs(3, 2, {0.6, 0.4, /**/ 0.3, 0.7, /**/ 0.2, 0.8});
+  RouteState s;
+  backend->route(args(2, 2, 2), p, Tensor(), s);
+  // rows: expert e slot j -> e * 2 + j
+  std::vector<int> rows = ints(s.row_idx);
+  EXPECT_EQ(rows[0], 0);        // token 0, 1st choice: expert 0 slot 0
+  EXPECT_EQ(rows[2], 2);        // token 1, 1st choice: expert 1 slot 0
+  EXPECT_EQ(rows[4], 3);        // token 2, 1st choice: expert 1 slot 1
+  EXPECT_EQ(rows[1], -1);       // token 0, 2nd choice: expert 1 is full
+  EXPECT_EQ(rows[3], 1);        // token 1, 2nd choice: expert 0 slot 1
+  EXPECT_EQ(rows[5], -1);       // token 2, 2nd choice: expert 0 is full
+  EXPECT_EQ(s.num_dropped, 2);
+}
+
+TEST_F(GateTest, BatchPriorityServesHighestTopScoreFirst) {
+  // All pick expert 0 first; capacity 1. Token order would serve token 0; batch priority serves token 2
+  // (top-1 score 0.9).
+  Tensor p = probs(3, 2, {0.6, 0.4, /**/ 0.7, 0.3, /**/ 0.9, 0.1});
+  RouteState s;
+  RouteArgs a = args(2, 1, 1);
+  backend->route(a, p, Tensor(), s);
+  EXPECT_EQ(ints(s.row_idx), (std::vector<int>{0, -1, -1}));
+  a.priority = Priority::kBatch;
+  backend->route(a, p, Tensor(), s);
+  EXPECT_EQ(ints(s.row_idx), (std::vector<int>{-1, -1, 0}));
+}
+
+TEST_F(GateTest, CapacityIsPerGroup) {
+  // Two groups of two tokens; every token picks expert 1; capacity 1 per group: one token of each group.
+  Tensor p = probs(4, 2, {0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6});
+  RouteState s;
+  backend->route(args(2, 1, 1, 2), p, Tensor(), s);
+  // layout (expert, group, slot): expert 1 group 0 -> row 2, group 1 -> row 3
+  EXPECT_EQ(ints(s.row_idx), (std::vector<int>{2, -1, 3, -1}));
+  EXPECT_EQ(ints(s.fill), (std::vector<int>{0, 0, 1, 1}));
+}
+
+TEST_F(GateTest, DroplessRowsAreExpertMajorAndContiguous) {
+  Tensor p = probs(4, 3, {0.1, 0.2, 0.7, /**/ 0.8, 0.1, 0.1, /**/ 0.1, 0.1, 0.8, /**/ 0.2, 0.7, 0.1});
+  RouteState s;
+  backend->route(args(3, 1, 0), p, Tensor(), s);
+  // expert 0: token 1; expert 1: token 3; expert 2: tokens 0, 2
+  EXPECT_EQ(ints(s.row_idx), (std::vector<int>{2, 0, 3, 1}));
+  EXPECT_EQ(s.num_rows, 4);
+  EXPECT_EQ(s.num_dropped, 0);
+}
+
+TEST_F(GateTest, EmptyExpertsAndSkewedRouting) {
+  // Everything to expert 2 of 4: the others stay empty, dropless sends every token there.
+  std::vector<double> v;
+  for (int t = 0; t < 5; ++t) v.insert(v.end(), {0.1, 0.1, 0.7, 0.1});
+  RouteState s;
+  backend->route(args(4, 1, 0), probs(5, 4, v), Tensor(), s);
+  EXPECT_EQ(ints(s.fill), (std::vector<int>{0, 0, 5, 0}));
+  EXPECT_EQ(ints(s.row_idx), (std::vector<int>{0, 1, 2, 3, 4}));
+}
+
+TEST_F(GateTest, RandomRoutingKeepsSecondChoiceWithProbabilityTwiceItsShare) {
+  // 2000 tokens with scores (0.6, 0.3, 0.1): g2 = 0.3 / 0.9 = 1/3, kept when 2/3 > U. Check each coin
+  // against the documented stream, and that the kept fraction is close to 2/3.
+  const int n = 2000;
+  std::vector<double> v;
+  for (int t = 0; t < n; ++t) v.insert(v.end(), {0.6, 0.3, 0.1});
+  RouteArgs a = args(3, 2, 0);
+  a.random_routing = true;
+  a.rng = RngStream{5, rng_stream(RngPurpose::kRandomRouting, 3, 1)};
+  a.token_offset = 100;
+  RouteState s;
+  backend->route(a, probs(n, 3, v), Tensor(), s);
+  std::vector<int> rows = ints(s.row_idx);
+  int kept = 0;
+  for (int t = 0; t < n; ++t) {
+    bool expect_keep = 2.0 / 3.0 > a.rng.uniform(static_cast<uint64_t>(100 + t));
+    EXPECT_EQ(rows[2 * t + 1] >= 0, expect_keep) << "token " << t;
+    EXPECT_GE(rows[2 * t], 0);  // the 1st choice is never touched
+    kept += rows[2 * t + 1] >= 0;
+  }
+  EXPECT_EQ(s.num_random_skipped, n - kept);
+  EXPECT_EQ(s.num_dropped, 0);  // skipped is not dropped
+  EXPECT_NEAR(kept / double(n), 2.0 / 3.0, 0.04);
+  EXPECT_EQ(ints(s.choices)[1], n);  // the load-balance counts see every choice
+}
+
+TEST_F(GateTest, RouteBackwardDifferentiatesNormalizedGates) {
+  Tensor p = probs(1, 3, {0.5, 0.3, 0.2});
+  RouteArgs a = args(3, 2, 0);
+  RouteState s;
+  backend->route(a, p, Tensor(), s);
+  Tensor dg = host_tensor({1, 2}, DType::kF64);
+  dg.data<double>()[0] = 1.0;  // d/ds of g_0 = s0 / (s0 + s1)
+  Tensor ds = host_tensor({1, 3}, DType::kF64);
+  backend->route_backward(a, p, s, dg, ds);
+  EXPECT_NEAR(ds.data<double>()[0], 0.3 / (0.8 * 0.8), 1e-15);
+  EXPECT_NEAR(ds.data<double>()[1], -0.5 / (0.8 * 0.8), 1e-15);
+  EXPECT_EQ(ds.data<double>()[2], 0.0);  // not selected: no gradient
+  // Hard gates (straight-through) differentiate the same soft gates.
+  a.gate_mode = GateMode::kHard;
+  backend->route(a, p, Tensor(), s);
+  Tensor ds_hard = host_tensor({1, 3}, DType::kF64);
+  backend->route_backward(a, p, s, dg, ds_hard);
+  for (int e = 0; e < 3; ++e) EXPECT_EQ(ds_hard.data<double>()[e], ds.data<double>()[e]);
+}
+
+TEST(Capacity, FormulaMinimumAndCap) {
+  Config c = test::small_config(8, 2, 8);
+  ParamSet params;
+  c.moe.capacity_factor = 1.25;
+  c.moe.min_capacity = 4;
+  Router r(params, "r", c, 0);
+  EXPECT_EQ(r.capacity(4096), 1280);  // ceil(2 * 4096 / 8 * 1.25)
+  EXPECT_EQ(r.capacity(100), 32);     // ceil(31.25)
+  EXPECT_EQ(r.capacity(8), 4);        // min_capacity
+  EXPECT_EQ(r.capacity(3), 3);        // never more than the group
+  ParamSet p2;
+  c.moe.capacity_factor = 0.0;
+  Router dropless(p2, "r", c, 0);
+  EXPECT_EQ(dropless.capacity(4096), 0);
+}
+
+}  // namespace
+}  // namespace moe
