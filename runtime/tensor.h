@@ -101,8 +101,10 @@ class Tensor {
   DType dtype_ = DType::kF32;
 };
 
-// A zero-filled host tensor (64-byte aligned).
+// A zero-filled host tensor (64-byte aligned). Freed blocks are cached for reuse (see tensor.cc).
 Tensor host_tensor(const Shape& shape, DType dtype);
+// The same with unspecified contents (what the CPU backend's empty() returns).
+Tensor host_tensor_uninitialized(const Shape& shape, DType dtype);
 
 // Throws InternalError naming `what` when t's shape differs from `shape`.
 void check_shape(const Tensor& t, const Shape& shape, const char* what);
