@@ -2,6 +2,8 @@
 #include "train/trainer.h"
 
 #include <algorithm>
+#include <chrono>
+#include <filesystem>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -154,6 +156,12 @@ std::vector<StepRecord> Trainer::run() {
     log_info("no checkpoint in " + config_.train.checkpoint_dir + "; starting from step 0");
   }
   if (world.rank() == 0 && !config_.train.metrics_path.empty()) {
+    std::filesystem::path parent = std::filesystem::path(config_.train.metrics_path).parent_path();
+    std::error_code ec;
+    if (!parent.empty()) std::filesystem::create_directories(parent, ec);
+    if (ec) {
+      throw InputError(parent.string(), "cannot create the metrics directory: " + ec.message(), "train.metrics_path");
+    }
     metrics_ = std::fopen(config_.train.metrics_path.c_str(), state_.step > 0 ? "a" : "w");
     if (!metrics_) {
       throw InputError(config_.train.metrics_path, std::string("cannot open metrics file: ") + std::strerror(errno),
