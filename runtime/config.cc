@@ -318,6 +318,7 @@ Config parse_config(const std::string& yaml_text, const std::string& yaml_name,
   if (root && !root.IsNull()) {
     if (!root.IsMap()) throw ConfigError("", yaml_name + ": expected a mapping of sections at the top level");
     for (const auto& section : root) {
+      if (!section.first.IsScalar()) throw ConfigError("", yaml_name + ": a section name must be a plain word");
       std::string name = section.first.as<std::string>();
       if (!section.second.IsMap()) {
         // A scalar at the top level is a key without its section, or an unknown section.
@@ -325,6 +326,7 @@ Config parse_config(const std::string& yaml_text, const std::string& yaml_name,
                                     " in " + yaml_name);
       }
       for (const auto& item : section.second) {
+        if (!item.first.IsScalar()) throw ConfigError(name, "a key must be a plain word in " + yaml_name);
         std::string key = name + "." + item.first.as<std::string>();
         find_field(key);  // unknown keys first, before any type complaint
         if (!item.second.IsScalar()) {

@@ -2,6 +2,7 @@
 #include "train/checkpoint.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
 #include <cerrno>
@@ -103,7 +104,12 @@ std::string save_checkpoint(const std::string& checkpoint_dir, const TrainingSta
                             Transformer& model, Optimizer& optimizer, ProcessGroups& groups) {
   Communicator& world = *groups.world;
   const std::string dir = checkpoint_dir + "/" + step_name(state.step);
-  if (world.rank() == 0) make_dirs(dir);
+  if (world.rank() == 0) {
+    make_dirs(dir);
+    // Saving over an older checkpoint of the same step: its manifest must not vouch for the new files
+    // while they are being written.
+    ::unlink((dir + "/manifest.json").c_str());
+  }
   world.barrier();
 
   // Rank 0 writes the replicated tensors; the dp-rank-0 replica of each expert shard writes its experts.

@@ -56,6 +56,14 @@ void atomic_write(const std::string& path, Body&& body) {
     ::unlink(tmp.c_str());
     throw InputError(path, std::string("rename failed: ") + std::strerror(errno));
   }
+  // Make the rename itself durable.
+  size_t slash = path.rfind('/');
+  std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
 }
 
 }  // namespace

@@ -59,8 +59,11 @@ StepRecord Trainer::train_step() {
   r.stats = model_->forward_backward(d_inputs, d_targets, ctx);
   timer = PhaseTimer();
   if (!std::isfinite(r.stats.loss)) {
-    throw Error(ErrorKind::kInput, "training diverged: loss is " + format_double(r.stats.loss) + " at step " +
-                                       std::to_string(state_.step + 1) + " (lower train.lr?)", "train.lr");
+    // The loss is global, so every rank stops here together: one line, a clean exit.
+    Error e(ErrorKind::kInput, "training diverged: loss is " + format_double(r.stats.loss) + " at step " +
+                                   std::to_string(state_.step + 1) + " (lower train.lr?)", "train.lr");
+    e.mark_collective();
+    throw e;
   }
 
   // ---- gradients: reduce, clip, update

@@ -33,8 +33,11 @@ case $case_name in
     "$data" synthetic tokens.bin 4096 >/dev/null || exit 1
     truncate -s 2000 tokens.bin
     args=("${small[@]}" --data.source=file --data.path=tokens.bin) expect="truncated" ;;
+  diverged)
+    args=("${small[@]}" --train.lr=1e30 --train.warmup_steps=0 --train.grad_clip=0 --train.steps=50)
+    expect="training diverged" ;;
   corrupt_checkpoint)
-    OMPI_MCA_rmaps_base_oversubscribe=1 "$mpiexec" -q -np $ranks "$train" "${small[@]}" --parallel.ep=4 \
+    "$mpiexec" -q --oversubscribe -np $ranks "$train" "${small[@]}" --parallel.ep=4 \
       --train.steps=2 --train.checkpoint_dir=ck >/dev/null 2>&1 || { echo "setup run failed"; exit 1; }
     file=ck/step_00000002/rank_00002.safetensors
     [[ -f $file ]] || { echo "no $file"; exit 1; }
@@ -45,7 +48,7 @@ case $case_name in
 esac
 
 start=$SECONDS
-timeout 60 "$mpiexec" -q -np $ranks "$train" "${args[@]}" > out.txt 2>&1
+timeout 60 "$mpiexec" -q --oversubscribe -np $ranks "$train" "${args[@]}" > out.txt 2>&1
 rc=$?
 elapsed=$((SECONDS - start))
 cat out.txt

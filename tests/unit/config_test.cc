@@ -61,6 +61,12 @@ TEST(Config, WrongTypesNameTheKey) {
   EXPECT_EQ(error_key([] { parse_config("", "", {"moe.score=relu"}); }), "moe.score");
   EXPECT_EQ(error_key([] { parse_config("moe:\n  top_k: [1, 2]\n", "x.yaml", {}); }), "moe.top_k");
   EXPECT_EQ(error_key([] { parse_config("moe: 3\n", "x.yaml", {}); }), "moe");
+  // Keys that are not plain words are still configuration errors, not YAML exceptions.
+  std::string msg;
+  EXPECT_EQ(error_key([] { parse_config("moe: {[a]: 1}\n", "x.yaml", {}); }, &msg), "moe");
+  EXPECT_NE(msg.find("plain word"), std::string::npos) << msg;
+  error_key([] { parse_config("{[a]: 1}\n", "x.yaml", {}); }, &msg);
+  EXPECT_NE(msg.find("plain word"), std::string::npos) << msg;
 }
 
 TEST(Config, MalformedYamlIsAConfigErrorWithThePosition) {
