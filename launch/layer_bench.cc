@@ -90,27 +90,7 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 }
 
 Tensor random_tensor(Backend& backend, const Shape& shape, DType dtype, uint64_t stream, int64_t offset) {
-  Tensor h = host_tensor(shape, dtype);
-  RngStream rng{7, rng_stream(RngPurpose::kTest, stream)};
-  for (int64_t i = 0; i < h.numel(); ++i) {
-    double v = rng.normal(static_cast<uint64_t>(offset + i));
-    if (dtype == DType::kF64) h.data<double>()[i] = v; else h.data<float>()[i] = static_cast<float>(v);
-  }
-  Tensor d = backend.empty(shape, dtype);
-  backend.copy_from_host(h.raw(), d);
-  return d;
-}
-
-std::vector<double> host_values(Backend& backend, const Tensor& t) {
-  Tensor h = host_tensor(t.shape(), t.dtype());
-  backend.copy_to_host(t, h.raw());
-  std::vector<double> out(static_cast<size_t>(t.numel()));
-  for (int64_t i = 0; i < t.numel(); ++i) {
-    if (t.dtype() == DType::kF64) out[i] = h.data<double>()[i];
-    else if (t.dtype() == DType::kF32) out[i] = h.data<float>()[i];
-    else out[i] = h.data<int32_t>()[i];
-  }
-  return out;
+  return normal_tensor(backend, shape, dtype, RngStream{7, rng_stream(RngPurpose::kTest, stream)}, offset);
 }
 
 // Time of the pure GEMMs of an FFN forward+backward (same shapes as one expert group of `rows` rows).
@@ -239,7 +219,7 @@ int run_layer_bench(const CommandLine& cl) {
           // correctness: sampled tokens against a direct evaluation with the full expert weights
           auto full = [&](Param* p) {
             if (!p) return std::vector<double>();
-            std::vector<double> local = host_values(*backend, p->value);
+            std::vector<double> local = to_doubles(*backend, p->value);
             std::vector<double> all(local.size() * static_cast<size_t>(world));
             groups.ep->all_gather(local.data(), all.data(), local.size(), DType::kF64);
             return all;
@@ -249,13 +229,13 @@ int run_layer_bench(const CommandLine& cl) {
                               ed = full(params.find("bench.experts.w_down"));
           std::vector<double> sg, su, sd;
           if (shared) {
-            auto local = [&](const char* n) { auto* p = params.find(n); return p ? host_values(*backend, p->value) : std::vector<double>(); };
+            auto local = [&](const char* n) { auto* p = params.find(n); return p ? to_doubles(*backend, p->value) : std::vector<double>(); };
             sg = local("bench.shared.w_gate"), su = local("bench.shared.w_up"), sd = local("bench.shared.w_down");
           }
           const RouteState& route = layer.router().state();
-          std::vector<double> xs = host_values(*backend, x), ys = host_values(*backend, y);
-          std::vector<double> eidx = host_values(*backend, route.expert_idx), ridx = host_values(*backend, route.row_idx),
-                              gate = host_values(*backend, route.gate);
+          std::vector<double> xs = to_doubles(*backend, x), ys = to_doubles(*backend, y);
+          std::vector<double> eidx = to_doubles(*backend, route.expert_idx), ridx = to_doubles(*backend, route.row_idx),
+                              gate = to_doubles(*backend, route.gate);
           int wrong = 0;
           const double tol = o.dtype == DType::kF64 ? 1e-10 : 2e-4;
           for (int64_t s = 0; s < std::min<int64_t>(16, tokens); ++s) {

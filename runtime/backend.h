@@ -158,6 +158,14 @@ class Backend {
   virtual void sgd_step(Tensor& param, const Tensor& grad, double lr, double weight_decay) = 0;
 };
 
+// Host-side helpers over any backend.
+// A tensor of N(0, scale^2) values, element i drawn from rng at offset + i (so ranks can build slices of
+// one global tensor from the same numbers).
+Tensor normal_tensor(Backend& backend, const Shape& shape, DType dtype, const RngStream& rng, int64_t offset,
+                     double scale = 1.0);
+// Every element of t, copied to the host as double.
+std::vector<double> to_doubles(Backend& backend, const Tensor& t);
+
 struct CpuBackendOptions {
   int threads = 1;  // BLAS threads per rank
 };

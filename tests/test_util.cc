@@ -8,33 +8,7 @@
 namespace moe::test {
 
 Tensor random_tensor(Backend& backend, const Shape& shape, DType dtype, uint64_t stream, int64_t offset, double scale) {
-  Tensor h = host_tensor(shape, dtype);
-  RngStream rng{99, rng_stream(RngPurpose::kTest, stream)};
-  for (int64_t i = 0; i < h.numel(); ++i) {
-    double v = scale * rng.normal(static_cast<uint64_t>(offset + i));
-    if (dtype == DType::kF64) {
-      h.data<double>()[i] = v;
-    } else {
-      h.data<float>()[i] = static_cast<float>(v);
-    }
-  }
-  Tensor d = backend.empty(shape, dtype);
-  backend.copy_from_host(h.raw(), d);
-  return d;
-}
-
-std::vector<double> values(Backend& backend, const Tensor& t) {
-  Tensor h = host_tensor(t.shape(), t.dtype());
-  backend.copy_to_host(t, h.raw());
-  std::vector<double> out(static_cast<size_t>(t.numel()));
-  for (int64_t i = 0; i < t.numel(); ++i) {
-    switch (t.dtype()) {
-      case DType::kF64: out[i] = h.data<double>()[i]; break;
-      case DType::kF32: out[i] = h.data<float>()[i]; break;
-      case DType::kI32: out[i] = h.data<int32_t>()[i]; break;
-    }
-  }
-  return out;
+  return normal_tensor(backend, shape, dtype, RngStream{99, rng_stream(RngPurpose::kTest, stream)}, offset, scale);
 }
 
 double rel_diff(const std::vector<double>& a, const std::vector<double>& b, double floor) {
@@ -82,17 +56,17 @@ LayerResult run_layer(const Config& config, Backend& backend, ProcessGroups& gro
   Tensor y = layer.forward(backend, groups, x, ctx, out.stats);
   Tensor dx = layer.backward(backend, groups, r);
   if (reduce) reduce_gradients(params, groups);
-  out.y = values(backend, y);
-  out.dx = values(backend, dx);
+  out.y = to_doubles(backend, y);
+  out.dx = to_doubles(backend, dx);
   out.aux = out.stats.aux_loss;
   out.z = out.stats.z_loss;
   std::vector<double> dot{0};
-  std::vector<double> rv = values(backend, r);
+  std::vector<double> rv = to_doubles(backend, r);
   for (size_t i = 0; i < rv.size(); ++i) dot[0] += rv[i] * out.y[i];
   groups.world->all_reduce_sum(dot);
   out.objective = dot[0] + out.aux + out.z;
   for (Param* p : params.trainable()) {
-    std::vector<double> g = values(backend, p->grad);
+    std::vector<double> g = to_doubles(backend, p->grad);
     if (p->scope == ParamScope::kExpert) {
       size_t per = g.size() / static_cast<size_t>(p->shape[0]);
       for (int64_t l = 0; l < p->shape[0]; ++l) {

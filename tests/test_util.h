@@ -14,11 +14,10 @@
 
 namespace moe::test {
 
-// A tensor of N(0, scale^2) values; element i is drawn at (stream, offset + i), so every rank can build
+// normal_tensor on the test streams: element i is drawn at (stream, offset + i), so every rank can build
 // its slice of a global tensor, and a single process the whole of it, from the same numbers.
 Tensor random_tensor(Backend& backend, const Shape& shape, DType dtype, uint64_t stream, int64_t offset = 0,
                      double scale = 1.0);
-std::vector<double> values(Backend& backend, const Tensor& t);
 // max |a - b| / max(max |b|, floor): a per-tensor relative error that ignores tiny entries.
 double rel_diff(const std::vector<double>& a, const std::vector<double>& b, double floor = 1e-12);
 

@@ -28,7 +28,7 @@ void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 class DispatchRoundTrip : public ::testing::TestWithParam<Case> {};
 
 void scale_rows(Backend& backend, Tensor& rows, const std::vector<int64_t>& expert_rows, int64_t first_expert) {
-  std::vector<double> v = test::values(backend, rows);
+  std::vector<double> v = to_doubles(backend, rows);
   const int64_t h = rows.numel() == 0 ? 0 : rows.numel() / rows.dim(0);
   int64_t r = 0;
   for (size_t l = 0; l < expert_rows.size(); ++l) {
@@ -85,9 +85,9 @@ void run_case(const Case& c, int ep) {
   Tensor dx = backend->zeros({t, h}, DType::kF64);
   dispatcher.dispatch_backward(*backend, *groups.ep, d_out, route, dx);
 
-  std::vector<double> xv = test::values(*backend, x), dyv = test::values(*backend, dy);
-  std::vector<double> gate = test::values(*backend, route.gate), idx = test::values(*backend, route.expert_idx),
-                      row = test::values(*backend, route.row_idx);
+  std::vector<double> xv = to_doubles(*backend, x), dyv = to_doubles(*backend, dy);
+  std::vector<double> gate = to_doubles(*backend, route.gate), idx = to_doubles(*backend, route.expert_idx),
+                      row = to_doubles(*backend, route.row_idx);
   std::vector<double> want_y(t * h, 0), want_dx(t * h, 0), want_dgate(t * k, 0);
   int64_t sent = 0;
   for (int64_t i = 0; i < t; ++i) {
@@ -105,9 +105,9 @@ void run_case(const Case& c, int ep) {
     }
   }
   const std::string where = std::string(c.name) + " ep=" + std::to_string(ep) + " world=" + std::to_string(world);
-  EXPECT_LT(test::rel_diff(test::values(*backend, y), want_y), 1e-14) << where;
-  EXPECT_LT(test::rel_diff(test::values(*backend, dx), want_dx), 1e-14) << where;
-  EXPECT_LT(test::rel_diff(test::values(*backend, dgate), want_dgate), 1e-14) << where;
+  EXPECT_LT(test::rel_diff(to_doubles(*backend, y), want_y), 1e-14) << where;
+  EXPECT_LT(test::rel_diff(to_doubles(*backend, dx), want_dx), 1e-14) << where;
+  EXPECT_LT(test::rel_diff(to_doubles(*backend, dgate), want_dgate), 1e-14) << where;
   if (c.capacity == 0) {
     EXPECT_EQ(sent, t * k) << where;  // dropless sends everything
   }
@@ -152,13 +152,13 @@ TEST(DispatchRoundTripExact, NormalisedGatesGiveBackTheInputItself) {
   Tensor in = d.dispatch(*backend, *groups.ep, x, route, 0);
   Tensor y = backend->zeros({t, h}, DType::kF64);
   d.combine(*backend, *groups.ep, in, route, y);
-  std::vector<double> xv = test::values(*backend, x), yv = test::values(*backend, y);
+  std::vector<double> xv = to_doubles(*backend, x), yv = to_doubles(*backend, y);
   EXPECT_LT(test::rel_diff(yv, xv), 1e-15);
   Tensor dgate = backend->empty({t, args.top_k}, DType::kF64);
   Tensor dout = d.combine_backward(*backend, *groups.ep, x, route, dgate);
   Tensor dx = backend->zeros({t, h}, DType::kF64);
   d.dispatch_backward(*backend, *groups.ep, dout, route, dx);
-  EXPECT_LT(test::rel_diff(test::values(*backend, dx), xv), 1e-15);
+  EXPECT_LT(test::rel_diff(to_doubles(*backend, dx), xv), 1e-15);
 }
 
 }  // namespace

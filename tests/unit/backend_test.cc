@@ -9,7 +9,6 @@ namespace {
 
 using test::random_tensor;
 using test::rel_diff;
-using test::values;
 
 class BackendTest : public ::testing::TestWithParam<DType> {
  protected:
@@ -26,7 +25,7 @@ TEST_P(BackendTest, GemmEveryTransposeMatchesLoops) {
       Tensor a = rnd(ta == Trans::kN ? Shape{m, k} : Shape{k, m}, 1);
       Tensor b = rnd(tb == Trans::kN ? Shape{k, n} : Shape{n, k}, 2);
       Tensor c = rnd({m, n}, 3);
-      std::vector<double> av = values(*backend, a), bv = values(*backend, b), cv = values(*backend, c);
+      std::vector<double> av = to_doubles(*backend, a), bv = to_doubles(*backend, b), cv = to_doubles(*backend, c);
       std::vector<double> want(m * n);
       for (int64_t i = 0; i < m; ++i) {
         for (int64_t j = 0; j < n; ++j) {
@@ -40,7 +39,7 @@ TEST_P(BackendTest, GemmEveryTransposeMatchesLoops) {
         }
       }
       backend->gemm(a, ta, b, tb, c, 0.5, 2.0);
-      EXPECT_LT(rel_diff(values(*backend, c), want), tol());
+      EXPECT_LT(rel_diff(to_doubles(*backend, c), want), tol());
     }
   }
 }
@@ -52,7 +51,7 @@ TEST_P(BackendTest, GroupedGemmsWithEmptyGroupsMatchLoops) {
   Tensor bt = rnd({g, n, k}, 5);  // tb = kT
   Tensor c = backend->zeros({total, n}, dt());
   backend->grouped_gemm(a, bt, Trans::kT, c, rows, 1.0, 0.0);
-  std::vector<double> av = values(*backend, a), bv = values(*backend, bt), want(total * n);
+  std::vector<double> av = to_doubles(*backend, a), bv = to_doubles(*backend, bt), want(total * n);
   int64_t r0 = 0;
   for (int64_t e = 0; e < g; ++e) {
     for (int64_t r = r0; r < r0 + rows[e]; ++r) {
@@ -64,12 +63,12 @@ TEST_P(BackendTest, GroupedGemmsWithEmptyGroupsMatchLoops) {
     }
     r0 += rows[e];
   }
-  EXPECT_LT(rel_diff(values(*backend, c), want), tol());
+  EXPECT_LT(rel_diff(to_doubles(*backend, c), want), tol());
 
   // Weight gradient: dW[g] (k, n) = a[rows_g]^T dy[rows_g]; an empty group gets beta * dW.
   Tensor dy = rnd({total, n}, 6);
   Tensor dw = rnd({g, k, n}, 7);
-  std::vector<double> dyv = values(*backend, dy), dw0 = values(*backend, dw), want_dw(g * k * n);
+  std::vector<double> dyv = to_doubles(*backend, dy), dw0 = to_doubles(*backend, dw), want_dw(g * k * n);
   r0 = 0;
   for (int64_t e = 0; e < g; ++e) {
     for (int64_t p = 0; p < k; ++p) {
@@ -82,7 +81,7 @@ TEST_P(BackendTest, GroupedGemmsWithEmptyGroupsMatchLoops) {
     r0 += rows[e];
   }
   backend->grouped_gemm_tn(a, dy, dw, rows, 1.0, 1.0);
-  EXPECT_LT(rel_diff(values(*backend, dw), want_dw), tol());
+  EXPECT_LT(rel_diff(to_doubles(*backend, dw), want_dw), tol());
 }
 
 TEST_P(BackendTest, PermuteUnpermuteAndBackwards) {
@@ -93,14 +92,14 @@ TEST_P(BackendTest, PermuteUnpermuteAndBackwards) {
   std::copy(iv.begin(), iv.end(), idx.data<int32_t>());
   Tensor out = backend->empty({rows, h}, dt());
   backend->permute(x, idx, out);
-  std::vector<double> xv = values(*backend, x), ov = values(*backend, out), want(rows * h, 0.0);
+  std::vector<double> xv = to_doubles(*backend, x), ov = to_doubles(*backend, out), want(rows * h, 0.0);
   for (int64_t i = 0; i < t * 2; ++i) {
     if (iv[i] >= 0) std::copy_n(xv.begin() + (i / 2) * h, h, want.begin() + iv[i] * h);
   }
   EXPECT_EQ(ov, want);
 
   Tensor gate = rnd({t, 2}, 9);
-  std::vector<double> gv = values(*backend, gate);
+  std::vector<double> gv = to_doubles(*backend, gate);
   Tensor y = backend->zeros({t, h}, dt());
   backend->unpermute(out, idx, gate, y);
   std::vector<double> want_y(t * h, 0.0);
@@ -108,10 +107,10 @@ TEST_P(BackendTest, PermuteUnpermuteAndBackwards) {
     if (iv[i] < 0) continue;
     for (int64_t j = 0; j < h; ++j) want_y[(i / 2) * h + j] += gv[i] * ov[iv[i] * h + j];
   }
-  EXPECT_LT(rel_diff(values(*backend, y), want_y), tol());
+  EXPECT_LT(rel_diff(to_doubles(*backend, y), want_y), tol());
 
   Tensor dy = rnd({t, h}, 10);
-  std::vector<double> dyv = values(*backend, dy);
+  std::vector<double> dyv = to_doubles(*backend, dy);
   Tensor drows = backend->empty({rows, h}, dt()), dgate = backend->empty({t, 2}, dt());
   backend->unpermute_backward(dy, out, idx, gate, drows, dgate);
   std::vector<double> want_dr(rows * h, 0.0), want_dg(t * 2, 0.0);
@@ -122,8 +121,8 @@ TEST_P(BackendTest, PermuteUnpermuteAndBackwards) {
       want_dg[i] += dyv[(i / 2) * h + j] * ov[iv[i] * h + j];
     }
   }
-  EXPECT_LT(rel_diff(values(*backend, drows), want_dr), tol());
-  EXPECT_LT(rel_diff(values(*backend, dgate), want_dg), tol());
+  EXPECT_LT(rel_diff(to_doubles(*backend, drows), want_dr), tol());
+  EXPECT_LT(rel_diff(to_doubles(*backend, dgate), want_dg), tol());
 
   Tensor dx = backend->zeros({t, h}, dt());
   backend->permute_backward(drows, idx, dx);
@@ -132,13 +131,13 @@ TEST_P(BackendTest, PermuteUnpermuteAndBackwards) {
     if (iv[i] < 0) continue;
     for (int64_t j = 0; j < h; ++j) want_dx[(i / 2) * h + j] += want_dr[iv[i] * h + j];
   }
-  EXPECT_LT(rel_diff(values(*backend, dx), want_dx), tol());
+  EXPECT_LT(rel_diff(to_doubles(*backend, dx), want_dx), tol());
 }
 
 TEST_P(BackendTest, AdamWMatchesTheFormula) {
   Tensor p = rnd({5}, 11), g = rnd({5}, 12);
   Tensor m = backend->zeros({5}, dt()), v = backend->zeros({5}, dt());
-  std::vector<double> p0 = values(*backend, p), gv = values(*backend, g);
+  std::vector<double> p0 = to_doubles(*backend, p), gv = to_doubles(*backend, g);
   AdamArgs a;
   a.lr = 0.1;
   a.weight_decay = 0.2;
@@ -149,7 +148,7 @@ TEST_P(BackendTest, AdamWMatchesTheFormula) {
     double mh = (1 - a.beta1) * gv[i] / (1 - a.beta1), vh = (1 - a.beta2) * gv[i] * gv[i] / (1 - a.beta2);
     want[i] = p0[i] * (1 - a.lr * a.weight_decay) - a.lr * mh / (std::sqrt(vh) + a.eps);
   }
-  EXPECT_LT(rel_diff(values(*backend, p), want), tol());
+  EXPECT_LT(rel_diff(to_doubles(*backend, p), want), tol());
 }
 
 INSTANTIATE_TEST_SUITE_P(DTypes, BackendTest, ::testing::Values(DType::kF32, DType::kF64),

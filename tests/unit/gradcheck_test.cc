@@ -28,7 +28,7 @@ class LayerGradCheck {
     ctx.global_tokens = tokens_;
     RouterStats stats;
     Tensor y = layer_->forward(*backend_, groups_, x_, ctx, stats);
-    std::vector<double> yv = test::values(*backend_, y), rv = test::values(*backend_, r_);
+    std::vector<double> yv = to_doubles(*backend_, y), rv = to_doubles(*backend_, r_);
     double dot = 0;
     for (size_t i = 0; i < yv.size(); ++i) dot += yv[i] * rv[i];
     return dot + stats.aux_loss + stats.z_loss;
@@ -36,7 +36,7 @@ class LayerGradCheck {
 
   // Compares the analytic gradient of every element of `value` with central differences.
   void check(const std::string& what, Tensor& value, const std::vector<double>& analytic) {
-    std::vector<double> v = test::values(*backend_, value);
+    std::vector<double> v = to_doubles(*backend_, value);
     ASSERT_EQ(v.size(), analytic.size()) << what;
     const double eps = 1e-6;
     double worst = 0, scale = 1e-3;
@@ -63,14 +63,14 @@ class LayerGradCheck {
     params_.zero_grads(*backend_);
     objective();
     Tensor dx = layer_->backward(*backend_, groups_, r_);
-    std::vector<double> dxv = test::values(*backend_, dx);
+    std::vector<double> dxv = to_doubles(*backend_, dx);
     int checked = 0;
     check("dx", x_, dxv);
     for (Param* p : params_.trainable()) {
       bool wanted = filters.empty();
       for (const std::string& f : filters) wanted |= p->name.find(f) != std::string::npos;
       if (!wanted) continue;
-      check(p->name, p->value, test::values(*backend_, p->grad));
+      check(p->name, p->value, to_doubles(*backend_, p->grad));
       ++checked;
     }
     return checked;

@@ -1,0 +1,39 @@
+// Host-side helpers over any backend.
+#include "runtime/backend.h"
+
+#include "runtime/error.h"
+
+namespace moe {
+
+Tensor normal_tensor(Backend& backend, const Shape& shape, DType dtype, const RngStream& rng, int64_t offset,
+                     double scale) {
+  MOE_CHECK(dtype == DType::kF32 || dtype == DType::kF64, "normal_tensor: floating dtype needed");
+  Tensor h = host_tensor(shape, dtype);
+  for (int64_t i = 0; i < h.numel(); ++i) {
+    double v = scale * rng.normal(static_cast<uint64_t>(offset + i));
+    if (dtype == DType::kF64) {
+      h.data<double>()[i] = v;
+    } else {
+      h.data<float>()[i] = static_cast<float>(v);
+    }
+  }
+  Tensor d = backend.empty(shape, dtype);
+  backend.copy_from_host(h.raw(), d);
+  return d;
+}
+
+std::vector<double> to_doubles(Backend& backend, const Tensor& t) {
+  Tensor h = host_tensor(t.shape(), t.dtype());
+  backend.copy_to_host(t, h.raw());
+  std::vector<double> out(static_cast<size_t>(t.numel()));
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    switch (t.dtype()) {
+      case DType::kF64: out[i] = h.data<double>()[i]; break;
+      case DType::kF32: out[i] = h.data<float>()[i]; break;
+      case DType::kI32: out[i] = h.data<int32_t>()[i]; break;
+    }
+  }
+  return out;
+}
+
+}  // namespace moe
