@@ -1,7 +1,7 @@
 // The communicator interface: the collectives the runtime needs, over one group of ranks.
 //
 // Buffers are raw pointers plus element counts and a dtype, so one interface serves host memory (MPI)
-// and, later, device memory (NCCL). Every call is collective over the group: all its ranks must make
+// and device memory (NCCL). Every call is collective over the group: all its ranks must make
 // the same calls in the same order. Failures throw CommError naming the call, file:line and the rank.
 #pragma once
 
@@ -20,7 +20,7 @@ class Communicator {
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  virtual std::string name() const = 0;  // "mpi"
+  virtual std::string name() const = 0;  // "mpi", "nccl"
 
   // send holds size() chunks of `count` elements; chunk r goes to rank r; recv gets chunk i from rank i.
   virtual void all_to_all(const void* send, void* recv, size_t count, DType dtype) = 0;
@@ -31,6 +31,11 @@ class Communicator {
                             DType dtype) = 0;
   // Elementwise sum over ranks; send == recv is allowed (in place).
   virtual void all_reduce_sum(const void* send, void* recv, size_t count, DType dtype) = 0;
+  // Starts an in-place sum without making later work wait for it: a stream-ordered communicator (NCCL)
+  // runs it on its own stream beside the compute that follows. wait_pending() makes later work wait for
+  // every started sum. Host communicators finish it before returning.
+  virtual void all_reduce_sum_start(void* buf, size_t count, DType dtype) { all_reduce_sum(buf, buf, count, dtype); }
+  virtual void wait_pending() {}
   // recv holds size() chunks of `count`; chunk i comes from rank i.
   virtual void all_gather(const void* send, void* recv, size_t count, DType dtype) = 0;
   virtual void broadcast(void* buf, size_t count, DType dtype, int root) = 0;

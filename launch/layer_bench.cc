@@ -176,18 +176,19 @@ int run_layer_bench(const CommandLine& cl) {
           StepContext ctx;
           ctx.global_tokens = tokens * world;
           ctx.token_offset = rank * tokens;
-          RouterStats stats;
           Tensor y;
           std::vector<double> times;
           for (int it = 0; it < o.warmup + o.iters; ++it) {
             params.zero_grads(*backend);
             groups.world->barrier();
             auto t0 = std::chrono::steady_clock::now();
-            y = layer.forward(*backend, groups, x, ctx, stats);
+            y = layer.forward(*backend, groups, x, ctx);
             layer.backward(*backend, groups, dy);
+            backend->synchronize();
             std::vector<double> t{seconds_since(t0)};
             if (it >= o.warmup) times.push_back(t[0]);
           }
+          RouterStats stats = layer.read_stats(*backend);
           double layer_s = median(times);
           std::vector<double> slowest{layer_s};
           // slowest rank sets the pace

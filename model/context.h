@@ -1,38 +1,63 @@
 // What a forward/backward pass needs to know about the step it belongs to, and where it books time.
 #pragma once
 
-#include <chrono>
 #include <cstdint>
+#include <vector>
+
+#include "runtime/backend.h"
 
 namespace moe {
 
-// Wall time of one step, split by phase (seconds). The phases cover the whole step, so they add up to it.
+// Time of one step, split by phase (seconds). The phases are consecutive stretches of the main stream,
+// so they add up to the step. Work on the side stream (shared experts) is booked where the main stream
+// had to wait for it; the part that ran beside other work is reported in `hidden_shared`, outside the sum.
 struct PhaseTimes {
   double router = 0;     // router GEMM, scores, top-k/capacity, loss statistics (with their all-reduce)
   double dispatch = 0;   // permute, all-to-all to the experts, expert-major compaction
   double experts = 0;    // routed expert FFNs (forward)
   double combine = 0;    // un-compaction, all-to-all back, gate-weighted unpermute
-  double shared = 0;     // shared expert FFNs (forward)
+  double shared = 0;     // shared expert FFNs (forward): the part the main stream waited for
   double backward = 0;   // the whole backward pass
-  double allreduce = 0;  // gradient reduction over world / dp groups
+  double allreduce = 0;  // gradient reduction over world / dp groups: the part not hidden behind the backward
   double optimizer = 0;  // clipping, optimizer update, loss-free bias update
   double other = 0;      // data, embedding, norms, head and loss forward, metrics
+
+  double hidden_shared = 0;  // shared expert time (forward and backward) that overlapped other work
 
   double total() const { return router + dispatch + experts + combine + shared + backward + allreduce + optimizer + other; }
 };
 
-// Adds the time since construction (or the last lap) to a phase counter.
-class PhaseTimer {
+// Books the time between consecutive laps to phases, measured on the backend's streams (device events
+// on a GPU, the clock on the CPU), so asynchronous work is timed where it runs. resolve() waits for the
+// device and adds the times to the phases.
+class Timeline {
  public:
-  PhaseTimer() : start_(std::chrono::steady_clock::now()) {}
-  void lap(double& into) {
-    auto now = std::chrono::steady_clock::now();
-    into += std::chrono::duration<double>(now - start_).count();
-    start_ = now;
-  }
+  explicit Timeline(Backend& backend);
+  // The main-stream time since the previous lap (or construction) goes to *phase.
+  void lap(double* phase);
+  // Side-stream work (backend.begin_side() ... end_side(), joined later with join_side()), timed.
+  // On a backend whose side stream runs inline (CPU) its time goes to *phase and out of the lap it ran
+  // in; otherwise only the main stream's wait at the join is on the clock (in whichever lap holds the
+  // join), and the rest of the side time is reported as hidden.
+  int begin_side(double* phase);
+  void end_side(int handle);
+  void join_side(int handle);
+  void resolve(PhaseTimes& times);
 
  private:
-  std::chrono::steady_clock::time_point start_;
+  struct Lap {
+    int mark;
+    double* phase;
+  };
+  struct Side {
+    int begin = -1, end = -1, wait_begin = -1, wait_end = -1;
+    double* phase = nullptr;
+    size_t open_lap = 0;  // the lap that was open while the side work was issued
+  };
+  Backend& backend_;
+  int start_;
+  std::vector<Lap> laps_;
+  std::vector<Side> sides_;
 };
 
 struct StepContext {
@@ -40,7 +65,19 @@ struct StepContext {
   bool training = true;        // jitter and gumbel noise only in training
   int64_t token_offset = 0;    // global index of this rank's first token
   int64_t global_tokens = 0;   // tokens in the global batch: every loss is normalised by it
-  PhaseTimes* times = nullptr; // where to book time; may be null
+  Timeline* timeline = nullptr;  // where to book time; may be null
+  PhaseTimes* times = nullptr;   // the phases the timeline books to
+
+  // Books the main-stream time since the last lap to `phase` (nothing without a timeline).
+  void lap(double PhaseTimes::*phase) const {
+    if (timeline && times) timeline->lap(&(times->*phase));
+  }
 };
+
+// Runs side-stream work with or without a timeline: side_begin() ... side_end(), then side_join()
+// where the main stream needs the result.
+int side_begin(Backend& backend, const StepContext& ctx, double PhaseTimes::*phase);
+void side_end(Backend& backend, const StepContext& ctx, int handle);
+void side_join(Backend& backend, const StepContext& ctx, int handle);
 
 }  // namespace moe

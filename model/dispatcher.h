@@ -4,7 +4,11 @@
 //           exchange fill counts (E, G) with all_to_all, then rows: all_to_all with a capacity (every
 //           (expert, group) block padded to C rows), all_to_all_v when dropless
 //           compact  recv -> expert_in (N, H): this rank's experts' real rows, expert-major, in
-//           (source rank, group, slot) order; expert_rows() gives the rows of each local expert
+//           (source rank, group, slot) order; expert_rows() gives the rows of each local expert.
+//           With a capacity and the padded layout, expert_in keeps every slot, padding included
+//           (expert-major, (source rank, group, slot) order): its layout then depends on shapes alone, so
+//           the host never waits for the device's fill counts. Padding rows are zero and stay zero
+//           through the experts, so both layouts give the same result.
 // combine:  the exact reverse, with the gate-weighted sum y[t] += sum_j g_tj * out[row_tj] at the end.
 //
 // The backward of combine is a dispatch of the gradient and the backward of dispatch is a combine
@@ -22,7 +26,9 @@ namespace moe {
 
 class Dispatcher {
  public:
-  Dispatcher(int num_experts, int hidden) : num_experts_(num_experts), hidden_(hidden) {}
+  // compact: drop padding rows before the experts (saves FLOPs; the host reads the fill counts).
+  Dispatcher(int num_experts, int hidden, bool compact)
+      : num_experts_(num_experts), hidden_(hidden), compact_(compact) {}
 
   // Returns expert_in (N, H) for this rank's experts.
   Tensor dispatch(Backend& backend, Communicator& ep, const Tensor& x, const RouteState& route, int64_t capacity);
@@ -40,16 +46,20 @@ class Dispatcher {
   int64_t send_bytes() const { return send_rows_total_ * hidden_ * static_cast<int64_t>(elem_size_); }
 
  private:
+  // The expert rows cover every receive row (padded layout): scatters need no zeroed target.
+  bool full_scatter() const { return compact_idx_.numel() == recv_rows_total_; }
   // Moves rows from the send layout to the receive layout (forward = true), or back.
   Tensor exchange(Backend& backend, Communicator& ep, const Tensor& rows, bool forward);
 
   int num_experts_;
   int hidden_;
+  bool compact_;
   size_t elem_size_ = 4;
   bool padded_ = true;
   int64_t send_rows_total_ = 0, recv_rows_total_ = 0;
   std::vector<size_t> send_rows_, send_offsets_, recv_rows_, recv_offsets_;  // per peer, in rows
   Tensor compact_idx_;                 // (N) I32: recv row of each expert_in row
+  std::vector<int64_t> padded_key_;    // (peers, local, groups, capacity) compact_idx_ was built for
   std::vector<int64_t> expert_rows_;   // per local expert
   Tensor returned_;                    // (R, H) expert outputs back in the send layout (for dgate)
 };

@@ -8,43 +8,56 @@ MoeLayer::MoeLayer(ParamSet& params, const std::string& prefix, const Config& co
     : router_(params, prefix + ".router", config, layer),
       experts_(params, prefix + ".experts", config, config.moe.num_experts / ep_size, expert_ffn_hidden(config),
                ParamScope::kExpert, /*fused=*/false, int64_t{config.moe.num_experts / ep_size} * ep_rank),
-      dispatcher_(config.moe.num_experts, config.model.hidden) {
+      dispatcher_(config.moe.num_experts, config.model.hidden, compact_dispatch(config)) {
   if (config.moe.num_shared_experts > 0) {
     shared_ = std::make_unique<FfnExperts>(params, prefix + ".shared", config, config.moe.num_shared_experts,
                                            shared_ffn_hidden(config), ParamScope::kReplicated, /*fused=*/true, 0);
   }
 }
 
-Tensor MoeLayer::forward(Backend& backend, ProcessGroups& groups, const Tensor& x, const StepContext& ctx,
-                         RouterStats& stats) {
-  PhaseTimes scratch;
-  PhaseTimes& times = ctx.times ? *ctx.times : scratch;
-  PhaseTimer timer;
-
-  const RouteState& route = router_.forward(backend, *groups.world, x, ctx, stats);
+Tensor MoeLayer::forward(Backend& backend, ProcessGroups& groups, const Tensor& x, const StepContext& ctx) {
+  ctx_ = ctx;
+  const RouteState& route = router_.forward(backend, *groups.world, x, ctx);
   capacity_ = router_.route_args().capacity;
-  timer.lap(times.router);
+  ctx.lap(&PhaseTimes::router);
+
+  // Shared experts need no communication: on a device they run on the side stream while the tokens
+  // travel to the routed experts and back.
+  Tensor shared_y;
+  int side = -1;
+  if (shared_) {
+    side = side_begin(backend, ctx, &PhaseTimes::shared);
+    shared_y = shared_->forward(backend, x, {x.dim(0)});
+    side_end(backend, ctx, side);
+  }
 
   Tensor expert_in = dispatcher_.dispatch(backend, *groups.ep, x, route, capacity_);
-  timer.lap(times.dispatch);
+  ctx.lap(&PhaseTimes::dispatch);
 
   Tensor expert_out = experts_.forward(backend, expert_in, dispatcher_.expert_rows());
-  timer.lap(times.experts);
+  ctx.lap(&PhaseTimes::experts);
 
   Tensor y = backend.zeros(x.shape(), x.dtype());
   dispatcher_.combine(backend, *groups.ep, expert_out, route, y);
-  timer.lap(times.combine);
+  ctx.lap(&PhaseTimes::combine);
 
   if (shared_) {
-    Tensor s = shared_->forward(backend, x, {x.dim(0)});
-    backend.axpy(1.0, s, y);
-    timer.lap(times.shared);
+    side_join(backend, ctx, side);
+    backend.axpy(1.0, shared_y, y);
+    ctx.lap(&PhaseTimes::shared);
   }
   return y;
 }
 
 Tensor MoeLayer::backward(Backend& backend, ProcessGroups& groups, const Tensor& dy) {
-  Tensor dx = shared_ ? shared_->backward(backend, dy) : backend.zeros(dy.shape(), dy.dtype());
+  // The shared experts' backward runs beside the routed path's exchanges; its dx seeds the sum.
+  Tensor dx;
+  int side = -1;
+  if (shared_) {
+    side = side_begin(backend, ctx_, &PhaseTimes::backward);
+    dx = shared_->backward(backend, dy);
+    side_end(backend, ctx_, side);
+  }
 
   const RouteArgs& args = router_.route_args();
   Tensor dgate = backend.empty({dy.dim(0), args.top_k}, dy.dtype());
@@ -52,6 +65,11 @@ Tensor MoeLayer::backward(Backend& backend, ProcessGroups& groups, const Tensor&
   const RouteState& route = router_.state();
   Tensor d_out = dispatcher_.combine_backward(backend, *groups.ep, dy, route, dgate);
   Tensor d_in = experts_.backward(backend, d_out);
+  if (shared_) {
+    side_join(backend, ctx_, side);
+  } else {
+    dx = backend.zeros(dy.shape(), dy.dtype());
+  }
   dispatcher_.dispatch_backward(backend, *groups.ep, d_in, route, dx);
   router_.backward(backend, dgate, dx);
   return dx;

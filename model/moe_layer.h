@@ -21,10 +21,13 @@ class MoeLayer {
   // groups: the mesh (world for the router statistics, ep for dispatch). ep_rank picks the expert shard.
   MoeLayer(ParamSet& params, const std::string& prefix, const Config& config, int layer, int ep_size, int ep_rank);
 
-  // x (T, H) -> y (T, H). stats receives the global routing statistics and losses of this layer.
-  Tensor forward(Backend& backend, ProcessGroups& groups, const Tensor& x, const StepContext& ctx, RouterStats& stats);
+  // x (T, H) -> y (T, H). Books its phases to ctx's timeline; does not wait for the device.
+  Tensor forward(Backend& backend, ProcessGroups& groups, const Tensor& x, const StepContext& ctx);
   // dy (T, H) -> dx (T, H); accumulates every parameter gradient of the layer.
   Tensor backward(Backend& backend, ProcessGroups& groups, const Tensor& dy);
+
+  // The global routing statistics and losses of the last forward (waits for the device).
+  RouterStats read_stats(Backend& backend) { return router_.read_stats(backend); }
 
   Router& router() { return router_; }
   FfnExperts& experts() { return experts_; }
@@ -37,6 +40,7 @@ class MoeLayer {
   std::unique_ptr<FfnExperts> shared_;
   Dispatcher dispatcher_;
   int64_t capacity_ = 0;
+  StepContext ctx_;  // of the last forward: where the backward books its side-stream time
 };
 
 }  // namespace moe

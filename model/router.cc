@@ -31,8 +31,7 @@ int64_t Router::capacity(int64_t group_tokens) const {
   return std::max<int64_t>(1, std::min<int64_t>(c, group_tokens));  // an expert gets at most S per group
 }
 
-const RouteState& Router::forward(Backend& backend, Communicator& world, const Tensor& x, const StepContext& ctx,
-                                  RouterStats& stats) {
+const RouteState& Router::forward(Backend& backend, Communicator& world, const Tensor& x, const StepContext& ctx) {
   const int64_t t_count = x.dim(0);
   const int e_count = moe_.num_experts, k = moe_.top_k;
   const DType ft = x.dtype();
@@ -79,41 +78,42 @@ const RouteState& Router::forward(Backend& backend, Communicator& world, const T
   }
   backend.route(args_, sel_probs_, bias_->value, state_);
 
-  // One all-reduce of [choices (E), score sums (E), processed (E), dropped, sum lse^2] over the world.
-  std::vector<double> packed(static_cast<size_t>(3 * e_count + 2), 0.0);
-  std::vector<int32_t> choices(static_cast<size_t>(e_count)), fill(static_cast<size_t>(e_count * groups));
-  backend.copy_to_host(state_.choices, choices.data());
-  backend.copy_to_host(state_.fill, fill.data());
-  std::vector<double> score_sums = backend.column_sums(probs_);
-  for (int e = 0; e < e_count; ++e) {
-    packed[e] = choices[e];
-    packed[e_count + e] = score_sums[e];
-    for (int64_t g = 0; g < groups; ++g) packed[2 * e_count + e] += fill[e * groups + g];
-  }
-  packed[3 * e_count] = static_cast<double>(state_.num_dropped);
+  // Statistics for the losses and the metrics, summed over the world in one all-reduce. They stay where
+  // the backend keeps them: the forward never waits for the device.
+  RouterStatsLayout layout{e_count};
+  stats_ = backend.empty({layout.size()}, DType::kF64);
+  backend.router_stats(state_, probs_, stats_);
+  Tensor z_sum = stats_.rows(layout.z_sum(), layout.z_sum() + 1);
   if (moe_.z_loss_coef > 0) {
     dlogits_z_ = backend.zeros({t_count, e_count}, ft);
-    packed[3 * e_count + 1] = backend.z_loss(logits_, moe_.z_loss_coef / t_global, dlogits_z_);
+    backend.z_loss(logits_, moe_.z_loss_coef / t_global, dlogits_z_, z_sum);
   } else {
     dlogits_z_ = Tensor();
+    backend.fill(z_sum, 0.0);
   }
-  if (world.size() > 1) world.all_reduce_sum(packed);
+  if (world.size() > 1) world.all_reduce_sum(stats_);
+  global_tokens_ = t_global;
+  return state_;
+}
 
-  stats.load.assign(packed.begin(), packed.begin() + e_count);
-  stats.tokens.assign(packed.begin() + 2 * e_count, packed.begin() + 3 * e_count);
-  stats.dropped = packed[3 * e_count];
+RouterStats Router::read_stats(Backend& backend) {
+  const int e_count = moe_.num_experts, k = moe_.top_k;
+  RouterStatsLayout layout{e_count};
+  std::vector<double> packed = to_doubles(backend, stats_);
+  const double t_global = global_tokens_;
+  RouterStats stats;
+  stats.load.assign(packed.begin() + layout.choices(), packed.begin() + layout.choices() + e_count);
+  stats.tokens.assign(packed.begin() + layout.processed(), packed.begin() + layout.processed() + e_count);
+  stats.dropped = packed[layout.dropped()];
   stats.assignments = k * t_global;
-  stats.z_loss = moe_.z_loss_coef * packed[3 * e_count + 1] / t_global;
-  stats.aux_loss = 0;
-  aux_grad_.assign(static_cast<size_t>(e_count), 0.0);
+  stats.z_loss = moe_.z_loss_coef * packed[layout.z_sum()] / t_global;
   for (int e = 0; e < e_count; ++e) {
-    double f = packed[e] / (k * t_global);
-    double p = packed[e_count + e] / t_global;
+    double f = packed[layout.choices() + e] / (k * t_global);
+    double p = packed[layout.score_sums() + e] / t_global;
     stats.aux_loss += moe_.aux_loss_coef * e_count * f * p;
-    aux_grad_[e] = moe_.aux_loss_coef * e_count * f / t_global;  // d aux / d s_te, any local token t
   }
   last_load_ = stats.load;
-  return state_;
+  return stats;
 }
 
 void Router::backward(Backend& backend, const Tensor& dgate, Tensor& dx) {
@@ -134,7 +134,13 @@ void Router::backward(Backend& backend, const Tensor& dgate, Tensor& dx) {
     backend.router_probs_backward(ScoreFn::kSoftmax, dsel, sel_probs_, 1.0 / moe_.gumbel_tau, dlogits);
     dprobs = backend.zeros({t_count, e_count}, ft);
   }
-  if (moe_.aux_loss_coef > 0) backend.add_row_vector(dprobs, aux_grad_);
+  if (moe_.aux_loss_coef > 0) {
+    // d aux / d s_te = alpha * E * f_e / T for every local token t, with f_e = choices_e / (k T)
+    const double t_global = global_tokens_;
+    RouterStatsLayout layout{e_count};
+    backend.add_row_vector(dprobs, stats_.rows(layout.choices(), layout.choices() + e_count),
+                           moe_.aux_loss_coef * e_count / (moe_.top_k * t_global * t_global));
+  }
   backend.router_probs_backward(moe_.score, dprobs, probs_, 1.0, dlogits);
 
   backend.gemm(dlogits, Trans::kT, x_in_, Trans::kN, weight_->grad, 1.0, 1.0);  // dW_r (E, H) += dlogits^T x_in

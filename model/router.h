@@ -35,14 +35,17 @@ class Router {
  public:
   Router(ParamSet& params, const std::string& prefix, const Config& config, int layer);
 
-  // Routes x (T, H). The returned state describes the send buffer of the dispatcher.
-  const RouteState& forward(Backend& backend, Communicator& world, const Tensor& x, const StepContext& ctx,
-                            RouterStats& stats);
+  // Routes x (T, H). The returned state describes the send buffer of the dispatcher. Does not wait for
+  // the device (except dropless routing, whose row count the host needs).
+  const RouteState& forward(Backend& backend, Communicator& world, const Tensor& x, const StepContext& ctx);
+  // The global statistics and losses of the last forward (waits for the device).
+  RouterStats read_stats(Backend& backend);
   // dgate (T, k): gradient of the gate values. Adds the router's input gradient to dx (T, H) and
   // accumulates dW_r. Includes the aux and z-loss gradients.
   void backward(Backend& backend, const Tensor& dgate, Tensor& dx);
 
-  // Loss-free balancing: b_i += rate * sign(mean load - load_i) with the global loads of the last forward.
+  // Loss-free balancing: b_i += rate * sign(mean load - load_i) with the global loads of the last
+  // read_stats().
   void update_bias(Backend& backend, double rate);
 
   const RouteArgs& route_args() const { return args_; }
@@ -61,7 +64,8 @@ class Router {
   RouteArgs args_;
   RouteState state_;
   Tensor x_in_, logits_, probs_, sel_probs_, dlogits_z_;
-  std::vector<double> aux_grad_;  // per expert: d aux / d s_ti for every local token
+  Tensor stats_;  // (RouterStatsLayout) F64, summed over the world
+  double global_tokens_ = 0;
   std::vector<double> last_load_;
   int64_t token_offset_ = 0;
   RngStream jitter_rng_;

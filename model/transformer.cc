@@ -31,11 +31,10 @@ Transformer::Transformer(const Config& config, Backend& backend, ProcessGroups& 
   final_norm_ = norm("final_norm");
   head_ = matrix("head", {v, h});
   params_.allocate(backend, config.runtime.dtype, config.train.seed);
+  reducer_ = std::make_unique<GradReducer>(params_, groups, kGradBucketBytes);
 }
 
 StepStats Transformer::forward_backward(const Tensor& inputs, const Tensor& targets, const StepContext& ctx) {
-  PhaseTimes scratch;
-  PhaseTimes& times = ctx.times ? *ctx.times : scratch;
   const int64_t t_count = inputs.numel(), h = config_.model.hidden, v = config_.model.vocab_size;
   const DType ft = config_.runtime.dtype;
   const double eps = config_.model.norm_eps;
@@ -43,7 +42,6 @@ StepStats Transformer::forward_backward(const Tensor& inputs, const Tensor& targ
   stats.layers.resize(blocks_.size());
 
   // ---- forward
-  PhaseTimer timer;
   Tensor x = backend_.empty({t_count, h}, ft);
   backend_.embedding_forward(inputs, embedding_->value, x);
   for (size_t l = 0; l < blocks_.size(); ++l) {
@@ -52,9 +50,8 @@ StepStats Transformer::forward_backward(const Tensor& inputs, const Tensor& targ
     b.normed = backend_.empty({t_count, h}, ft);
     b.rstd = backend_.empty({t_count}, ft);
     backend_.rmsnorm_forward(x, b.norm->value, eps, b.normed, b.rstd);
-    timer.lap(times.other);
-    Tensor y = moe_[l]->forward(backend_, groups_, b.normed, ctx, stats.layers[l]);
-    timer = PhaseTimer();
+    ctx.lap(&PhaseTimes::other);
+    Tensor y = moe_[l]->forward(backend_, groups_, b.normed, ctx);
     Tensor next = backend_.empty({t_count, h}, ft);
     backend_.copy(x, next);
     backend_.axpy(1.0, y, next);
@@ -70,12 +67,7 @@ StepStats Transformer::forward_backward(const Tensor& inputs, const Tensor& targ
   std::vector<double> ce{ce_sum};
   if (groups_.world->size() > 1) groups_.world->all_reduce_sum(ce);
   stats.ce_loss = ce[0] * inv_tokens;
-  for (const RouterStats& r : stats.layers) {
-    stats.aux_loss += r.aux_loss;
-    stats.z_loss += r.z_loss;
-  }
-  stats.loss = stats.ce_loss + stats.aux_loss + stats.z_loss;
-  timer.lap(times.other);
+  ctx.lap(&PhaseTimes::other);
 
   // ---- backward
   backend_.gemm(dlogits, Trans::kT, xf, Trans::kN, head_->grad, 1.0, 1.0);  // dW_head (V, H) += dlogits^T xf
@@ -83,6 +75,7 @@ StepStats Transformer::forward_backward(const Tensor& inputs, const Tensor& targ
   backend_.gemm(dlogits, Trans::kN, head_->value, Trans::kN, dxf, 1.0, 0.0);
   Tensor dx = backend_.empty({t_count, h}, ft);
   backend_.rmsnorm_backward(dxf, x, final_norm_->value, rstd_f, dx, final_norm_->grad);
+  reducer_->ready_from(final_norm_);
   for (size_t l = blocks_.size(); l-- > 0;) {
     Block& b = blocks_[l];
     Tensor dnormed = moe_[l]->backward(backend_, groups_, dx);
@@ -90,9 +83,21 @@ StepStats Transformer::forward_backward(const Tensor& inputs, const Tensor& targ
     backend_.rmsnorm_backward(dnormed, b.x, b.norm->value, b.rstd, dxb, b.norm->grad);
     backend_.axpy(1.0, dxb, dx);  // residual: dx flows through unchanged, plus the branch
     b = Block{b.norm, {}, {}, {}};
+    reducer_->ready_from(b.norm);  // the first parameter of block l
   }
   backend_.embedding_backward(inputs, dx, embedding_->grad);
-  timer.lap(times.backward);
+  ctx.lap(&PhaseTimes::backward);
+  reducer_->finish();
+  ctx.lap(&PhaseTimes::allreduce);
+
+  // Statistics and losses: read back once the step's work is issued.
+  for (size_t l = 0; l < moe_.size(); ++l) {
+    stats.layers[l] = moe_[l]->read_stats(backend_);
+    stats.aux_loss += stats.layers[l].aux_loss;
+    stats.z_loss += stats.layers[l].z_loss;
+  }
+  stats.loss = stats.ce_loss + stats.aux_loss + stats.z_loss;
+  ctx.lap(&PhaseTimes::other);
   return stats;
 }
 

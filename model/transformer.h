@@ -3,7 +3,8 @@
 // Each block is pre-norm residual: x = x + moe(norm(x)). Attention, when it comes, is a second sublayer
 // in front of the MoE one, x = x + attn(norm_attn(x)), with its own slot in Block; nothing else moves.
 // The loss is the mean next-token cross-entropy over the global batch plus every layer's aux and z
-// losses. Gradients are left un-reduced in the ParamSet (see reduce_gradients).
+// losses. forward_backward also reduces the gradients over the ranks that share each parameter, in
+// buckets that start while the backward is still running (GradReducer).
 #pragma once
 
 #include <memory>
@@ -26,7 +27,8 @@ class Transformer {
  public:
   Transformer(const Config& config, Backend& backend, ProcessGroups& groups);
 
-  // inputs, targets (T) I32 on this rank. Runs forward and backward, accumulating gradients.
+  // inputs, targets (T) I32 on this rank. Runs forward and backward, accumulating gradients, and sums
+  // them over the ranks (replicated: world; experts: dp group).
   StepStats forward_backward(const Tensor& inputs, const Tensor& targets, const StepContext& ctx);
 
   // Loss-free balancing update of every layer (after the optimizer step).
@@ -53,6 +55,11 @@ class Transformer {
   Param* head_;        // (V, H)
   std::vector<Block> blocks_;
   std::vector<std::unique_ptr<MoeLayer>> moe_;
+  std::unique_ptr<GradReducer> reducer_;
 };
+
+// Bytes per gradient bucket: large enough to reach NCCL's bandwidth, small enough that the first
+// buckets start early in the backward.
+constexpr size_t kGradBucketBytes = size_t{16} << 20;
 
 }  // namespace moe

@@ -1,6 +1,8 @@
 // Host-side helpers over any backend.
 #include "runtime/backend.h"
 
+#include <chrono>
+
 #include "runtime/error.h"
 
 namespace moe {
@@ -31,9 +33,28 @@ std::vector<double> to_doubles(Backend& backend, const Tensor& t) {
       case DType::kF64: out[i] = h.data<double>()[i]; break;
       case DType::kF32: out[i] = h.data<float>()[i]; break;
       case DType::kI32: out[i] = h.data<int32_t>()[i]; break;
+      case DType::kBF16: out[i] = bf16_to_float(static_cast<const uint16_t*>(h.raw())[i]); break;
     }
   }
   return out;
+}
+
+void Backend::convert(const Tensor& src, Tensor& dst) {
+  MOE_CHECK(src.dtype() == dst.dtype() && src.numel() == dst.numel(), "convert: ", src.str(), " -> ", dst.str(),
+            " is not supported by the ", name(), " backend");
+  copy(src, dst);
+}
+
+int Backend::mark() {
+  constexpr size_t kMarks = 4096;
+  if (host_marks_.size() < kMarks) host_marks_.resize(kMarks);
+  size_t id = next_mark_++ % kMarks;
+  host_marks_[id] = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return static_cast<int>(id);
+}
+
+double Backend::seconds_between(int a, int b) {
+  return host_marks_[static_cast<size_t>(b)] - host_marks_[static_cast<size_t>(a)];
 }
 
 }  // namespace moe

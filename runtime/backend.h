@@ -53,9 +53,21 @@ struct RouteState {
   Tensor row_idx;       // (T, k) I32: row in the send buffer, -1 when not sent (capacity drop or random routing)
   Tensor fill;          // (E, G) I32: rows used per (expert, group)
   Tensor choices;       // (E) I32: top-k choices per expert before capacity (for the load-balance loss)
-  int64_t num_rows = 0; // rows of the send buffer (host value)
-  int64_t num_dropped = 0;        // assignments dropped because their expert was full (host value)
-  int64_t num_random_skipped = 0; // 2nd choices not sent because of random routing (host value)
+  Tensor counts;        // (2) I32: [assignments dropped because their expert was full, 2nd choices not sent
+                        //           because of random routing]
+  int64_t num_rows = 0; // rows of the send buffer (host value: E * G * capacity, or, dropless, the sum of
+                        // fill, which a device backend reads back: dropless routing synchronises)
+};
+
+// Layout of the router statistics vector (F64) that router_stats() fills and the world sums.
+struct RouterStatsLayout {
+  int num_experts = 0;
+  int64_t choices() const { return 0; }                   // (E) top-k choices per expert
+  int64_t score_sums() const { return num_experts; }      // (E) sum over tokens of the router scores
+  int64_t processed() const { return 2 * num_experts; }   // (E) assignments kept, over groups
+  int64_t dropped() const { return 3 * num_experts; }     // (1) assignments dropped for capacity
+  int64_t z_sum() const { return 3 * num_experts + 1; }   // (1) sum over tokens of logsumexp^2
+  int64_t size() const { return 3 * num_experts + 2; }
 };
 
 struct AdamArgs {
@@ -125,12 +137,13 @@ class Backend {
   // dlogits += scale * J^T dprobs, J the Jacobian of router_probs (softmax or sigmoid)
   virtual void router_probs_backward(ScoreFn fn, const Tensor& dprobs, const Tensor& probs, double scale,
                                      Tensor& dlogits) = 0;
-  // Returns sum_t lse_t^2 and adds coef * 2 * lse_t * softmax(logits_t) to dlogits (the z-loss gradient).
-  virtual double z_loss(const Tensor& logits, double coef, Tensor& dlogits) = 0;
-  // sums (E) F64 host vector of column sums of probs (T, E)
-  virtual std::vector<double> column_sums(const Tensor& probs) = 0;
-  // x[t, :] += v for every row; v has one value per column (host vector)
-  virtual void add_row_vector(Tensor& x, const std::vector<double>& v) = 0;
+  // sum (1) F64 = sum_t lse_t^2 (overwritten); adds coef * 2 * lse_t * softmax(logits_t) to dlogits (the
+  // z-loss gradient).
+  virtual void z_loss(const Tensor& logits, double coef, Tensor& dlogits, Tensor& sum) = 0;
+  // Fills stats (RouterStatsLayout, F64) from a route and the scores probs (T, E): every entry but z_sum.
+  virtual void router_stats(const RouteState& state, const Tensor& probs, Tensor& stats) = 0;
+  // x[t, :] += scale * v for every row; v (E) F64 has one value per column
+  virtual void add_row_vector(Tensor& x, const Tensor& v, double scale) = 0;
   // Top-k over (sel_probs + bias), gates, random routing and capacity slots; see RouteArgs/RouteState.
   // bias (E) may be undefined.
   virtual void route(const RouteArgs& args, const Tensor& sel_probs, const Tensor& bias, RouteState& out) = 0;
@@ -156,6 +169,31 @@ class Backend {
   // ---- optimizer
   virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamArgs& args) = 0;
   virtual void sgd_step(Tensor& param, const Tensor& grad, double lr, double weight_decay) = 0;
+
+  // ---- precision
+  // dst = src with dtype conversion (F32 <-> BF16 on devices that have BF16; same dtype: a copy)
+  virtual void convert(const Tensor& src, Tensor& dst);
+
+  // ---- streams and timing
+  // A device backend issues ops in order on a main stream. Between begin_side() and end_side(), ops go
+  // to a side stream that starts after everything issued so far; join_side() makes later main-stream
+  // ops wait for all side work. The CPU backend runs everything inline, in issue order.
+  virtual void begin_side() {}
+  virtual void end_side() {}
+  virtual void join_side() {}
+  virtual bool side_runs_inline() const { return true; }
+  // Blocks the host until every issued op has finished.
+  virtual void synchronize() {}
+  // Records a point on the stream ops are issued to and returns its id; seconds_between(a, b) is
+  // valid once synchronize() has returned. Ids are recycled after 4096 marks.
+  virtual int mark();
+  virtual double seconds_between(int a, int b);
+  // The native handle of the main stream (cudaStream_t), or null on the CPU.
+  virtual void* native_stream() { return nullptr; }
+
+ private:
+  std::vector<double> host_marks_;  // seconds since an arbitrary origin, for the default mark()
+  size_t next_mark_ = 0;
 };
 
 // Host-side helpers over any backend.
@@ -170,5 +208,16 @@ struct CpuBackendOptions {
   int threads = 1;  // BLAS threads per rank
 };
 std::unique_ptr<Backend> make_cpu_backend(const CpuBackendOptions& options);
+
+// The CUDA backend on device `device` (of this process's visible devices). Throws ConfigError
+// (key runtime.device) when this build has no CUDA support or no device is present.
+struct CudaBackendOptions {
+  int device = 0;
+};
+std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options);
+// Number of CUDA devices this process sees; 0 without a driver or without CUDA support in the build.
+int cuda_device_count();
+// Why cuda_device_count() is 0 ("no CUDA driver", "built without CUDA", ...), or "".
+std::string cuda_unavailable_reason();
 
 }  // namespace moe

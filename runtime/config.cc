@@ -248,9 +248,32 @@ std::vector<ConfigField> build_fields() {
                      "token file written by moe_data (data.path)."));
   f.push_back(field("data.path", &C::data, &DataConfig::path, "Token file for data.source = file."));
   // runtime
+  f.push_back(choice("runtime.device", &C::runtime, &RuntimeConfig::device,
+                     {{"cpu", Device::kCpu}, {"cuda", Device::kCuda}},
+                     "Where tensors live and ops run: the CPU backend (BLAS), or one CUDA GPU per rank (rank i "
+                     "uses local device i mod the number of devices)."));
   f.push_back(choice("runtime.dtype", &C::runtime, &RuntimeConfig::dtype,
                      {{"float32", DType::kF32}, {"float64", DType::kF64}},
-                     "Precision of parameters, activations and optimizer state on the CPU backend."));
+                     "Type of parameters (master weights), optimizer state and activations. float64 is for the "
+                     "CPU backend (gradient checks)."));
+  f.push_back(choice("runtime.precision", &C::runtime, &RuntimeConfig::precision,
+                     {{"fp32", Precision::kFp32}, {"bf16", Precision::kBf16}},
+                     "Expert GEMMs (routed and shared): fp32, or bf16 weights and activations with fp32 "
+                     "accumulation (fp32 master weights and optimizer state; the router stays fp32). bf16 needs "
+                     "runtime.device = cuda."));
+  f.push_back(choice("runtime.comm", &C::runtime, &RuntimeConfig::comm,
+                     {{"auto", CommKind::kAuto}, {"nccl", CommKind::kNccl}, {"mpi", CommKind::kMpi}},
+                     "Communicator for tensors: auto is nccl when runtime.device = cuda, else mpi. Host values "
+                     "(counts, strings) always go over MPI."));
+  f.push_back(field("runtime.comm_timeout_s", &C::runtime, &RuntimeConfig::comm_timeout_s,
+                    "Seconds a rank waits for an NCCL collective before every rank aborts with an error "
+                    "(a dead or stuck peer). 0: wait forever."));
+  f.push_back(choice("runtime.dispatch_layout", &C::runtime, &RuntimeConfig::dispatch_layout,
+                     {{"auto", DispatchLayout::kAuto}, {"compact", DispatchLayout::kCompact},
+                      {"padded", DispatchLayout::kPadded}},
+                     "Expert input rows with a capacity: compact drops padding slots before the experts (fewer "
+                     "FLOPs, the host reads the fill counts); padded keeps every slot (no host synchronisation). "
+                     "auto: compact on the CPU, padded on GPUs. Dropless routing is always compact."));
   f.push_back(field("runtime.threads", &C::runtime, &RuntimeConfig::threads, "BLAS threads per rank."));
   return f;
 }
@@ -437,6 +460,31 @@ void validate_config(const Config& c, int world) {
        "'auto' needs train.checkpoint_dir");
   need(c.data.source != DataSource::kFile || !c.data.path.empty(), "data.path", "is required when data.source = file");
   need(c.runtime.threads >= 1, "runtime.threads", "must be >= 1");
+  const RuntimeConfig& r = c.runtime;
+  bool cuda = r.device == Device::kCuda;
+  need(!cuda || r.dtype == DType::kF32, "runtime.dtype", "must be float32 with runtime.device = cuda");
+  need(cuda || r.precision == Precision::kFp32, "runtime.precision", "bf16 needs runtime.device = cuda");
+  need(cuda || r.comm != CommKind::kNccl, "runtime.comm", "nccl needs runtime.device = cuda");
+  finite(r.comm_timeout_s, "runtime.comm_timeout_s");
+  need(r.comm_timeout_s >= 0, "runtime.comm_timeout_s", "must be >= 0");
+}
+
+bool compact_dispatch(const Config& c) {
+  switch (c.runtime.dispatch_layout) {
+    case DispatchLayout::kCompact: return true;
+    case DispatchLayout::kPadded: return false;
+    case DispatchLayout::kAuto: break;
+  }
+  return c.runtime.device == Device::kCpu;
+}
+
+bool use_nccl(const Config& c) {
+  switch (c.runtime.comm) {
+    case CommKind::kNccl: return true;
+    case CommKind::kMpi: return false;
+    case CommKind::kAuto: break;
+  }
+  return c.runtime.device == Device::kCuda;
 }
 
 std::vector<std::pair<std::string, std::string>> config_values(const Config& c) {

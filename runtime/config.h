@@ -82,8 +82,17 @@ struct DataConfig {
   std::string path;
 };
 
+enum class Precision : uint8_t { kFp32, kBf16 };
+enum class CommKind : uint8_t { kAuto, kNccl, kMpi };
+enum class DispatchLayout : uint8_t { kAuto, kCompact, kPadded };
+
 struct RuntimeConfig {
+  Device device = Device::kCpu;
   DType dtype = DType::kF32;
+  Precision precision = Precision::kFp32;
+  CommKind comm = CommKind::kAuto;
+  double comm_timeout_s = 300;
+  DispatchLayout dispatch_layout = DispatchLayout::kAuto;
   int threads = 1;
 };
 
@@ -122,6 +131,8 @@ void validate_config(const Config& config, int world_size);
 int expert_ffn_hidden(const Config& config);  // moe.ffn_hidden, or its default for the expert type
 int shared_ffn_hidden(const Config& config);  // moe.shared_ffn_hidden, or expert_ffn_hidden
 int64_t local_tokens(const Config& config, int world_size);  // tokens per rank per step
+bool compact_dispatch(const Config& config);  // runtime.dispatch_layout resolved for runtime.device
+bool use_nccl(const Config& config);          // runtime.comm resolved for runtime.device
 
 // Every key with its value, in table order.
 std::vector<std::pair<std::string, std::string>> config_values(const Config& config);

@@ -25,8 +25,24 @@ size_t dtype_size(DType dtype) {
     case DType::kF32: return 4;
     case DType::kF64: return 8;
     case DType::kI32: return 4;
+    case DType::kBF16: return 2;
   }
   return 0;
+}
+
+float bf16_to_float(uint16_t bits) {
+  uint32_t u = uint32_t{bits} << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+uint16_t float_to_bf16(float value) {
+  uint32_t u;
+  std::memcpy(&u, &value, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
 }
 
 const char* dtype_name(DType dtype) {
@@ -34,6 +50,7 @@ const char* dtype_name(DType dtype) {
     case DType::kF32: return "F32";
     case DType::kF64: return "F64";
     case DType::kI32: return "I32";
+    case DType::kBF16: return "BF16";
   }
   return "?";
 }
@@ -41,6 +58,7 @@ const char* dtype_name(DType dtype) {
 const char* device_name(Device device) {
   switch (device) {
     case Device::kCpu: return "cpu";
+    case Device::kCuda: return "cuda";
   }
   return "?";
 }

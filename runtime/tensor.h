@@ -15,11 +15,15 @@
 
 namespace moe {
 
-enum class DType : uint8_t { kF32, kF64, kI32 };
-enum class Device : uint8_t { kCpu };
+// BF16 exists for device GEMM operands and activations only (the CPU backend computes in F32/F64).
+enum class DType : uint8_t { kF32, kF64, kI32, kBF16 };
+enum class Device : uint8_t { kCpu, kCuda };
 
 size_t dtype_size(DType dtype);
-const char* dtype_name(DType dtype);  // "F32", "F64", "I32": the safetensors names
+// bfloat16 bits <-> float on the host (round to nearest even; NaN stays NaN).
+float bf16_to_float(uint16_t bits);
+uint16_t float_to_bf16(float value);
+const char* dtype_name(DType dtype);  // "F32", "F64", "I32", "BF16": the safetensors names
 const char* device_name(Device device);
 
 template <typename T>

@@ -53,8 +53,9 @@ LayerResult run_layer(const Config& config, Backend& backend, ProcessGroups& gro
   ctx.token_offset = token_offset;
   ctx.global_tokens = global_tokens;
   LayerResult out;
-  Tensor y = layer.forward(backend, groups, x, ctx, out.stats);
+  Tensor y = layer.forward(backend, groups, x, ctx);
   Tensor dx = layer.backward(backend, groups, r);
+  out.stats = layer.read_stats(backend);
   if (reduce) reduce_gradients(params, groups);
   out.y = to_doubles(backend, y);
   out.dx = to_doubles(backend, dx);

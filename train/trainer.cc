@@ -36,7 +36,7 @@ StepRecord Trainer::train_step() {
   const int64_t local_seqs = config_.train.batch_size / world;
   const int64_t tokens = local_seqs * seq_len;
   StepRecord r;
-  PhaseTimer timer;
+  Timeline timeline(backend_);
   auto t_start = std::chrono::steady_clock::now();
 
   // ---- data: this rank's slice of the global batch
@@ -47,7 +47,7 @@ StepRecord Trainer::train_step() {
   backend_.copy_from_host(inputs.raw(), d_inputs);
   backend_.copy_from_host(targets.raw(), d_targets);
   model_->params().zero_grads(backend_);
-  timer.lap(r.times.other);
+  timeline.lap(&r.times.other);
 
   // ---- forward + backward
   StepContext ctx;
@@ -56,8 +56,8 @@ StepRecord Trainer::train_step() {
   ctx.token_offset = rank * tokens;
   ctx.global_tokens = int64_t{config_.train.batch_size} * seq_len;
   ctx.times = &r.times;
+  ctx.timeline = &timeline;
   r.stats = model_->forward_backward(d_inputs, d_targets, ctx);
-  timer = PhaseTimer();
   if (!std::isfinite(r.stats.loss)) {
     // The loss is global, so every rank stops here together: one line, a clean exit.
     Error e(ErrorKind::kInput, "training diverged: loss is " + format_double(r.stats.loss) + " at step " +
@@ -66,15 +66,14 @@ StepRecord Trainer::train_step() {
     throw e;
   }
 
-  // ---- gradients: reduce, clip, update
-  reduce_gradients(model_->params(), groups_);
-  timer.lap(r.times.allreduce);
+  // ---- gradients (already reduced by forward_backward): clip, update
   r.lr = learning_rate(config_.train, state_.step);
   r.grad_norm = global_grad_norm(model_->params(), backend_, groups_);
   clip_gradients(model_->params(), backend_, r.grad_norm, config_.train.grad_clip);
   optimizer_->step(r.lr);
   if (config_.moe.bias_update_rate > 0) model_->update_balance_bias(config_.moe.bias_update_rate);
-  timer.lap(r.times.optimizer);
+  timeline.lap(&r.times.optimizer);
+  timeline.resolve(r.times);
 
   ++state_.step;
   state_.next_sequence += config_.train.batch_size;
@@ -91,7 +90,7 @@ StepRecord Trainer::train_step() {
   }
   r.dropped_frac = assignments > 0 ? dropped / assignments : 0;
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-  r.times.other += seconds - r.times.total();  // whatever no phase claimed (bookkeeping above)
+  r.times.other += std::max(0.0, seconds - r.times.total());  // whatever no phase claimed (bookkeeping above)
   r.tokens_per_s = static_cast<double>(ctx.global_tokens) / std::max(seconds, 1e-12);
   return r;
 }
@@ -108,6 +107,7 @@ std::string Trainer::metrics_line(const StepRecord& r) const {
   j.field("router", t.router).field("dispatch", t.dispatch).field("experts", t.experts).field("combine", t.combine);
   j.field("shared", t.shared).field("backward", t.backward).field("optimizer", t.optimizer);
   j.field("allreduce", t.allreduce).field("other", t.other).field("total", t.total());
+  j.field("hidden_shared", t.hidden_shared);
   j.end_object();
   j.key("layers").begin_array();
   for (const RouterStats& l : r.stats.layers) {

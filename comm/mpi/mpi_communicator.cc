@@ -34,6 +34,7 @@ MPI_Datatype mpi_type(DType dtype) {
     case DType::kF32: return MPI_FLOAT;
     case DType::kF64: return MPI_DOUBLE;
     case DType::kI32: return MPI_INT32_T;
+    case DType::kBF16: return MPI_UINT16_T;  // moved, never summed (all_reduce_sum rejects it)
   }
   throw InternalError("no MPI datatype for dtype");
 }
@@ -97,6 +98,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   void all_reduce_sum(const void* send, void* recv, size_t count, DType dtype) override {
+    if (dtype == DType::kBF16) throw CommError("mpi all_reduce_sum: BF16 sums are not supported on the host");
     size_t elem = dtype_size(dtype);
     for (size_t done = 0; done < count; done += kChunk) {
       int n = static_cast<int>(std::min(kChunk, count - done));

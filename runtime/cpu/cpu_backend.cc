@@ -456,8 +456,9 @@ class CpuBackend final : public Backend {
     });
   }
 
-  double z_loss(const Tensor& logits, double coef, Tensor& dlogits) override {
+  void z_loss(const Tensor& logits, double coef, Tensor& dlogits, Tensor& sum) override {
     check_shape(dlogits, logits.shape(), "z-loss dlogits");
+    MOE_CHECK(sum.numel() == 1 && sum.dtype() == DType::kF64, "z_loss: sum ", sum.str());
     int64_t t_count = logits.dim(0), e = logits.dim(1);
     double total = 0;
     dispatch_float(logits.dtype(), [&](auto tag) {
@@ -473,27 +474,39 @@ class CpuBackend final : public Backend {
         for (int64_t j = 0; j < e; ++j) pd[j] += c * p[j];
       }
     });
-    return total;
+    sum.data<double>()[0] = total;
   }
 
-  std::vector<double> column_sums(const Tensor& probs) override {
+  void router_stats(const RouteState& state, const Tensor& probs, Tensor& stats) override {
     int64_t t_count = probs.dim(0), e = probs.dim(1);
-    std::vector<double> sums(static_cast<size_t>(e), 0.0);
+    RouterStatsLayout layout{static_cast<int>(e)};
+    MOE_CHECK(stats.numel() == layout.size() && stats.dtype() == DType::kF64, "router_stats: ", stats.str());
+    double* out = stats.data<double>();
+    const int32_t* choices = state.choices.data<int32_t>();
+    const int32_t* fill = state.fill.data<int32_t>();
+    const int64_t groups = state.fill.dim(1);
+    for (int64_t j = 0; j < e; ++j) {
+      out[layout.choices() + j] = choices[j];
+      out[layout.score_sums() + j] = 0;
+      out[layout.processed() + j] = 0;
+      for (int64_t g = 0; g < groups; ++g) out[layout.processed() + j] += fill[j * groups + g];
+    }
     dispatch_float(probs.dtype(), [&](auto tag) {
       using T = decltype(tag);
       for (int64_t t = 0; t < t_count; ++t)
-        for (int64_t j = 0; j < e; ++j) sums[j] += probs.data<T>()[t * e + j];
+        for (int64_t j = 0; j < e; ++j) out[layout.score_sums() + j] += probs.data<T>()[t * e + j];
     });
-    return sums;
+    out[layout.dropped()] = state.counts.data<int32_t>()[0];
   }
 
-  void add_row_vector(Tensor& x, const std::vector<double>& v) override {
+  void add_row_vector(Tensor& x, const Tensor& v, double scale) override {
     int64_t t_count = x.dim(0), e = x.dim(1);
-    MOE_CHECK(static_cast<int64_t>(v.size()) == e, "add_row_vector: ", v.size(), " values for ", x.str());
+    MOE_CHECK(v.numel() == e && v.dtype() == DType::kF64, "add_row_vector: ", v.str(), " for ", x.str());
+    const double* pv = v.data<double>();
     dispatch_float(x.dtype(), [&](auto tag) {
       using T = decltype(tag);
       for (int64_t t = 0; t < t_count; ++t)
-        for (int64_t j = 0; j < e; ++j) x.data<T>()[t * e + j] += static_cast<T>(v[j]);
+        for (int64_t j = 0; j < e; ++j) x.data<T>()[t * e + j] += static_cast<T>(scale * pv[j]);
     });
   }
 
@@ -660,8 +673,9 @@ void CpuBackend::route(const RouteArgs& args, const Tensor& sel_probs, const Ten
   out.row_idx = host_tensor({t_count, k}, DType::kI32);
   out.fill = host_tensor({e_count, g_count}, DType::kI32);
   out.choices = host_tensor({e_count}, DType::kI32);
-  out.num_dropped = 0;
-  out.num_random_skipped = 0;
+  out.counts = host_tensor({2}, DType::kI32);
+  int32_t& num_dropped = out.counts.data<int32_t>()[0];
+  int32_t& num_random_skipped = out.counts.data<int32_t>()[1];
 
   int32_t* eidx = out.expert_idx.data<int32_t>();
   int32_t* rows = out.row_idx.data<int32_t>();
@@ -718,7 +732,7 @@ void CpuBackend::route(const RouteArgs& args, const Tensor& sel_probs, const Ten
         double u = args.rng.uniform(static_cast<uint64_t>(args.token_offset + t));
         if (!(2.0 * g2 > u)) {
           skipped[t * k + 1] = 1;
-          ++out.num_random_skipped;
+          ++num_random_skipped;
         }
       }
     }
@@ -740,7 +754,7 @@ void CpuBackend::route(const RouteArgs& args, const Tensor& sel_probs, const Ten
           if (args.capacity == 0 || f < args.capacity) {
             slot[a] = f++;
           } else {
-            ++out.num_dropped;
+            ++num_dropped;
           }
         }
       }

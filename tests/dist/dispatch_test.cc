@@ -39,7 +39,8 @@ void scale_rows(Backend& backend, Tensor& rows, const std::vector<int64_t>& expe
   backend.copy_from_host(v.data(), rows);
 }
 
-void run_case(const Case& c, int ep) {
+void run_case(const Case& c, int ep, bool compact) {
+  SCOPED_TRACE(compact ? "compact layout" : "padded layout");
   const int world = mpi_world_size(), rank = mpi_world_rank();
   const int experts = ep == 1 ? 4 : 2 * ep;  // two experts per rank of the ep group
   const int k = 2;
@@ -68,7 +69,7 @@ void run_case(const Case& c, int ep) {
 
   Tensor x = test::random_tensor(*backend, {t, h}, DType::kF64, 21, offset * h);
   Tensor dy = test::random_tensor(*backend, {t, h}, DType::kF64, 22, offset * h);
-  Dispatcher dispatcher(experts, static_cast<int>(h));
+  Dispatcher dispatcher(experts, static_cast<int>(h), compact);
   const int64_t first_expert = static_cast<int64_t>(experts / ep) * groups.ep->rank();
 
   Tensor expert_in = dispatcher.dispatch(*backend, *groups.ep, x, route, c.capacity);
@@ -115,12 +116,20 @@ void run_case(const Case& c, int ep) {
   // Every sent assignment arrives exactly once somewhere in the ep group.
   std::vector<double> counts{static_cast<double>(sent), static_cast<double>(received)};
   groups.ep->all_reduce_sum(counts);
-  EXPECT_EQ(counts[0], counts[1]) << where;
+  if (!compact && c.capacity > 0) {
+    // padded: every slot of every expert arrives, used or not
+    EXPECT_EQ(counts[1], static_cast<double>(groups.ep_size()) * experts * c.capacity) << where;
+  } else {
+    EXPECT_EQ(counts[0], counts[1]) << where;
+  }
 }
 
 TEST_P(DispatchRoundTrip, IdentityExpertsReturnTheInputAndTheGradient) {
   for (int ep = 1; ep <= mpi_world_size(); ++ep) {
-    if (mpi_world_size() % ep == 0) run_case(GetParam(), ep);
+    if (mpi_world_size() % ep == 0) {
+      run_case(GetParam(), ep, /*compact=*/true);
+      run_case(GetParam(), ep, /*compact=*/false);
+    }
   }
 }
 
@@ -148,7 +157,7 @@ TEST(DispatchRoundTripExact, NormalisedGatesGiveBackTheInputItself) {
   RouteState route;
   backend->route(args, probs, Tensor(), route);
   Tensor x = test::random_tensor(*backend, {t, h}, DType::kF64, 31, rank * t * h);
-  Dispatcher d(experts, static_cast<int>(h));
+  Dispatcher d(experts, static_cast<int>(h), /*compact=*/true);
   Tensor in = d.dispatch(*backend, *groups.ep, x, route, 0);
   Tensor y = backend->zeros({t, h}, DType::kF64);
   d.combine(*backend, *groups.ep, in, route, y);
