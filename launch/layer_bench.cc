@@ -7,6 +7,8 @@
 // The dense rate is the BLAS running the same GEMMs (same shapes and FLOPs, one group) in the same run.
 #include "launch/layer_bench.h"
 
+#include "launch/main_common.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -33,6 +35,7 @@ struct BenchOptions {
   int warmup = 2;
   int threads = 1;
   DType dtype = DType::kF32;
+  Device device = Device::kCpu;
   std::string format = "table";
 };
 
@@ -75,6 +78,7 @@ BenchOptions parse_options(const CommandLine& cl) {
     else if (k == "threads") o.threads = static_cast<int>(num(1));
     else if (k == "dtype" && (v == "float32" || v == "float64")) o.dtype = v == "float32" ? DType::kF32 : DType::kF64;
     else if (k == "format" && (v == "table" || v == "json" || v == "csv")) o.format = v;
+    else if (k == "device" && (v == "cpu" || v == "cuda")) o.device = v == "cpu" ? Device::kCpu : Device::kCuda;
     else throw ConfigError(k, "unknown or malformed option --" + f + " (see moe_bench --help)");
   }
   return o;
@@ -108,6 +112,7 @@ double dense_gemm_seconds(Backend& backend, DType dt, int64_t rows, int64_t hidd
       backend.gemm(a, Trans::kN, w, Trans::kN, y, 1.0, 0.0);   // backward data: (rows, hidden)
       backend.gemm(a, Trans::kT, x, Trans::kN, dw, 1.0, 1.0);  // backward weight: (mid, hidden)
     }
+    backend.synchronize();
     if (it >= warmup) times.push_back(seconds_since(t0));
   }
   return median(times);
@@ -142,10 +147,15 @@ struct Row {
 
 int run_layer_bench(const CommandLine& cl) {
   BenchOptions o = parse_options(cl);
-  auto backend = make_cpu_backend(CpuBackendOptions{o.threads});
+  Config base;
+  base.runtime.device = o.device;
+  base.runtime.threads = o.threads;
+  base.runtime.dtype = o.dtype;
+  auto backend = make_backend(base);
   auto world_comm = make_mpi_world();
   const int world = world_comm->size();
-  ProcessGroups groups = make_process_groups(std::move(world_comm), world);  // one EP group over every rank
+  base.parallel.ep = world;
+  ProcessGroups groups = make_groups(base, *backend, std::move(world_comm));  // one EP group over every rank
   const int rank = groups.world->rank();
 
   std::vector<Row> rows;
@@ -153,7 +163,7 @@ int run_layer_bench(const CommandLine& cl) {
     for (int64_t experts : o.experts)
       for (int64_t top_k : o.top_k)
         for (int64_t shared : o.shared) {
-          Config c;
+          Config c = base;
           c.model.hidden = o.hidden;
           c.moe.num_experts = static_cast<int>(experts);
           c.moe.top_k = static_cast<int>(top_k);

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "comm/mpi/mpi_communicator.h"
+#include "comm/nccl/nccl_communicator.h"
 #include "runtime/log.h"
 
 namespace moe {
@@ -96,6 +97,28 @@ Config load_config(const CommandLine& cl, Communicator& world, ConfigSources* so
     e.mark_collective();
     throw;
   }
+}
+
+std::unique_ptr<Backend> make_backend(const Config& config) {
+  if (config.runtime.device == Device::kCpu) {
+    CpuBackendOptions options;
+    options.threads = config.runtime.threads;
+    return make_cpu_backend(options);
+  }
+  int local = mpi_local_rank();
+  int count = cuda_device_count();
+  if (count == 0) throw ConfigError("runtime.device", "cuda: " + cuda_unavailable_reason());
+  CudaBackendOptions options;
+  options.device = local % count;
+  return make_cuda_backend(options);
+}
+
+ProcessGroups make_groups(const Config& config, Backend& backend, std::unique_ptr<Communicator> world) {
+  if (use_nccl(config)) {
+    if (backend.device() != Device::kCuda) throw ConfigError("runtime.comm", "nccl needs runtime.device = cuda");
+    world = make_nccl_communicator(std::move(world), backend.native_stream(), config.runtime.comm_timeout_s);
+  }
+  return make_process_groups(std::move(world), config.parallel.ep);
 }
 
 std::string config_help() {

@@ -5,7 +5,10 @@
 #include <string>
 #include <vector>
 
+#include <memory>
+
 #include "comm/communicator.h"
+#include "runtime/backend.h"
 #include "runtime/config.h"
 
 namespace moe {
@@ -28,6 +31,11 @@ CommandLine parse_command_line(int argc, char** argv, int first);
 // Rank 0 reads the YAML file and broadcasts it; every rank parses and validates the same text, so a
 // configuration error is raised by every rank together (marked collective).
 Config load_config(const CommandLine& cl, Communicator& world, ConfigSources* sources);
+
+// The op backend of runtime.device: the CPU, or CUDA device (local rank mod visible devices). Collective.
+std::unique_ptr<Backend> make_backend(const Config& config);
+// The ep x dp mesh over `world` (MPI), or over NCCL wrapping it when runtime.comm resolves to nccl.
+ProcessGroups make_groups(const Config& config, Backend& backend, std::unique_ptr<Communicator> world);
 
 // Usage text listing every configuration key, its type and default.
 std::string config_help();

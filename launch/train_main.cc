@@ -49,10 +49,9 @@ int train(const CommandLine& cl) {
            config_table(config, sources));
   if (print_only) return 0;
 
-  CpuBackendOptions options;
-  options.threads = config.runtime.threads;
-  auto backend = make_cpu_backend(options);
-  ProcessGroups groups = make_process_groups(std::move(world), config.parallel.ep);
+  auto backend = make_backend(config);
+  log_info("backend: " + backend->name() + ", communicator: " + (use_nccl(config) ? "nccl" : "mpi"));
+  ProcessGroups groups = make_groups(config, *backend, std::move(world));
   Trainer trainer(config, *backend, groups);
   auto records = trainer.run();
   if (!records.empty()) {

@@ -7,9 +7,15 @@
 // so a device kernel can reproduce the CPU stream.
 #pragma once
 
-#include <array>
 #include <cmath>
 #include <cstdint>
+
+// The generator and uniform() also compile as device code, so kernels draw the very same numbers.
+#if defined(__CUDACC__)
+#define MOE_HOST_DEVICE __host__ __device__
+#else
+#define MOE_HOST_DEVICE
+#endif
 
 namespace moe {
 
@@ -29,7 +35,12 @@ inline uint64_t rng_stream(RngPurpose purpose, uint64_t a, uint64_t b = 0) {
   return (static_cast<uint64_t>(purpose) << 56) | ((a & 0xFFFFFFFFFFull) << 16) | (b & 0xFFFFull);
 }
 
-inline std::array<uint32_t, 4> philox4x32_10(uint64_t key, uint64_t counter_hi, uint64_t counter_lo) {
+struct PhiloxBlock {
+  uint32_t v[4];
+  MOE_HOST_DEVICE uint32_t operator[](int i) const { return v[i]; }
+};
+
+MOE_HOST_DEVICE inline PhiloxBlock philox4x32_10(uint64_t key, uint64_t counter_hi, uint64_t counter_lo) {
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
   uint32_t c0 = static_cast<uint32_t>(counter_lo), c1 = static_cast<uint32_t>(counter_lo >> 32);
   uint32_t c2 = static_cast<uint32_t>(counter_hi), c3 = static_cast<uint32_t>(counter_hi >> 32);
@@ -44,7 +55,7 @@ inline std::array<uint32_t, 4> philox4x32_10(uint64_t key, uint64_t counter_hi, 
     c0 = n0, c1 = n1, c2 = n2, c3 = n3;
     k0 += kW0, k1 += kW1;
   }
-  return {c0, c1, c2, c3};
+  return PhiloxBlock{{c0, c1, c2, c3}};
 }
 
 // A stream of the counter-based generator; draws are indexed, not sequential.
@@ -53,7 +64,7 @@ struct RngStream {
   uint64_t stream = 0;
 
   // Uniform in [0, 1) with 53 random bits.
-  double uniform(uint64_t index) const {
+  MOE_HOST_DEVICE double uniform(uint64_t index) const {
     auto r = philox4x32_10(seed, stream, index);
     uint64_t bits = (static_cast<uint64_t>(r[0]) << 32 | r[1]) >> 11;
     return static_cast<double>(bits) * (1.0 / 9007199254740992.0);

@@ -177,6 +177,16 @@ int mpi_world_size() {
   return n;
 }
 
+int mpi_local_rank() {
+  if (!mpi_initialized()) return 0;
+  MPI_Comm node;
+  MOE_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
+  int r = 0;
+  MPI_Comm_rank(node, &r);
+  MPI_Comm_free(&node);
+  return r;
+}
+
 std::unique_ptr<Communicator> make_mpi_world() { return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD); }
 std::unique_ptr<Communicator> make_mpi_self() { return std::make_unique<MpiCommunicator>(MPI_COMM_SELF); }
 

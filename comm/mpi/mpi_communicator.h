@@ -19,6 +19,8 @@ bool mpi_initialized();
 int mpi_world_rank();
 // The size of MPI_COMM_WORLD, or 1 before mpi_init.
 int mpi_world_size();
+// The rank among the processes of this node (shared-memory domain), or 0 before mpi_init. Collective.
+int mpi_local_rank();
 
 std::unique_ptr<Communicator> make_mpi_world();  // MPI_COMM_WORLD (duplicated)
 std::unique_ptr<Communicator> make_mpi_self();   // MPI_COMM_SELF (duplicated): a group of one

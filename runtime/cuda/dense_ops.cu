@@ -34,7 +34,6 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <cstring>
 #include <utility>
 #include <vector>
 

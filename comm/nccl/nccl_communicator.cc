@@ -1,0 +1,376 @@
+// Communicator over NCCL for device buffers, forwarding host buffers to the MPI communicator it wraps.
+//
+// Every call looks at its buffers (cudaPointerGetAttributes): device or managed memory goes over NCCL,
+// anything else to MPI, so callers need not know which kind of communicator they hold.
+//
+// The NCCL communicator is non-blocking (config.blocking = 0), so no NCCL call can hang the host: an
+// init, a split or a group launch may return ncclInProgress and finish on a background thread, and we
+// poll ncclCommGetAsyncError (bounded by the timeout) before touching the stream again. Collectives run
+// on our own comm stream, fenced against the compute stream with events. Hangs show up later, where the
+// host waits on a stream: a WaitPoller turns an asynchronous NCCL error, or a wait past
+// runtime.comm_timeout_s while our work is still in flight, into ncclCommAbort plus a CommError, so
+// main() can abort the job instead of every rank hanging.
+#include "comm/nccl/nccl_communicator.h"
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "comm/mpi/mpi_communicator.h"
+#include "runtime/cuda/cuda_common.h"
+#include "runtime/device_wait.h"
+#include "runtime/error.h"
+
+namespace moe {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Between polls: spin briefly, then sleep, so ranks sharing CPUs do not starve each other.
+void pause_poll(double waited) {
+  if (waited < 1e-3) return std::this_thread::yield();
+  std::this_thread::sleep_for(std::chrono::microseconds(100));
+}
+
+ncclDataType_t nccl_type(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return ncclFloat32;
+    case DType::kF64: return ncclFloat64;
+    case DType::kI32: return ncclInt32;
+    case DType::kBF16: return ncclBfloat16;
+  }
+  throw InternalError("no NCCL datatype for dtype");
+}
+
+// Device (or managed) memory goes over NCCL; host memory, pinned or not, goes over MPI.
+bool on_device(const void* p) {
+  cudaPointerAttributes attr{};
+  cudaError_t err = cudaPointerGetAttributes(&attr, p);
+  if (err == cudaErrorInvalidValue) {  // pre-CUDA-11 answer for unregistered host memory
+    (void)cudaGetLastError();
+    return false;
+  }
+  MOE_CUDA_CHECK(err);
+  return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged;
+}
+
+// Whether an op on (a, b) goes over NCCL. A null pointer (an empty buffer) takes the other's kind;
+// `both_null` decides when both are null.
+bool use_device(const void* a, const void* b, bool both_null, const char* op) {
+  if (a == nullptr && b == nullptr) return both_null;
+  if (a == nullptr) return on_device(b);
+  if (b == nullptr) return on_device(a);
+  bool da = on_device(a), db = on_device(b);
+  if (da != db) {
+    throw InternalError(detail::concat("nccl ", op, ": one buffer is in host memory and the other in device memory"));
+  }
+  return da;
+}
+
+// ncclSuccess, and ncclInProgress (non-blocking mode), are fine; anything else throws.
+#define MOE_NCCL_CHECK(stmt)                                                              \
+  do {                                                                                    \
+    ncclResult_t moe_nccl_rc_ = (stmt);                                                   \
+    if (moe_nccl_rc_ != ncclSuccess && moe_nccl_rc_ != ncclInProgress) {                  \
+      throw_call_error(moe_nccl_rc_, #stmt, __FILE__, __LINE__);                          \
+    }                                                                                     \
+  } while (0)
+
+class NcclCommunicator final : public Communicator {
+ public:
+  // Collective over `host`: creates the NCCL communicator of the same ranks.
+  NcclCommunicator(std::unique_ptr<Communicator> host, cudaStream_t compute, double timeout_s)
+      : host_(std::move(host)), compute_(compute), timeout_s_(timeout_s), rank_(host_->rank()), size_(host_->size()) {
+    ncclUniqueId id{};
+    if (rank_ == 0) MOE_NCCL_CHECK(ncclGetUniqueId(&id));
+    static_assert(sizeof(id) % sizeof(int32_t) == 0, "ncclUniqueId is sent as int32 words");
+    host_->broadcast(&id, sizeof(id) / sizeof(int32_t), DType::kI32, 0);
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    MOE_NCCL_CHECK(ncclCommInitRankConfig(&comm_, size_, id, rank_, &config));
+    finish_init("ncclCommInitRankConfig");
+  }
+
+  // Adopts `comm`, made by ncclCommSplit of a parent whose split job has completed.
+  NcclCommunicator(std::unique_ptr<Communicator> host, ncclComm_t comm, cudaStream_t compute, double timeout_s)
+      : host_(std::move(host)), compute_(compute), timeout_s_(timeout_s), rank_(host_->rank()), size_(host_->size()),
+        comm_(comm) {
+    finish_init("ncclCommSplit");
+  }
+
+  ~NcclCommunicator() override {
+    try {
+      if (poller_ != 0) remove_wait_poller(poller_);
+      if (comm_ != nullptr && !aborted_) {
+        // The documented teardown of a non-blocking communicator: finalize (flushes outstanding work),
+        // poll until quiescent, destroy. Bounded, since a dead peer may keep it from quiescing.
+        const double limit = timeout_s_ > 0 ? std::min(timeout_s_, kFinalizeLimitS) : kFinalizeLimitS;
+        ncclResult_t state = ncclCommFinalize(comm_);
+        auto t0 = Clock::now();
+        while (state == ncclInProgress && seconds_since(t0) < limit) {
+          pause_poll(seconds_since(t0));
+          state = comm_state();
+        }
+        (void)(state == ncclSuccess ? ncclCommDestroy(comm_) : ncclCommAbort(comm_));
+      }
+      if (ready_ != nullptr) (void)cudaEventDestroy(ready_);
+      if (done_ != nullptr) (void)cudaEventDestroy(done_);
+      if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
+    } catch (...) {
+    }
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string name() const override { return "nccl"; }
+
+  void all_to_all(const void* send, void* recv, size_t count, DType dtype) override {
+    if (count == 0) return;  // the same count on every rank: nothing moves anywhere
+    if (!use_device(send, recv, false, "all_to_all")) return host_->all_to_all(send, recv, count, dtype);
+    size_t bytes = count * dtype_size(dtype);
+    auto* s = static_cast<const char*>(send);
+    auto* r = static_cast<char*>(recv);
+    begin("all_to_all");
+    grouped([&] {
+      for (int p = 0; p < size_; ++p) {
+        MOE_NCCL_CHECK(ncclSend(s + p * bytes, count, nccl_type(dtype), p, comm_, stream_));
+        MOE_NCCL_CHECK(ncclRecv(r + p * bytes, count, nccl_type(dtype), p, comm_, stream_));
+      }
+    });
+    end(true);
+  }
+
+  // A rank whose buffers are both null (it sends and receives nothing) takes the NCCL path, where it has
+  // nothing to post; the ranks around it are then expected to be on device buffers too.
+  void all_to_all_v(const void* send, const std::vector<size_t>& send_counts, const std::vector<size_t>& send_offsets,
+                    void* recv, const std::vector<size_t>& recv_counts, const std::vector<size_t>& recv_offsets,
+                    DType dtype) override {
+    size_t n = static_cast<size_t>(size_);
+    MOE_CHECK(send_counts.size() == n && send_offsets.size() == n && recv_counts.size() == n &&
+                  recv_offsets.size() == n,
+              "all_to_all_v needs one count and offset per rank");
+    if (!use_device(send, recv, true, "all_to_all_v")) {
+      return host_->all_to_all_v(send, send_counts, send_offsets, recv, recv_counts, recv_offsets, dtype);
+    }
+    size_t elem = dtype_size(dtype);
+    auto* s = static_cast<const char*>(send);
+    auto* r = static_cast<char*>(recv);
+    begin("all_to_all_v");
+    grouped([&] {
+      for (size_t p = 0; p < n; ++p) {
+        int peer = static_cast<int>(p);
+        size_t sc = send_counts[p], rc = recv_counts[p];
+        MOE_CHECK((sc == 0 || s != nullptr) && (rc == 0 || r != nullptr), "all_to_all_v: null buffer with a count");
+        if (sc != 0) MOE_NCCL_CHECK(ncclSend(s + send_offsets[p] * elem, sc, nccl_type(dtype), peer, comm_, stream_));
+        if (rc != 0) MOE_NCCL_CHECK(ncclRecv(r + recv_offsets[p] * elem, rc, nccl_type(dtype), peer, comm_, stream_));
+      }
+    });
+    end(true);
+  }
+
+  void all_reduce_sum(const void* send, void* recv, size_t count, DType dtype) override {
+    if (count == 0) return;
+    if (!use_device(send, recv, false, "all_reduce_sum")) return host_->all_reduce_sum(send, recv, count, dtype);
+    begin("all_reduce_sum");
+    MOE_NCCL_CHECK(ncclAllReduce(send, recv, count, nccl_type(dtype), ncclSum, comm_, stream_));
+    end(true);
+  }
+
+  void all_reduce_sum_start(void* buf, size_t count, DType dtype) override {
+    if (count == 0) return;
+    if (!use_device(buf, buf, false, "all_reduce_sum_start")) return host_->all_reduce_sum(buf, buf, count, dtype);
+    begin("all_reduce_sum_start");
+    MOE_NCCL_CHECK(ncclAllReduce(buf, buf, count, nccl_type(dtype), ncclSum, comm_, stream_));
+    end(false);  // the compute stream runs on; wait_pending() joins it
+    pending_ = true;
+  }
+
+  void wait_pending() override {
+    if (!pending_) return;
+    MOE_CUDA_CHECK(cudaEventRecord(done_, stream_));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(compute_, done_, 0));
+    pending_ = false;
+  }
+
+  void all_gather(const void* send, void* recv, size_t count, DType dtype) override {
+    if (count == 0) return;
+    if (!use_device(send, recv, false, "all_gather")) return host_->all_gather(send, recv, count, dtype);
+    begin("all_gather");
+    MOE_NCCL_CHECK(ncclAllGather(send, recv, count, nccl_type(dtype), comm_, stream_));
+    end(true);
+  }
+
+  void broadcast(void* buf, size_t count, DType dtype, int root) override {
+    if (count == 0) return;
+    if (!use_device(buf, buf, false, "broadcast")) return host_->broadcast(buf, count, dtype, root);
+    begin("broadcast");
+    MOE_NCCL_CHECK(ncclBroadcast(buf, buf, count, nccl_type(dtype), root, comm_, stream_));
+    end(true);
+  }
+
+  // Finishes this communicator's device work (polling, so a hang becomes an error), then meets the others.
+  void barrier() override {
+    cuda::wait_stream(stream_);
+    host_->barrier();
+  }
+
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    MOE_CHECK(color >= 0, "nccl split: color must be >= 0, got ", color);
+    std::unique_ptr<Communicator> sub_host = host_->split(color, key);
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    ncclComm_t sub = nullptr;
+    last_op_ = "ncclCommSplit";
+    MOE_NCCL_CHECK(ncclCommSplit(comm_, color, key, &sub, &config));
+    // The split runs as a job of the parent: the parent's state says when it is done, and only then
+    // is `sub` written.
+    wait_ready("ncclCommSplit");
+    if (sub == nullptr) {
+      throw CommError(detail::concat("NCCL ncclCommSplit returned no communicator on rank ", where()));
+    }
+    return std::make_unique<NcclCommunicator>(std::move(sub_host), sub, compute_, timeout_s_);
+  }
+
+ private:
+  static constexpr double kFinalizeLimitS = 10.0;
+
+  std::string where() const {
+    return detail::concat(rank_, " of ", size_, " (world rank ", mpi_world_rank(), ")");
+  }
+
+  [[noreturn]] void throw_call_error(ncclResult_t rc, const char* stmt, const char* file, int line) const {
+    throw CommError(detail::concat("NCCL call failed on rank ", where(), ": ", stmt, " at ", file, ":", line, ": ",
+                                   ncclGetErrorString(rc), " (", ncclGetLastError(comm_), ")"));
+  }
+
+  // The communicator's asynchronous state: ncclSuccess, ncclInProgress or an error.
+  ncclResult_t comm_state() const {
+    ncclResult_t state = ncclInProgress;
+    ncclResult_t rc = ncclCommGetAsyncError(comm_, &state);
+    return rc != ncclSuccess ? rc : state;
+  }
+
+  void abort_comm() {
+    if (aborted_) return;
+    aborted_ = true;
+    (void)ncclCommAbort(comm_);
+  }
+
+  [[noreturn]] void fail_state(ncclResult_t state, const char* what) {
+    std::string last = ncclGetLastError(comm_);  // copied before the abort frees anything
+    abort_comm();
+    throw CommError(detail::concat("NCCL ", what, ": ", ncclGetErrorString(state), " (", last, ") on rank ", where(),
+                                   "; a peer may have died"));
+  }
+
+  [[noreturn]] void fail_timeout() {
+    abort_comm();
+    throw CommError(detail::concat("NCCL collective did not complete within ", timeout_s_,
+                                   " s (runtime.comm_timeout_s) on rank ", where(), ": a peer is dead or stuck"));
+  }
+
+  // Polls until the last NCCL call has finished on the host side (non-blocking mode may run an init,
+  // a split or a group launch on a background thread; the streams must not be touched before).
+  void wait_ready(const char* what) {
+    auto t0 = Clock::now();
+    for (;;) {
+      ncclResult_t state = comm_state();
+      if (state == ncclSuccess) return;
+      if (state != ncclInProgress) fail_state(state, what);
+      double waited = seconds_since(t0);
+      if (timeout_s_ > 0 && waited > timeout_s_) fail_timeout();
+      pause_poll(waited);
+    }
+  }
+
+  // Whether work issued on our stream has not finished yet.
+  bool in_flight() const {
+    cudaError_t err = cudaEventQuery(done_);
+    if (err == cudaErrorNotReady) return true;
+    MOE_CUDA_CHECK(err);
+    return false;
+  }
+
+  // Called while the host waits on any stream. Only a communicator with work still in flight is blamed
+  // for a long wait.
+  void poll(double waited) {
+    if (aborted_) return;
+    ncclResult_t state = comm_state();
+    if (state != ncclSuccess && state != ncclInProgress) fail_state(state, last_op_);
+    if (timeout_s_ > 0 && waited > timeout_s_ && in_flight()) fail_timeout();
+  }
+
+  void finish_init(const char* what) {
+    last_op_ = what;
+    wait_ready(what);
+    try {
+      MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+      MOE_CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
+      MOE_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+    } catch (...) {
+      abort_comm();
+      if (ready_ != nullptr) (void)cudaEventDestroy(ready_);
+      if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
+      throw;
+    }
+    poller_ = add_wait_poller([this](double waited) { poll(waited); });
+  }
+
+  // A device collective runs on our stream after the compute work issued so far...
+  void begin(const char* op) {
+    last_op_ = op;
+    MOE_CUDA_CHECK(cudaEventRecord(ready_, compute_));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(stream_, ready_, 0));
+  }
+
+  // ...and, once NCCL has put its kernels on the stream, later compute work waits for it.
+  void end(bool compute_waits) {
+    wait_ready(last_op_);
+    MOE_CUDA_CHECK(cudaEventRecord(done_, stream_));
+    if (compute_waits) MOE_CUDA_CHECK(cudaStreamWaitEvent(compute_, done_, 0));
+  }
+
+  // Point-to-point calls fused into one launch; the group is closed even when a call throws.
+  template <typename Issue>
+  void grouped(Issue&& issue) {
+    MOE_NCCL_CHECK(ncclGroupStart());
+    try {
+      issue();
+    } catch (...) {
+      (void)ncclGroupEnd();
+      throw;
+    }
+    MOE_NCCL_CHECK(ncclGroupEnd());
+  }
+
+  std::unique_ptr<Communicator> host_;
+  cudaStream_t compute_ = nullptr;
+  double timeout_s_ = 0;
+  int rank_ = 0, size_ = 1;
+  ncclComm_t comm_ = nullptr;
+  cudaStream_t stream_ = nullptr;  // the comm stream
+  cudaEvent_t ready_ = nullptr;    // compute work before a collective
+  cudaEvent_t done_ = nullptr;     // the last collective issued on stream_
+  const char* last_op_ = "init";
+  bool aborted_ = false;
+  bool pending_ = false;  // all_reduce_sum_start issued since the last wait_pending
+  int poller_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_nccl_communicator(std::unique_ptr<Communicator> host, void* compute_stream,
+                                                     double timeout_s) {
+  MOE_CHECK(host != nullptr, "make_nccl_communicator needs a host communicator");
+  return std::make_unique<NcclCommunicator>(std::move(host), static_cast<cudaStream_t>(compute_stream), timeout_s);
+}
+
+}  // namespace moe

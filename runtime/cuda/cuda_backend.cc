@@ -1,0 +1,334 @@
+// The CUDA op backend: one GPU per rank, ops issued in order on a main stream, shared-expert work on a
+// side stream, memory from the stream-ordered allocator.
+//
+// Streams. Every op goes to the current stream: the main one, or the side one between begin_side() and
+// end_side(). begin_side() makes the side stream wait for everything issued so far on the main stream;
+// join_side() makes the main stream wait for the side stream.
+//
+// Memory. Tensors come from cudaMallocAsync on the main stream and go back with cudaFreeAsync on it, so
+// a block is reused only by work ordered after its last use on the main stream. Side-stream work is not
+// ordered by the main stream, so a tensor released while a side window is open (begin_side() until the
+// matching join_side()) is kept until the join and freed behind it. The default memory pool keeps
+// freed memory cached (release threshold: unlimited), so steady-state steps do not call the driver.
+//
+// Host waits. Only where the host needs a value (copy_to_host, sum_squares, cross_entropy, dropless
+// row counts, synchronize): through cuda::wait_stream, which polls and lets the communicator's
+// watchdog turn a stuck collective into an error.
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "runtime/backend.h"
+#include "runtime/cuda/cuda_common.h"
+#include "runtime/cuda/dense_ops.h"
+#include "runtime/cuda/router_ops.h"
+
+namespace moe {
+namespace {
+
+// What tensor deleters need; outlives the backend if tensors do.
+struct AllocState {
+  std::mutex mutex;
+  cudaStream_t stream = nullptr;  // main stream: where memory is freed
+  bool alive = true;              // false once the backend (and its stream) is gone
+  bool side_window = false;       // a side window is open: defer frees to the join
+  std::vector<void*> deferred;
+
+  void release(void* p) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!alive) {
+      cudaFree(p);  // the stream is gone; a synchronous free is ordered after all work
+    } else if (side_window) {
+      deferred.push_back(p);
+    } else {
+      cudaFreeAsync(p, stream);
+    }
+  }
+  void flush() {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (void* p : deferred) cudaFreeAsync(p, stream);
+    deferred.clear();
+  }
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(const CudaBackendOptions& options) {
+    int count = cuda_device_count();
+    if (count == 0) throw ConfigError("runtime.device", "cuda: " + cuda_unavailable_reason());
+    if (options.device < 0 || options.device >= count) {
+      throw ConfigError("runtime.device", detail::concat("cuda: device ", options.device, " requested, ", count,
+                                                         " visible (CUDA_VISIBLE_DEVICES?)"));
+    }
+    device_ = options.device;
+    MOE_CUDA_CHECK(cudaSetDevice(device_));
+    cudaMemPool_t pool;
+    MOE_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device_));
+    uint64_t threshold = UINT64_MAX;
+    MOE_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+    cudaStream_t main_stream, side_stream;
+    MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&main_stream, cudaStreamNonBlocking));
+    MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream, cudaStreamNonBlocking));
+    main_.init(device_, main_stream);
+    side_.init(device_, side_stream);
+    cur_ = &main_;
+    alloc_ = std::make_shared<AllocState>();
+    alloc_->stream = main_stream;
+    MOE_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    MOE_CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
+    cudaDeviceProp prop;
+    MOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
+    device_name_ = prop.name;
+  }
+
+  ~CudaBackend() override {
+    cudaStreamSynchronize(main_.stream);
+    cudaStreamSynchronize(side_.stream);
+    alloc_->flush();
+    {
+      std::lock_guard<std::mutex> lock(alloc_->mutex);
+      alloc_->alive = false;
+    }
+    cudaStreamSynchronize(main_.stream);
+    for (cudaEvent_t e : marks_) cudaEventDestroy(e);
+    cudaEventDestroy(fork_);
+    cudaEventDestroy(join_);
+    cudaStream_t m = main_.stream, s = side_.stream;
+    main_.destroy();
+    side_.destroy();
+    cudaStreamDestroy(m);
+    cudaStreamDestroy(s);
+  }
+
+  std::string name() const override { return "cuda (" + device_name_ + ")"; }
+  Device device() const override { return Device::kCuda; }
+
+  Tensor empty(const Shape& shape, DType dtype) override {
+    size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
+    size_t alloc_bytes = std::max<size_t>(bytes, 256);
+    void* p = nullptr;
+    cudaError_t err = cudaMallocAsync(&p, alloc_bytes, main_.stream);
+    if (err == cudaErrorMemoryAllocation) {
+      cudaGetLastError();
+      size_t free_b = 0, total_b = 0;
+      cudaMemGetInfo(&free_b, &total_b);
+      throw InternalError(detail::concat("GPU out of memory: ", shape_str(shape), " ", dtype_name(dtype), " (",
+                                         alloc_bytes >> 20, " MiB) with ", free_b >> 20, " of ", total_b >> 20,
+                                         " MiB free on device ", device_, "; lower train.batch_size or model sizes"));
+    }
+    MOE_CUDA_CHECK(err);
+    auto state = alloc_;
+    auto storage = std::make_shared<Storage>(p, alloc_bytes, Device::kCuda, [state](void* q) { state->release(q); });
+    return Tensor(storage, 0, shape, dtype);
+  }
+
+  void fill(Tensor& t, double value) override { cuda::fill(*cur_, t, value); }
+  void copy(const Tensor& src, Tensor& dst) override {
+    MOE_CHECK(src.numel() == dst.numel() && src.dtype() == dst.dtype(), "copy ", src.str(), " -> ", dst.str());
+    MOE_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), src.raw(), src.nbytes(), cudaMemcpyDeviceToDevice, cur_->stream));
+  }
+  void convert(const Tensor& src, Tensor& dst) override { cuda::convert(*cur_, src, dst); }
+
+  void copy_to_host(const Tensor& src, void* dst) override {
+    size_t bytes = src.nbytes();
+    if (bytes == 0) return;
+    if (bytes > bounce_bytes_) {
+      if (bounce_) cudaFreeHost(bounce_);
+      bounce_ = nullptr;
+      MOE_CUDA_CHECK(cudaMallocHost(&bounce_, bytes));
+      bounce_bytes_ = bytes;
+    }
+    MOE_CUDA_CHECK(cudaMemcpyAsync(bounce_, src.raw(), bytes, cudaMemcpyDeviceToHost, cur_->stream));
+    cuda::wait_stream(cur_->stream);
+    std::memcpy(dst, bounce_, bytes);
+  }
+  void copy_from_host(const void* src, Tensor& dst) override {
+    // pageable source: staged by the driver at once, no device synchronisation
+    if (dst.nbytes()) {
+      MOE_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), src, dst.nbytes(), cudaMemcpyHostToDevice, cur_->stream));
+    }
+  }
+
+  void gemm(const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c, double alpha, double beta) override {
+    cuda::gemm(*cur_, a, ta, b, tb, c, alpha, beta);
+  }
+  void grouped_gemm(const Tensor& a, const Tensor& b, Trans tb, Tensor& c, const std::vector<int64_t>& group_rows,
+                    double alpha, double beta) override {
+    cuda::grouped_gemm(*cur_, a, b, tb, c, group_rows, alpha, beta);
+  }
+  void grouped_gemm_tn(const Tensor& a, const Tensor& b, Tensor& c, const std::vector<int64_t>& group_rows,
+                       double alpha, double beta) override {
+    cuda::grouped_gemm_tn(*cur_, a, b, c, group_rows, alpha, beta);
+  }
+  void axpy(double alpha, const Tensor& x, Tensor& y) override { cuda::axpy(*cur_, alpha, x, y); }
+  void scale(Tensor& x, double alpha) override { cuda::scale(*cur_, x, alpha); }
+  double sum_squares(const Tensor& x) override { return cuda::sum_squares(*cur_, x); }
+
+  void swiglu_forward(const Tensor& a, const Tensor& b, Tensor& h) override { cuda::swiglu_forward(*cur_, a, b, h); }
+  void swiglu_backward(const Tensor& dh, const Tensor& a, const Tensor& b, Tensor& da, Tensor& db) override {
+    cuda::swiglu_backward(*cur_, dh, a, b, da, db);
+  }
+  void activation_forward(Activation act, const Tensor& a, Tensor& h) override {
+    cuda::activation_forward(*cur_, act, a, h);
+  }
+  void activation_backward(Activation act, const Tensor& dh, const Tensor& a, Tensor& da) override {
+    cuda::activation_backward(*cur_, act, dh, a, da);
+  }
+
+  void embedding_forward(const Tensor& ids, const Tensor& table, Tensor& out) override {
+    cuda::embedding_forward(*cur_, ids, table, out);
+  }
+  void embedding_backward(const Tensor& ids, const Tensor& dout, Tensor& dtable) override {
+    cuda::embedding_backward(*cur_, ids, dout, dtable);
+  }
+  void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd) override {
+    cuda::rmsnorm_forward(*cur_, x, w, eps, y, rstd);
+  }
+  void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
+                        Tensor& dw) override {
+    cuda::rmsnorm_backward(*cur_, dy, x, w, rstd, dx, dw);
+  }
+  double cross_entropy(const Tensor& logits, const Tensor& targets, double grad_scale, Tensor& dlogits) override {
+    return cuda::cross_entropy(*cur_, logits, targets, grad_scale, dlogits);
+  }
+
+  void jitter(const Tensor& x, double eps, const RngStream& rng, int64_t token_offset, Tensor& out) override {
+    cuda::jitter(*cur_, x, eps, rng, token_offset, out);
+  }
+  void router_probs(ScoreFn fn, const Tensor& logits, Tensor& probs) override {
+    cuda::router_probs(*cur_, fn, logits, probs);
+  }
+  void gumbel_probs(const Tensor& logits, double tau, const RngStream& rng, int64_t token_offset,
+                    Tensor& probs) override {
+    cuda::gumbel_probs(*cur_, logits, tau, rng, token_offset, probs);
+  }
+  void router_probs_backward(ScoreFn fn, const Tensor& dprobs, const Tensor& probs, double scale,
+                             Tensor& dlogits) override {
+    cuda::router_probs_backward(*cur_, fn, dprobs, probs, scale, dlogits);
+  }
+  void z_loss(const Tensor& logits, double coef, Tensor& dlogits, Tensor& sum) override {
+    cuda::z_loss(*cur_, logits, coef, dlogits, sum);
+  }
+  void router_stats(const RouteState& state, const Tensor& probs, Tensor& stats) override {
+    cuda::router_stats(*cur_, state, probs, stats);
+  }
+  void add_row_vector(Tensor& x, const Tensor& v, double scale) override { cuda::add_row_vector(*cur_, x, v, scale); }
+  void route(const RouteArgs& args, const Tensor& sel_probs, const Tensor& bias, RouteState& out) override {
+    cuda::route(*cur_, args, sel_probs, bias, out, [this](const Shape& s, DType d) { return empty(s, d); });
+  }
+  void route_backward(const RouteArgs& args, const Tensor& sel_probs, const RouteState& state, const Tensor& dgate,
+                      Tensor& dsel_probs) override {
+    check_shape(dsel_probs, sel_probs.shape(), "route dprobs");
+    cuda::route_backward(*cur_, args, state, dgate, dsel_probs);
+  }
+
+  void permute(const Tensor& x, const Tensor& row_idx, Tensor& out) override { cuda::permute(*cur_, x, row_idx, out); }
+  void permute_backward(const Tensor& dout, const Tensor& row_idx, Tensor& dx) override {
+    cuda::permute_backward(*cur_, dout, row_idx, dx);
+  }
+  void unpermute(const Tensor& rows, const Tensor& row_idx, const Tensor& gate, Tensor& y) override {
+    cuda::unpermute(*cur_, rows, row_idx, gate, y);
+  }
+  void unpermute_backward(const Tensor& dy, const Tensor& rows, const Tensor& row_idx, const Tensor& gate,
+                          Tensor& drows, Tensor& dgate) override {
+    cuda::unpermute_backward(*cur_, dy, rows, row_idx, gate, drows, dgate);
+  }
+  void gather_rows(const Tensor& src, const Tensor& idx, Tensor& dst) override {
+    cuda::gather_rows(*cur_, src, idx, dst);
+  }
+  void scatter_rows(const Tensor& src, const Tensor& idx, Tensor& dst) override {
+    cuda::scatter_rows(*cur_, src, idx, dst);
+  }
+
+  void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamArgs& args) override {
+    cuda::adamw_step(*cur_, param, grad, m, v, args);
+  }
+  void sgd_step(Tensor& param, const Tensor& grad, double lr, double weight_decay) override {
+    cuda::sgd_step(*cur_, param, grad, lr, weight_decay);
+  }
+
+  // ---- streams
+  void begin_side() override {
+    MOE_CHECK(cur_ == &main_, "begin_side inside a side window");
+    MOE_CUDA_CHECK(cudaEventRecord(fork_, main_.stream));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(side_.stream, fork_, 0));
+    {
+      std::lock_guard<std::mutex> lock(alloc_->mutex);
+      alloc_->side_window = true;
+    }
+    cur_ = &side_;
+  }
+  void end_side() override { cur_ = &main_; }
+  void join_side() override {
+    MOE_CUDA_CHECK(cudaEventRecord(join_, side_.stream));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(main_.stream, join_, 0));
+    {
+      std::lock_guard<std::mutex> lock(alloc_->mutex);
+      alloc_->side_window = false;
+    }
+    alloc_->flush();  // behind the join: ordered after the side work
+  }
+  bool side_runs_inline() const override { return false; }
+  void synchronize() override {
+    cuda::wait_stream(side_.stream);
+    cuda::wait_stream(main_.stream);
+  }
+  int mark() override {
+    constexpr size_t kMarks = 4096;
+    if (marks_.empty()) {
+      marks_.resize(kMarks);
+      for (cudaEvent_t& e : marks_) MOE_CUDA_CHECK(cudaEventCreate(&e));
+    }
+    size_t id = next_mark_++ % kMarks;
+    MOE_CUDA_CHECK(cudaEventRecord(marks_[id], cur_->stream));
+    return static_cast<int>(id);
+  }
+  double seconds_between(int a, int b) override {
+    float ms = 0;
+    MOE_CUDA_CHECK(cudaEventElapsedTime(&ms, marks_[static_cast<size_t>(a)], marks_[static_cast<size_t>(b)]));
+    return ms / 1000.0;
+  }
+  void* native_stream() override { return main_.stream; }
+
+ private:
+  int device_ = 0;
+  std::string device_name_;
+  cuda::Context main_, side_;
+  cuda::Context* cur_ = nullptr;
+  std::shared_ptr<AllocState> alloc_;
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
+  std::vector<cudaEvent_t> marks_;
+  size_t next_mark_ = 0;
+  void* bounce_ = nullptr;  // pinned host buffer of copy_to_host
+  size_t bounce_bytes_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options) {
+  return std::make_unique<CudaBackend>(options);
+}
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+std::string cuda_unavailable_reason() {
+  int n = 0;
+  cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return std::string("no usable CUDA device (") + cudaGetErrorName(err) + ": " + cudaGetErrorString(err) + ")";
+  }
+  return n == 0 ? "no CUDA device visible" : "";
+}
+
+}  // namespace moe

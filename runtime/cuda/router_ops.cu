@@ -1,0 +1,645 @@
+// CUDA kernels of the router and of token permutation.
+//
+// Router rows are short (E experts, tens to hundreds), so the row-wise ops give one thread a whole row
+// and keep the CPU backend's arithmetic order; column sums and the z-loss total reduce in double.
+//
+// route() runs in three kernels and never waits for the host (except dropless, for the row count):
+//   1. top-k: one thread per token. Insertion top-k over probs + bias (ties to the lower expert index,
+//      as on the CPU), scores, gates, top-k choice counts, GShard random-routing coins.
+//   2. slots: one warp per capacity group walks the group's assignments in priority order (every 1st
+//      choice before any 2nd; within a choice rank token order, or top-1 score order from a stable
+//      segmented sort for batch priority), 32 at a time. Lanes choosing the same expert find each other
+//      with __match_any_sync; their slot is the expert's running count plus their rank among those lanes.
+//      That reproduces the CPU's sequential slot order exactly.
+//   3. rows: slot -> row of the expert-major send buffer.
+// Permutation kernels give one block to a token (or an assignment) and stride its threads over H.
+#include "runtime/cuda/router_ops.h"
+
+#include <cub/device/device_scan.cuh>
+#include <cub/device/device_segmented_sort.cuh>
+
+namespace moe {
+namespace cuda {
+namespace {
+
+constexpr int kBlock = 256;
+constexpr int kMaxTopK = 16;
+constexpr int kSkipped = -2;  // slot marker of a 2nd choice dropped by random routing
+
+__device__ inline float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// softmax of in[0..n) scaled by inv_tau into out (may alias in), as softmax_row on the CPU
+__device__ void softmax_row(const float* in, float* out, int n, float inv_tau) {
+  float mx = in[0] * inv_tau;
+  for (int i = 1; i < n; ++i) mx = fmaxf(mx, in[i] * inv_tau);
+  float sum = 0;
+  for (int i = 0; i < n; ++i) sum += (out[i] = expf(in[i] * inv_tau - mx));
+  float inv = 1.0f / sum;
+  for (int i = 0; i < n; ++i) out[i] *= inv;
+}
+
+__device__ float logsumexp_row(const float* in, int n) {
+  float mx = in[0];
+  for (int i = 1; i < n; ++i) mx = fmaxf(mx, in[i]);
+  float sum = 0;
+  for (int i = 0; i < n; ++i) sum += expf(in[i] - mx);
+  return mx + logf(sum);
+}
+
+// Sum of one double per thread of the block into *out (atomic; out zeroed beforehand).
+__device__ void block_add(double v, double* out) {
+  __shared__ double partial[kBlock / 32];
+  for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffffu, v, o);
+  int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double s = 0;
+    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) s += partial[w];
+    atomicAdd(out, s);
+  }
+}
+
+__global__ void jitter_kernel(const float* x, float* out, int64_t n, int64_t h, double eps, RngStream rng,
+                              int64_t token_offset) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    int64_t t = i / h, j = i % h;
+    double m = 1.0 - eps + 2.0 * eps * rng.uniform(static_cast<uint64_t>((token_offset + t) * h + j));
+    out[i] = static_cast<float>(x[i] * m);
+  }
+}
+
+__global__ void probs_kernel(ScoreFn fn, const float* logits, float* probs, int64_t rows, int e) {
+  int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (t >= rows) return;
+  const float* pl = logits + t * e;
+  float* pp = probs + t * e;
+  if (fn == ScoreFn::kSoftmax) {
+    softmax_row(pl, pp, e, 1.0f);
+  } else {
+    for (int j = 0; j < e; ++j) pp[j] = sigmoid_f(pl[j]);
+  }
+}
+
+__global__ void gumbel_kernel(const float* logits, float* probs, int64_t rows, int e, float inv_tau, RngStream rng,
+                              int64_t token_offset) {
+  int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (t >= rows) return;
+  float* pp = probs + t * e;
+  for (int j = 0; j < e; ++j) {
+    double u = rng.uniform(static_cast<uint64_t>((token_offset + t) * e + j));
+    u = u < 1e-20 ? 1e-20 : u;
+    pp[j] = logits[t * e + j] + static_cast<float>(-log(-log(u)));
+  }
+  softmax_row(pp, pp, e, inv_tau);
+}
+
+__global__ void probs_backward_kernel(ScoreFn fn, const float* dprobs, const float* probs, float s, float* dlogits,
+                                      int64_t rows, int e) {
+  int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (t >= rows) return;
+  const float* pp = probs + t * e;
+  const float* pd = dprobs + t * e;
+  float* pl = dlogits + t * e;
+  if (fn == ScoreFn::kSoftmax) {
+    float dot = 0;
+    for (int j = 0; j < e; ++j) dot += pd[j] * pp[j];
+    for (int j = 0; j < e; ++j) pl[j] += s * pp[j] * (pd[j] - dot);
+  } else {
+    for (int j = 0; j < e; ++j) pl[j] += s * pd[j] * pp[j] * (1.0f - pp[j]);
+  }
+}
+
+__global__ void z_loss_kernel(const float* logits, float* dlogits, int64_t rows, int e, double coef, double* sum) {
+  int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  double sq = 0;
+  if (t < rows) {
+    const float* pl = logits + t * e;
+    float lse = logsumexp_row(pl, e);
+    sq = static_cast<double>(lse) * lse;
+    float mx = pl[0];
+    for (int j = 1; j < e; ++j) mx = fmaxf(mx, pl[j]);
+    float total = 0;
+    for (int j = 0; j < e; ++j) total += expf(pl[j] - mx);
+    float c = static_cast<float>(2.0 * coef) * lse, inv = 1.0f / total;
+    for (int j = 0; j < e; ++j) dlogits[t * e + j] += c * (expf(pl[j] - mx) * inv);
+  }
+  block_add(sq, sum);
+}
+
+// stats: choices, processed (fill over groups), dropped; score sums zeroed for column_sums_kernel.
+__global__ void stats_counts_kernel(const int* choices, const int* fill, const int* counts, int e, int groups,
+                                    double* stats) {
+  for (int j = threadIdx.x; j < e; j += blockDim.x) {
+    stats[j] = choices[j];
+    stats[e + j] = 0;
+    double processed = 0;
+    for (int g = 0; g < groups; ++g) processed += fill[j * groups + g];
+    stats[2 * e + j] = processed;
+  }
+  if (threadIdx.x == 0) stats[3 * e] = counts[0];
+}
+
+// Column sums of probs (rows, e): each block sums a slab of rows per column and adds it atomically.
+__global__ void column_sums_kernel(const float* probs, int64_t rows, int e, int64_t slab, double* sums) {
+  int64_t r0 = blockIdx.x * slab, r1 = min(rows, r0 + slab);
+  for (int j = threadIdx.x; j < e; j += blockDim.x) {
+    double s = 0;
+    for (int64_t r = r0; r < r1; ++r) s += probs[r * e + j];
+    atomicAdd(&sums[j], s);
+  }
+}
+
+__global__ void add_row_vector_kernel(float* x, int64_t n, int e, const double* v, double scale) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    x[i] += static_cast<float>(scale * v[i % e]);
+  }
+}
+
+struct TopKArgs {
+  const float* probs;
+  const float* bias;  // may be null
+  int64_t tokens;
+  int e, k;
+  bool normalize, hard, random_routing;
+  RngStream rng;
+  int64_t token_offset;
+  int* eidx;
+  float* score;
+  float* gate;
+  float* top1;  // (T) key of the batch-priority sort
+  int* slot;    // (T, k): -1, or kSkipped for a random-routing drop
+  int* choices;
+  int* counts;
+};
+
+__global__ void topk_kernel(TopKArgs a) {
+  int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (t >= a.tokens) return;
+  const int k = a.k;
+  const float* p = a.probs + t * a.e;
+  float key[kMaxTopK];
+  int idx[kMaxTopK];
+  int n = 0;
+  for (int e = 0; e < a.e; ++e) {
+    float v = p[e] + (a.bias ? a.bias[e] : 0.0f);
+    if (n == k && !(v > key[k - 1])) continue;
+    int pos = n < k ? n++ : k - 1;
+    while (pos > 0 && v > key[pos - 1]) {
+      key[pos] = key[pos - 1];
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    key[pos] = v;
+    idx[pos] = e;
+  }
+  float sum = 0;
+  for (int j = 0; j < k; ++j) {
+    float s = p[idx[j]];
+    a.eidx[t * k + j] = idx[j];
+    a.score[t * k + j] = s;
+    a.slot[t * k + j] = -1;
+    sum += s;
+    atomicAdd(&a.choices[idx[j]], 1);
+  }
+  for (int j = 0; j < k; ++j) {
+    float s = a.score[t * k + j];
+    float g = a.hard ? (a.normalize ? 1.0f / static_cast<float>(k) : 1.0f)
+                     : (a.normalize ? (sum > 0.0f ? s / sum : 0.0f) : s);
+    a.gate[t * k + j] = g;
+  }
+  a.top1[t] = a.score[t * k];
+  if (a.random_routing) {
+    float s1 = a.score[t * k], s2 = a.score[t * k + 1];
+    double g2 = s1 + s2 > 0.0f ? static_cast<double>(s2) / static_cast<double>(s1 + s2) : 0.0;
+    double u = a.rng.uniform(static_cast<uint64_t>(a.token_offset + t));
+    if (!(2.0 * g2 > u)) {
+      a.slot[t * k + 1] = kSkipped;
+      atomicAdd(&a.counts[1], 1);
+    }
+  }
+}
+
+// One warp per group: slots in priority order (see the file comment). Shared memory: E ints.
+__global__ void slots_kernel(const int* eidx, int* slot, int* fill, int* counts, const int* order, int64_t group_tokens,
+                             int k, int e_count, int groups, int64_t capacity) {
+  extern __shared__ int counter[];
+  const int lane = threadIdx.x, g = blockIdx.x;
+  for (int e = lane; e < e_count; e += 32) counter[e] = 0;
+  __syncwarp();
+  int dropped = 0;
+  for (int j = 0; j < k; ++j) {
+    for (int64_t base = 0; base < group_tokens; base += 32) {
+      int64_t i = base + lane;
+      bool active = i < group_tokens;
+      int64_t t = active ? (order ? order[g * group_tokens + i] : g * group_tokens + i) : 0;
+      int64_t a = t * k + j;
+      bool live = active && slot[a] != kSkipped;
+      int e = live ? eidx[a] : e_count + lane;  // lanes without an assignment match nobody
+      unsigned peers = __match_any_sync(0xffffffffu, e);
+      int rank = __popc(peers & ((1u << lane) - 1u));
+      int before = live ? counter[e] : 0;
+      __syncwarp();
+      if (live) {
+        int s = before + rank;
+        bool kept = capacity == 0 || s < capacity;
+        slot[a] = kept ? s : -1;
+        dropped += kept ? 0 : 1;
+        if (lane == __ffs(peers) - 1) counter[e] = before + __popc(peers);
+      }
+      __syncwarp();
+    }
+  }
+  for (int e = lane; e < e_count; e += 32) {
+    int c = counter[e];
+    fill[e * groups + g] = capacity > 0 && c > capacity ? static_cast<int>(capacity) : c;
+  }
+  for (int o = 16; o > 0; o /= 2) dropped += __shfl_down_sync(0xffffffffu, dropped, o);
+  if (lane == 0 && dropped) atomicAdd(&counts[0], dropped);
+}
+
+__global__ void rows_kernel(const int* eidx, const int* slot, const int* block_begin, int64_t n, int k,
+                            int64_t group_tokens, int groups, int64_t capacity, int* rows) {
+  for (int64_t a = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; a < n; a += int64_t{gridDim.x} * blockDim.x) {
+    int s = slot[a];
+    if (s < 0) {
+      rows[a] = -1;
+      continue;
+    }
+    int64_t b = int64_t{eidx[a]} * groups + (a / k) / group_tokens;
+    int64_t begin = capacity > 0 ? b * capacity : block_begin[b];
+    rows[a] = static_cast<int>(begin + s);
+  }
+}
+
+__global__ void segment_offsets_kernel(int* offsets, int groups, int64_t group_tokens) {
+  for (int g = threadIdx.x; g <= groups; g += blockDim.x) offsets[g] = static_cast<int>(g * group_tokens);
+}
+
+__global__ void iota_kernel(int* v, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    v[i] = static_cast<int>(i);
+  }
+}
+
+__global__ void route_backward_kernel(const int* eidx, const float* score, const float* dgate, float* dsel,
+                                      int64_t tokens, int k, int e, bool normalize) {
+  int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (t >= tokens) return;
+  const float* s = score + t * k;
+  const float* d = dgate + t * k;
+  float* out = dsel + t * e;
+  if (!normalize) {
+    for (int j = 0; j < k; ++j) out[eidx[t * k + j]] += d[j];
+    return;
+  }
+  float sum = 0;
+  for (int j = 0; j < k; ++j) sum += s[j];
+  if (!(sum > 0.0f)) return;
+  float dot = 0;
+  for (int j = 0; j < k; ++j) dot += d[j] * s[j] / sum;
+  for (int j = 0; j < k; ++j) out[eidx[t * k + j]] += (d[j] - dot) / sum;
+}
+
+// out[row_idx[t, j]] = x[t]: one block per assignment
+__global__ void permute_kernel(const float* x, const int* row_idx, float* out, int64_t assignments, int k,
+                               int64_t h) {
+  for (int64_t a = blockIdx.x; a < assignments; a += gridDim.x) {
+    int r = row_idx[a];
+    if (r < 0) continue;
+    const float* src = x + (a / k) * h;
+    float* dst = out + int64_t{r} * h;
+    for (int64_t c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[c];
+  }
+}
+
+// dx[t] += sum_j dout[row_idx[t, j]]: one block per token
+__global__ void permute_backward_kernel(const float* dout, const int* row_idx, float* dx, int64_t tokens, int k,
+                                        int64_t h) {
+  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+    for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
+      float acc = dx[t * h + c];
+      for (int j = 0; j < k; ++j) {
+        int r = row_idx[t * k + j];
+        if (r >= 0) acc += dout[int64_t{r} * h + c];
+      }
+      dx[t * h + c] = acc;
+    }
+  }
+}
+
+// y[t] += sum_j gate[t, j] * rows[row_idx[t, j]]: one block per token
+__global__ void unpermute_kernel(const float* rows, const int* row_idx, const float* gate, float* y, int64_t tokens,
+                                 int k, int64_t h) {
+  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+    for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
+      float acc = y[t * h + c];
+      for (int j = 0; j < k; ++j) {
+        int r = row_idx[t * k + j];
+        if (r >= 0) acc += gate[t * k + j] * rows[int64_t{r} * h + c];
+      }
+      y[t * h + c] = acc;
+    }
+  }
+}
+
+// drows[r] = g * dy[t]; dgate[t, j] = <dy[t], rows[r]>: one block per assignment
+__global__ void unpermute_backward_kernel(const float* dy, const float* rows, const int* row_idx, const float* gate,
+                                          float* drows, float* dgate, int64_t assignments, int k, int64_t h) {
+  __shared__ float partial[kBlock / 32];
+  for (int64_t a = blockIdx.x; a < assignments; a += gridDim.x) {
+    int r = row_idx[a];
+    if (r < 0) {
+      if (threadIdx.x == 0) dgate[a] = 0;
+      continue;
+    }
+    const float* pdy = dy + (a / k) * h;
+    const float* src = rows + int64_t{r} * h;
+    float* dst = drows + int64_t{r} * h;
+    float g = gate[a], dot = 0;
+    for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
+      dst[c] = g * pdy[c];
+      dot += pdy[c] * src[c];
+    }
+    for (int o = 16; o > 0; o /= 2) dot += __shfl_down_sync(0xffffffffu, dot, o);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = dot;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float s = 0;
+      for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) s += partial[w];
+      dgate[a] = s;
+    }
+    __syncthreads();
+  }
+}
+
+void check_f32(const Tensor& t, const char* op) {
+  MOE_CHECK(t.dtype() == DType::kF32, op, ": the CUDA router ops take F32, got ", t.str());
+}
+
+unsigned row_grid(int64_t rows) { return static_cast<unsigned>((rows + kBlock - 1) / kBlock > 0 ? (rows + kBlock - 1) / kBlock : 1); }
+unsigned block_grid(int64_t items) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(items, 1 << 20))); }
+
+// Device scratch freed in stream order when it goes out of scope.
+struct Scratch {
+  Context& ctx;
+  void* ptr = nullptr;
+  Scratch(Context& c, size_t bytes) : ctx(c) {
+    if (bytes) MOE_CUDA_CHECK(cudaMallocAsync(&ptr, bytes, ctx.stream));
+  }
+  ~Scratch() {
+    if (ptr) cudaFreeAsync(ptr, ctx.stream);
+  }
+  template <typename T>
+  T* as() {
+    return static_cast<T*>(ptr);
+  }
+};
+
+}  // namespace
+
+void jitter(Context& ctx, const Tensor& x, double eps, const RngStream& rng, int64_t token_offset, Tensor& out) {
+  check_f32(x, "jitter");
+  check_shape(out, x.shape(), "jitter output");
+  int64_t n = x.numel();
+  if (n == 0) return;
+  jitter_kernel<<<grid_for(n), kBlock, 0, ctx.stream>>>(x.data<float>(), out.data<float>(), n, x.dim(1), eps, rng,
+                                                       token_offset);
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+void router_probs(Context& ctx, ScoreFn fn, const Tensor& logits, Tensor& probs) {
+  check_f32(logits, "router_probs");
+  check_shape(probs, logits.shape(), "router probs");
+  int64_t rows = logits.dim(0);
+  if (rows == 0) return;
+  probs_kernel<<<row_grid(rows), kBlock, 0, ctx.stream>>>(fn, logits.data<float>(), probs.data<float>(), rows,
+                                                         static_cast<int>(logits.dim(1)));
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+void gumbel_probs(Context& ctx, const Tensor& logits, double tau, const RngStream& rng, int64_t token_offset,
+                  Tensor& probs) {
+  check_f32(logits, "gumbel_probs");
+  check_shape(probs, logits.shape(), "gumbel probs");
+  int64_t rows = logits.dim(0);
+  if (rows == 0) return;
+  gumbel_kernel<<<row_grid(rows), kBlock, 0, ctx.stream>>>(logits.data<float>(), probs.data<float>(), rows,
+                                                          static_cast<int>(logits.dim(1)),
+                                                          static_cast<float>(1.0 / tau), rng, token_offset);
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+void router_probs_backward(Context& ctx, ScoreFn fn, const Tensor& dprobs, const Tensor& probs, double scale,
+                           Tensor& dlogits) {
+  check_f32(probs, "router_probs_backward");
+  check_shape(dprobs, probs.shape(), "router dprobs");
+  check_shape(dlogits, probs.shape(), "router dlogits");
+  int64_t rows = probs.dim(0);
+  if (rows == 0) return;
+  probs_backward_kernel<<<row_grid(rows), kBlock, 0, ctx.stream>>>(fn, dprobs.data<float>(), probs.data<float>(),
+                                                                  static_cast<float>(scale), dlogits.data<float>(),
+                                                                  rows, static_cast<int>(probs.dim(1)));
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+void z_loss(Context& ctx, const Tensor& logits, double coef, Tensor& dlogits, Tensor& sum) {
+  check_f32(logits, "z_loss");
+  check_shape(dlogits, logits.shape(), "z-loss dlogits");
+  MOE_CHECK(sum.numel() == 1 && sum.dtype() == DType::kF64, "z_loss: sum ", sum.str());
+  MOE_CUDA_CHECK(cudaMemsetAsync(sum.raw(), 0, sizeof(double), ctx.stream));
+  int64_t rows = logits.dim(0);
+  if (rows == 0) return;
+  z_loss_kernel<<<row_grid(rows), kBlock, 0, ctx.stream>>>(logits.data<float>(), dlogits.data<float>(), rows,
+                                                          static_cast<int>(logits.dim(1)), coef,
+                                                          sum.data<double>());
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+void router_stats(Context& ctx, const RouteState& state, const Tensor& probs, Tensor& stats) {
+  check_f32(probs, "router_stats");
+  const int e = static_cast<int>(probs.dim(1));
+  RouterStatsLayout layout{e};
+  MOE_CHECK(stats.numel() == layout.size() && stats.dtype() == DType::kF64, "router_stats: ", stats.str());
+  stats_counts_kernel<<<1, kBlock, 0, ctx.stream>>>(state.choices.data<int32_t>(), state.fill.data<int32_t>(),
+                                                   state.counts.data<int32_t>(), e,
+                                                   static_cast<int>(state.fill.dim(1)), stats.data<double>());
+  MOE_CUDA_LAUNCH_CHECK();
+  const int64_t rows = probs.dim(0), slab = 128;
+  if (rows == 0) return;
+  column_sums_kernel<<<static_cast<unsigned>((rows + slab - 1) / slab), std::min(e, 1024), 0, ctx.stream>>>(
+      probs.data<float>(), rows, e, slab, stats.data<double>() + layout.score_sums());
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+void add_row_vector(Context& ctx, Tensor& x, const Tensor& v, double scale) {
+  check_f32(x, "add_row_vector");
+  MOE_CHECK(v.numel() == x.dim(1) && v.dtype() == DType::kF64, "add_row_vector: ", v.str(), " for ", x.str());
+  int64_t n = x.numel();
+  if (n == 0) return;
+  add_row_vector_kernel<<<grid_for(n), kBlock, 0, ctx.stream>>>(x.data<float>(), n, static_cast<int>(x.dim(1)),
+                                                               v.data<double>(), scale);
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+void route(Context& ctx, const RouteArgs& args, const Tensor& sel_probs, const Tensor& bias, RouteState& out,
+           const std::function<Tensor(const Shape&, DType)>& alloc) {
+  check_f32(sel_probs, "route");
+  const int64_t t_count = sel_probs.dim(0);
+  const int e_count = args.num_experts, k = args.top_k, g_count = args.num_groups;
+  MOE_CHECK(sel_probs.dim(1) == e_count, "route: probs ", sel_probs.str(), " for ", e_count, " experts");
+  MOE_CHECK(k >= 1 && k <= e_count, "route: top_k ", k, " of ", e_count, " experts");
+  if (k > kMaxTopK) throw ConfigError("moe.top_k", detail::concat("the CUDA backend supports top_k <= ", kMaxTopK));
+  MOE_CHECK(g_count >= 1 && t_count % g_count == 0, "route: ", t_count, " tokens in ", g_count, " groups");
+  MOE_CHECK(!args.random_routing || k == 2, "route: random routing needs top_k == 2");
+  MOE_CHECK(!bias.defined() || bias.dtype() == DType::kF32, "route: bias ", bias.str());
+  const int64_t group_tokens = t_count / g_count, n = t_count * k;
+
+  out.expert_idx = alloc({t_count, k}, DType::kI32);
+  out.score = alloc({t_count, k}, DType::kF32);
+  out.gate = alloc({t_count, k}, DType::kF32);
+  out.row_idx = alloc({t_count, k}, DType::kI32);
+  out.fill = alloc({e_count, g_count}, DType::kI32);
+  out.choices = alloc({e_count}, DType::kI32);
+  out.counts = alloc({2}, DType::kI32);
+  MOE_CUDA_CHECK(cudaMemsetAsync(out.choices.raw(), 0, out.choices.nbytes(), ctx.stream));
+  MOE_CUDA_CHECK(cudaMemsetAsync(out.counts.raw(), 0, out.counts.nbytes(), ctx.stream));
+  if (t_count == 0) {
+    MOE_CUDA_CHECK(cudaMemsetAsync(out.fill.raw(), 0, out.fill.nbytes(), ctx.stream));
+    out.num_rows = args.capacity ? int64_t{e_count} * g_count * args.capacity : 0;
+    return;
+  }
+  Scratch slot(ctx, sizeof(int) * static_cast<size_t>(n)), top1(ctx, sizeof(float) * static_cast<size_t>(t_count));
+
+  TopKArgs a;
+  a.probs = sel_probs.data<float>();
+  a.bias = bias.defined() ? bias.data<float>() : nullptr;
+  a.tokens = t_count;
+  a.e = e_count;
+  a.k = k;
+  a.normalize = args.normalize;
+  a.hard = args.gate_mode == GateMode::kHard;
+  a.random_routing = args.random_routing;
+  a.rng = args.rng;
+  a.token_offset = args.token_offset;
+  a.eidx = out.expert_idx.data<int32_t>();
+  a.score = out.score.data<float>();
+  a.gate = out.gate.data<float>();
+  a.top1 = top1.as<float>();
+  a.slot = slot.as<int>();
+  a.choices = out.choices.data<int32_t>();
+  a.counts = out.counts.data<int32_t>();
+  topk_kernel<<<row_grid(t_count), kBlock, 0, ctx.stream>>>(a);
+  MOE_CUDA_LAUNCH_CHECK();
+
+  // Batch priority: each group's tokens by descending top-1 score, ties in token order (stable).
+  Scratch order(ctx, args.priority == Priority::kBatch ? sizeof(int) * static_cast<size_t>(t_count) : 0);
+  if (args.priority == Priority::kBatch) {
+    Scratch offsets(ctx, sizeof(int) * static_cast<size_t>(g_count + 1));
+    Scratch keys_out(ctx, sizeof(float) * static_cast<size_t>(t_count)), iota(ctx, sizeof(int) * static_cast<size_t>(t_count));
+    segment_offsets_kernel<<<1, kBlock, 0, ctx.stream>>>(offsets.as<int>(), g_count, group_tokens);
+    iota_kernel<<<grid_for(t_count), kBlock, 0, ctx.stream>>>(iota.as<int>(), t_count);
+    MOE_CUDA_LAUNCH_CHECK();
+    size_t temp_bytes = 0;
+    MOE_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortPairsDescending(
+        nullptr, temp_bytes, top1.as<float>(), keys_out.as<float>(), iota.as<int>(), order.as<int>(),
+        static_cast<int>(t_count), g_count, offsets.as<int>(), offsets.as<int>() + 1, ctx.stream));
+    Scratch temp(ctx, temp_bytes);
+    MOE_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortPairsDescending(
+        temp.ptr, temp_bytes, top1.as<float>(), keys_out.as<float>(), iota.as<int>(), order.as<int>(),
+        static_cast<int>(t_count), g_count, offsets.as<int>(), offsets.as<int>() + 1, ctx.stream));
+  }
+
+  slots_kernel<<<g_count, 32, sizeof(int) * e_count, ctx.stream>>>(
+      out.expert_idx.data<int32_t>(), slot.as<int>(), out.fill.data<int32_t>(), out.counts.data<int32_t>(),
+      args.priority == Priority::kBatch ? order.as<int>() : nullptr, group_tokens, k, e_count, g_count,
+      args.capacity);
+  MOE_CUDA_LAUNCH_CHECK();
+
+  // Rows: with a capacity every block has `capacity` rows; dropless, blocks follow the fill prefix sum.
+  const int64_t blocks = int64_t{e_count} * g_count;
+  Scratch begin(ctx, args.capacity ? 0 : sizeof(int) * static_cast<size_t>(blocks + 1));
+  if (args.capacity) {
+    out.num_rows = blocks * args.capacity;
+  } else {
+    // exclusive sum over blocks + 1 entries (a zero appended) gives the total in the last entry
+    Scratch fill_ext(ctx, sizeof(int) * static_cast<size_t>(blocks + 1));
+    MOE_CUDA_CHECK(cudaMemsetAsync(fill_ext.ptr, 0, sizeof(int) * static_cast<size_t>(blocks + 1), ctx.stream));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(fill_ext.ptr, out.fill.raw(), out.fill.nbytes(), cudaMemcpyDeviceToDevice,
+                                   ctx.stream));
+    size_t temp_bytes = 0;
+    MOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, fill_ext.as<int>(), begin.as<int>(),
+                                                 static_cast<int>(blocks + 1), ctx.stream));
+    Scratch temp(ctx, temp_bytes);
+    MOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.ptr, temp_bytes, fill_ext.as<int>(), begin.as<int>(),
+                                                 static_cast<int>(blocks + 1), ctx.stream));
+    out.num_rows = read_back_int(ctx, begin.as<int>() + blocks);  // the one host wait of dropless routing
+  }
+  MOE_CHECK(out.num_rows < (int64_t{1} << 31), "route: ", out.num_rows, " send rows overflow 32-bit indices");
+  rows_kernel<<<grid_for(n), kBlock, 0, ctx.stream>>>(out.expert_idx.data<int32_t>(), slot.as<int>(),
+                                                     args.capacity ? nullptr : begin.as<int>(), n, k, group_tokens,
+                                                     g_count, args.capacity, out.row_idx.data<int32_t>());
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+void route_backward(Context& ctx, const RouteArgs& args, const RouteState& state, const Tensor& dgate,
+                    Tensor& dsel_probs) {
+  check_f32(dgate, "route_backward");
+  const int64_t t_count = dsel_probs.dim(0);
+  const int e_count = args.num_experts, k = args.top_k;
+  check_shape(dgate, {t_count, k}, "route dgate");
+  MOE_CUDA_CHECK(cudaMemsetAsync(dsel_probs.raw(), 0, dsel_probs.nbytes(), ctx.stream));
+  if (t_count == 0) return;
+  route_backward_kernel<<<row_grid(t_count), kBlock, 0, ctx.stream>>>(
+      state.expert_idx.data<int32_t>(), state.score.data<float>(), dgate.data<float>(), dsel_probs.data<float>(),
+      t_count, k, e_count, args.normalize);
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+void permute(Context& ctx, const Tensor& x, const Tensor& row_idx, Tensor& out) {
+  check_f32(x, "permute");
+  int64_t t_count = x.dim(0), h = x.dim(1), k = row_idx.dim(1);
+  MOE_CHECK(row_idx.dim(0) == t_count && out.dim(1) == h, "permute shapes: ", x.str(), row_idx.str(), out.str());
+  MOE_CUDA_CHECK(cudaMemsetAsync(out.raw(), 0, out.nbytes(), ctx.stream));
+  if (t_count == 0) return;
+  permute_kernel<<<block_grid(t_count * k), kBlock, 0, ctx.stream>>>(x.data<float>(), row_idx.data<int32_t>(),
+                                                                    out.data<float>(), t_count * k,
+                                                                    static_cast<int>(k), h);
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+void permute_backward(Context& ctx, const Tensor& dout, const Tensor& row_idx, Tensor& dx) {
+  check_f32(dx, "permute_backward");
+  int64_t t_count = dx.dim(0), h = dx.dim(1), k = row_idx.dim(1);
+  if (t_count == 0) return;
+  permute_backward_kernel<<<block_grid(t_count), kBlock, 0, ctx.stream>>>(
+      dout.data<float>(), row_idx.data<int32_t>(), dx.data<float>(), t_count, static_cast<int>(k), h);
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+void unpermute(Context& ctx, const Tensor& rows, const Tensor& row_idx, const Tensor& gate, Tensor& y) {
+  check_f32(y, "unpermute");
+  int64_t t_count = y.dim(0), h = y.dim(1), k = row_idx.dim(1);
+  if (t_count == 0) return;
+  unpermute_kernel<<<block_grid(t_count), kBlock, 0, ctx.stream>>>(rows.data<float>(), row_idx.data<int32_t>(),
+                                                                  gate.data<float>(), y.data<float>(), t_count,
+                                                                  static_cast<int>(k), h);
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+void unpermute_backward(Context& ctx, const Tensor& dy, const Tensor& rows, const Tensor& row_idx,
+                        const Tensor& gate, Tensor& drows, Tensor& dgate) {
+  check_f32(dy, "unpermute_backward");
+  int64_t t_count = dy.dim(0), h = dy.dim(1), k = row_idx.dim(1);
+  check_shape(drows, rows.shape(), "unpermute drows");
+  check_shape(dgate, gate.shape(), "unpermute dgate");
+  MOE_CUDA_CHECK(cudaMemsetAsync(drows.raw(), 0, drows.nbytes(), ctx.stream));
+  if (t_count == 0) return;
+  unpermute_backward_kernel<<<block_grid(t_count * k), kBlock, 0, ctx.stream>>>(
+      dy.data<float>(), rows.data<float>(), row_idx.data<int32_t>(), gate.data<float>(), drows.data<float>(),
+      dgate.data<float>(), t_count * k, static_cast<int>(k), h);
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace cuda
+}  // namespace moe
