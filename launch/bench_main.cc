@@ -2,7 +2,7 @@
 //
 //   mpirun -np N moe_bench layer [--tokens=4096] [--hidden=512] [--experts=8] [--top_k=2] [--shared=0,1]
 //                                [--ffn_hidden=0] [--capacity_factor=1.25] [--iters=10] [--warmup=2]
-//                                [--threads=1] [--dtype=float32|float64] [--device=cpu|cuda] [--format=table|json|csv]
+//                                [--threads=1] [--dtype=float32|float64] [--device=cpu|cuda] [--precision=fp32,bf16] [--format=table|json|csv]
 // Lists (comma-separated) give one row per combination.
 #include <cstdio>
 #include <string>
@@ -15,7 +15,7 @@ namespace {
 const char* kUsage =
     "usage: mpirun -np N moe_bench layer [--tokens=4096] [--hidden=512] [--experts=8] [--top_k=2]\n"
     "                 [--shared=0,1] [--ffn_hidden=0] [--capacity_factor=1.25] [--iters=10] [--warmup=2]\n"
-    "                 [--threads=1] [--dtype=float32|float64] [--device=cpu|cuda] [--format=table|json|csv]\n"
+    "                 [--threads=1] [--dtype=float32|float64] [--device=cpu|cuda] [--precision=fp32,bf16] [--format=table|json|csv]\n"
     "Comma-separated lists give one row per combination. tokens is per rank; ep = number of ranks.\n";
 }
 

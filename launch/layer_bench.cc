@@ -36,6 +36,7 @@ struct BenchOptions {
   int threads = 1;
   DType dtype = DType::kF32;
   Device device = Device::kCpu;
+  std::vector<Precision> precisions{Precision::kFp32};
   std::string format = "table";
 };
 
@@ -50,6 +51,19 @@ std::vector<int64_t> parse_list(const std::string& key, const std::string& text)
     out.push_back(v);
   }
   if (out.empty()) throw ConfigError(key, "expected at least one value");
+  return out;
+}
+
+std::vector<Precision> parse_precisions(const std::string& text) {
+  std::vector<Precision> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item == "fp32") out.push_back(Precision::kFp32);
+    else if (item == "bf16") out.push_back(Precision::kBf16);
+    else throw ConfigError("precision", "expected a list of fp32 | bf16, got '" + text + "'");
+  }
+  if (out.empty()) throw ConfigError("precision", "expected at least one value");
   return out;
 }
 
@@ -79,6 +93,7 @@ BenchOptions parse_options(const CommandLine& cl) {
     else if (k == "dtype" && (v == "float32" || v == "float64")) o.dtype = v == "float32" ? DType::kF32 : DType::kF64;
     else if (k == "format" && (v == "table" || v == "json" || v == "csv")) o.format = v;
     else if (k == "device" && (v == "cpu" || v == "cuda")) o.device = v == "cpu" ? Device::kCpu : Device::kCuda;
+    else if (k == "precision") o.precisions = parse_precisions(v);
     else throw ConfigError(k, "unknown or malformed option --" + f + " (see moe_bench --help)");
   }
   return o;
@@ -98,10 +113,17 @@ Tensor random_tensor(Backend& backend, const Shape& shape, DType dtype, uint64_t
 }
 
 // Time of the pure GEMMs of an FFN forward+backward (same shapes as one expert group of `rows` rows).
+// dt: the GEMM operand dtype (BF16 for precision bf16: operands converted from F32 random values).
 double dense_gemm_seconds(Backend& backend, DType dt, int64_t rows, int64_t hidden, int64_t mid, bool swiglu,
                           int iters, int warmup) {
   if (rows == 0) return 0;
-  Tensor x = random_tensor(backend, {rows, hidden}, dt, 101, 0), w = random_tensor(backend, {mid, hidden}, dt, 102, 0);
+  auto operand = [&](const Shape& shape, uint64_t stream) {
+    if (dt != DType::kBF16) return random_tensor(backend, shape, dt, stream, 0);
+    Tensor f = random_tensor(backend, shape, DType::kF32, stream, 0), b = backend.empty(shape, DType::kBF16);
+    backend.convert(f, b);
+    return b;
+  };
+  Tensor x = operand({rows, hidden}, 101), w = operand({mid, hidden}, 102);
   Tensor a = backend.empty({rows, mid}, dt), dw = backend.zeros({mid, hidden}, dt), y = backend.empty({rows, hidden}, dt);
   int gemms = swiglu ? 3 : 2;
   std::vector<double> times;
@@ -138,6 +160,7 @@ void expert_ref(const std::vector<double>& wg, const std::vector<double>& wu, co
 }
 
 struct Row {
+  Precision precision;
   int64_t tokens, experts, top_k, shared, ffn;
   double time_ms, tokens_per_s, expert_gflops, dense_gflops, ratio, dropped;
   int wrong;
@@ -162,8 +185,12 @@ int run_layer_bench(const CommandLine& cl) {
   for (int64_t tokens : o.tokens)
     for (int64_t experts : o.experts)
       for (int64_t top_k : o.top_k)
-        for (int64_t shared : o.shared) {
+        for (int64_t shared : o.shared)
+        for (Precision precision : o.precisions) {
           Config c = base;
+          c.runtime.precision = precision;
+          const bool bf16 = precision == Precision::kBf16;
+          const DType gemm_dt = bf16 ? DType::kBF16 : o.dtype;
           c.model.hidden = o.hidden;
           c.moe.num_experts = static_cast<int>(experts);
           c.moe.top_k = static_cast<int>(top_k);
@@ -216,10 +243,10 @@ int run_layer_bench(const CommandLine& cl) {
           // dense rate: the same GEMMs on this rank's rows, as single dense GEMMs
           int64_t my_rows = 0;
           for (int64_t r : layer.dispatcher().expert_rows()) my_rows += r;
-          double dense_s = dense_gemm_seconds(*backend, o.dtype, my_rows, hidden, mid, swiglu, o.iters, o.warmup);
+          double dense_s = dense_gemm_seconds(*backend, gemm_dt, my_rows, hidden, mid, swiglu, o.iters, o.warmup);
           double dense_flops = layer.experts().flops(1) * my_rows;
           if (shared) {
-            dense_s += dense_gemm_seconds(*backend, o.dtype, tokens, hidden, shared * shared_ffn_hidden(c), swiglu,
+            dense_s += dense_gemm_seconds(*backend, gemm_dt, tokens, hidden, shared * shared_ffn_hidden(c), swiglu,
                                           o.iters, o.warmup);
             dense_flops += layer.shared()->flops(1) * tokens;
           }
@@ -248,7 +275,9 @@ int run_layer_bench(const CommandLine& cl) {
           std::vector<double> eidx = to_doubles(*backend, route.expert_idx), ridx = to_doubles(*backend, route.row_idx),
                               gate = to_doubles(*backend, route.gate);
           int wrong = 0;
-          const double tol = o.dtype == DType::kF64 ? 1e-10 : 2e-4;
+          // bf16: input, weights, the mid activations and the output are each rounded to 8 mantissa bits
+          // (relative 2^-9 each) around fp32 accumulation: a few 1e-3 of the largest output element.
+          const double tol = o.dtype == DType::kF64 ? 1e-10 : bf16 ? 3e-2 : 2e-4;
           for (int64_t s = 0; s < std::min<int64_t>(16, tokens); ++s) {
             int64_t t = s * std::max<int64_t>(1, tokens / 16);
             std::vector<double> ref(static_cast<size_t>(hidden), 0.0);
@@ -272,25 +301,26 @@ int run_layer_bench(const CommandLine& cl) {
           std::vector<double> w{static_cast<double>(wrong)};
           groups.world->all_reduce_sum(w);
 
-          rows.push_back(Row{tokens, experts, top_k, shared, mid, layer_s * 1e3, tokens * world / layer_s,
+          rows.push_back(Row{precision, tokens, experts, top_k, shared, mid, layer_s * 1e3, tokens * world / layer_s,
                              expert_rate * 1e-9, dense_rate * 1e-9, expert_rate / dense_rate,
                              stats.dropped / stats.assignments, static_cast<int>(w[0])});
           if (o.format == "table" && rows.size() == 1) {
-            log_info("# moe_bench layer: MoE layer forward+backward, backend " + backend->name() + " (" +
-                     std::to_string(o.threads) + " BLAS thread(s) per rank), " + dtype_name(o.dtype) + ", " +
+            std::string threads = o.device == Device::kCpu ? " (" + std::to_string(o.threads) + " BLAS thread(s) per rank)" : "";
+            log_info("# moe_bench layer: MoE layer forward+backward, backend " + backend->name() + threads + ", " +
+                     dtype_name(o.dtype) + " master weights, communicator " + groups.world->name() + ", " +
                      std::to_string(world) + " rank(s), ep " + std::to_string(world) + ", hidden " +
                      std::to_string(hidden) + ", capacity_factor " + format_double(o.capacity_factor) + ", " +
                      std::to_string(o.iters) + " iters after " + std::to_string(o.warmup) + " warm-up (median)");
-            log_info("# expert GF/s: useful expert FFN FLOPs (fwd+bwd) / layer time; dense GF/s: the BLAS on the "
-                     "same GEMM shapes and FLOPs, this run; ratio = expert / dense");
-            log_info("#  tokens  hidden  experts  top_k  shared   ffn   time(ms)    tokens/s  expert GF/s  dense GF/s  "
+            log_info("# expert GF/s: useful expert FFN FLOPs (fwd+bwd) / layer time; dense GF/s: the BLAS (cuBLAS on "
+                     "a GPU) on the same GEMM shapes and FLOPs in the same precision, this run; ratio = expert / dense");
+            log_info("#  prec  tokens  hidden  experts  top_k  shared   ffn   time(ms)    tokens/s  expert GF/s  dense GF/s  "
                      "ratio  drop%  #wrong");
           }
           const Row& r = rows.back();
           char line[256];
           if (o.format == "table") {
-            std::snprintf(line, sizeof(line), "  %7lld  %6d  %7lld  %5lld  %6lld  %4lld  %9.2f  %10.0f  %11.2f  %10.2f  %5.2f  %5.2f  %6d",
-                          (long long)r.tokens, o.hidden, (long long)r.experts, (long long)r.top_k, (long long)r.shared,
+            std::snprintf(line, sizeof(line), "  %4s  %7lld  %6d  %7lld  %5lld  %6lld  %4lld  %9.2f  %10.0f  %11.2f  %10.2f  %5.2f  %5.2f  %6d",
+                          r.precision == Precision::kBf16 ? "bf16" : "fp32", (long long)r.tokens, o.hidden, (long long)r.experts, (long long)r.top_k, (long long)r.shared,
                           (long long)r.ffn, r.time_ms, r.tokens_per_s, r.expert_gflops, r.dense_gflops, r.ratio,
                           100 * r.dropped, r.wrong);
             log_info(line);
@@ -312,12 +342,14 @@ int run_layer_bench(const CommandLine& cl) {
         j.field("top_k", r.top_k).field("shared", r.shared).field("ffn", r.ffn).field("time_ms", r.time_ms);
         j.field("tokens_per_s", r.tokens_per_s).field("expert_gflops", r.expert_gflops);
         j.field("dense_gflops", r.dense_gflops).field("ratio", r.ratio).field("dropped_frac", r.dropped);
-        j.field("wrong", r.wrong).field("ranks", world).field("dtype", dtype_name(o.dtype)).end_object();
+        j.field("wrong", r.wrong).field("ranks", world).field("dtype", dtype_name(o.dtype));
+        j.field("precision", r.precision == Precision::kBf16 ? "bf16" : "fp32").field("device", backend->name());
+        j.end_object();
         log_info(j.str());
       } else {
-        if (&r == &rows.front()) log_info("tokens,hidden,experts,top_k,shared,ffn,time_ms,tokens_per_s,expert_gflops,dense_gflops,ratio,dropped_frac,wrong");
+        if (&r == &rows.front()) log_info("precision,tokens,hidden,experts,top_k,shared,ffn,time_ms,tokens_per_s,expert_gflops,dense_gflops,ratio,dropped_frac,wrong");
         std::ostringstream s;
-        s << r.tokens << "," << o.hidden << "," << r.experts << "," << r.top_k << "," << r.shared << "," << r.ffn << ","
+        s << (r.precision == Precision::kBf16 ? "bf16" : "fp32") << "," << r.tokens << "," << o.hidden << "," << r.experts << "," << r.top_k << "," << r.shared << "," << r.ffn << ","
           << r.time_ms << "," << r.tokens_per_s << "," << r.expert_gflops << "," << r.dense_gflops << "," << r.ratio
           << "," << r.dropped << "," << r.wrong;
         log_info(s.str());

@@ -11,7 +11,8 @@ FfnExperts::FfnExperts(ParamSet& params, const std::string& prefix, const Config
       num_experts_(num_experts),
       ffn_hidden_(ffn_hidden),
       hidden_(config.model.hidden),
-      fused_(fused) {
+      fused_(fused),
+      bf16_(config.runtime.precision == Precision::kBf16) {
   auto add = [&](const char* name, double std) {
     Param p;
     p.name = prefix + "." + name;
@@ -31,6 +32,28 @@ Tensor FfnExperts::weight(Param* p) const {
   return fused_ ? p->value.reshape({1, int64_t{num_experts_} * ffn_hidden_, hidden_}) : p->value;
 }
 
+Tensor FfnExperts::grad(Param* p) const {
+  return fused_ ? p->grad.reshape({1, int64_t{num_experts_} * ffn_hidden_, hidden_}) : p->grad;
+}
+
+Tensor FfnExperts::compute_copy(Backend& backend, const Tensor& t) const {
+  if (!bf16_ || t.dtype() == DType::kBF16) return t;
+  Tensor c = backend.empty(t.shape(), DType::kBF16);
+  backend.convert(t, c);
+  return c;
+}
+
+void FfnExperts::accumulate_weight_grad(Backend& backend, const Tensor& a, const Tensor& b, Param* p) {
+  Tensor g = grad(p);
+  if (a.dtype() == g.dtype()) {
+    backend.grouped_gemm_tn(a, b, g, group_rows_, 1.0, 1.0);
+    return;
+  }
+  Tensor tmp = backend.empty(g.shape(), a.dtype());
+  backend.grouped_gemm_tn(a, b, tmp, group_rows_, 1.0, 0.0);
+  backend.axpy(1.0, tmp, g);
+}
+
 double FfnExperts::flops(int64_t rows) const {
   // forward: (2 or 3) GEMMs of 2 * rows * H * F; backward: twice that
   int gemms = type_ == ExpertType::kSwiGLU ? 3 : 2;
@@ -41,53 +64,57 @@ double FfnExperts::flops(int64_t rows) const {
 Tensor FfnExperts::forward(Backend& backend, const Tensor& x, const std::vector<int64_t>& group_rows) {
   const int64_t n = x.dim(0);
   const int64_t mid = fused_ ? int64_t{num_experts_} * ffn_hidden_ : ffn_hidden_;
-  const DType ft = x.dtype();
-  x_ = x;
+  x_ = compute_copy(backend, x);
+  const DType ct = x_.dtype();
   group_rows_ = group_rows;
-  a_ = backend.empty({n, mid}, ft);
-  h_ = backend.empty({n, mid}, ft);
+  wg_ = w_gate_ ? compute_copy(backend, weight(w_gate_)) : Tensor();
+  wu_ = compute_copy(backend, weight(w_up_));
+  wd_ = compute_copy(backend, weight(w_down_));
+  a_ = backend.empty({n, mid}, ct);
+  h_ = backend.empty({n, mid}, ct);
   if (type_ == ExpertType::kSwiGLU) {
-    b_ = backend.empty({n, mid}, ft);
-    backend.grouped_gemm(x, weight(w_gate_), Trans::kT, a_, group_rows, 1.0, 0.0);
-    backend.grouped_gemm(x, weight(w_up_), Trans::kT, b_, group_rows, 1.0, 0.0);
+    b_ = backend.empty({n, mid}, ct);
+    backend.grouped_gemm(x_, wg_, Trans::kT, a_, group_rows, 1.0, 0.0);
+    backend.grouped_gemm(x_, wu_, Trans::kT, b_, group_rows, 1.0, 0.0);
     backend.swiglu_forward(a_, b_, h_);
   } else {
-    backend.grouped_gemm(x, weight(w_up_), Trans::kT, a_, group_rows, 1.0, 0.0);
+    backend.grouped_gemm(x_, wu_, Trans::kT, a_, group_rows, 1.0, 0.0);
     backend.activation_forward(type_ == ExpertType::kGelu ? Activation::kGelu : Activation::kRelu, a_, h_);
   }
-  Tensor y = backend.empty({n, hidden_}, ft);
-  backend.grouped_gemm(h_, weight(w_down_), Trans::kN, y, group_rows, 1.0, 0.0);
-  return y;
+  Tensor y = backend.empty({n, hidden_}, ct);
+  backend.grouped_gemm(h_, wd_, Trans::kN, y, group_rows, 1.0, 0.0);
+  if (ct == x.dtype()) return y;
+  Tensor out = backend.empty({n, hidden_}, x.dtype());
+  backend.convert(y, out);
+  return out;
 }
 
-Tensor FfnExperts::backward(Backend& backend, const Tensor& dy) {
-  const int64_t n = dy.dim(0);
+Tensor FfnExperts::backward(Backend& backend, const Tensor& dy_in) {
+  const int64_t n = dy_in.dim(0);
   const int64_t mid = a_.dim(1);
-  const DType ft = dy.dtype();
-  auto grad = [&](Param* p) {
-    return fused_ ? p->grad.reshape({1, int64_t{num_experts_} * ffn_hidden_, hidden_}) : p->grad;
-  };
-  Tensor dh = backend.empty({n, mid}, ft);
-  backend.grouped_gemm(dy, weight(w_down_), Trans::kT, dh, group_rows_, 1.0, 0.0);  // dh = dy W_down^T
-  Tensor g_down = grad(w_down_);
-  backend.grouped_gemm_tn(h_, dy, g_down, group_rows_, 1.0, 1.0);                    // dW_down += h^T dy
-  Tensor dx = backend.empty({n, hidden_}, ft);
-  Tensor da = backend.empty({n, mid}, ft);
+  Tensor dy = compute_copy(backend, dy_in);
+  const DType ct = dy.dtype();
+  Tensor dh = backend.empty({n, mid}, ct);
+  backend.grouped_gemm(dy, wd_, Trans::kT, dh, group_rows_, 1.0, 0.0);  // dh = dy W_down^T
+  accumulate_weight_grad(backend, h_, dy, w_down_);                      // dW_down += h^T dy
+  Tensor dx = backend.empty({n, hidden_}, ct);
+  Tensor da = backend.empty({n, mid}, ct);
   if (type_ == ExpertType::kSwiGLU) {
-    Tensor db = backend.empty({n, mid}, ft);
+    Tensor db = backend.empty({n, mid}, ct);
     backend.swiglu_backward(dh, a_, b_, da, db);
-    Tensor g_gate = grad(w_gate_), g_up = grad(w_up_);
-    backend.grouped_gemm_tn(da, x_, g_gate, group_rows_, 1.0, 1.0);  // dW_gate += da^T x
-    backend.grouped_gemm_tn(db, x_, g_up, group_rows_, 1.0, 1.0);    // dW_up += db^T x
-    backend.grouped_gemm(da, weight(w_gate_), Trans::kN, dx, group_rows_, 1.0, 0.0);
-    backend.grouped_gemm(db, weight(w_up_), Trans::kN, dx, group_rows_, 1.0, 1.0);
+    accumulate_weight_grad(backend, da, x_, w_gate_);  // dW_gate += da^T x
+    accumulate_weight_grad(backend, db, x_, w_up_);    // dW_up += db^T x
+    backend.grouped_gemm(da, wg_, Trans::kN, dx, group_rows_, 1.0, 0.0);
+    backend.grouped_gemm(db, wu_, Trans::kN, dx, group_rows_, 1.0, 1.0);
   } else {
     backend.activation_backward(type_ == ExpertType::kGelu ? Activation::kGelu : Activation::kRelu, dh, a_, da);
-    Tensor g_up = grad(w_up_);
-    backend.grouped_gemm_tn(da, x_, g_up, group_rows_, 1.0, 1.0);
-    backend.grouped_gemm(da, weight(w_up_), Trans::kN, dx, group_rows_, 1.0, 0.0);
+    accumulate_weight_grad(backend, da, x_, w_up_);
+    backend.grouped_gemm(da, wu_, Trans::kN, dx, group_rows_, 1.0, 0.0);
   }
-  return dx;
+  if (ct == dy_in.dtype()) return dx;
+  Tensor out = backend.empty({n, hidden_}, dy_in.dtype());
+  backend.convert(dx, out);
+  return out;
 }
 
 }  // namespace moe

@@ -5,6 +5,12 @@
 // Weights, per expert (no biases): w_gate, w_up (F, H) used as x W^T; w_down (F, H) used as h W.
 // Storing all three as (F, H) rows means n experts stacked, (n, F, H), are also one expert of mid size
 // n * F: that is how the shared experts run, as a single GEMM group whose output is the sum of theirs.
+//
+// Precision bf16 (runtime.precision): the GEMMs take bf16 copies of the input and of the fp32 master
+// weights (made each forward) and accumulate in fp32; the activations between the GEMMs are stored in
+// bf16; the output and the input gradient go back to the activation dtype. Weight gradients come out of
+// the grouped GEMM in bf16 (cuBLAS's grouped GEMM has no bf16-in, fp32-out form) and are added to the
+// fp32 gradient buffers, as mixed-precision training does with bf16 weight gradients.
 #pragma once
 
 #include <string>
@@ -33,17 +39,24 @@ class FfnExperts {
 
  private:
   Tensor weight(Param* p) const;  // (groups, F', H) view
+  Tensor grad(Param* p) const;    // the same view of the gradient
+  // t in the compute dtype: t itself, or a converted copy.
+  Tensor compute_copy(Backend& backend, const Tensor& t) const;
+  // grad(p) += a_g^T b_g per group, through a compute-dtype temporary when the dtypes differ.
+  void accumulate_weight_grad(Backend& backend, const Tensor& a, const Tensor& b, Param* p);
 
   ExpertType type_;
   int num_experts_;
   int ffn_hidden_;
   int hidden_;
   bool fused_;
+  bool bf16_;  // runtime.precision = bf16
   Param* w_gate_ = nullptr;  // swiglu only
   Param* w_up_;
   Param* w_down_;
-  // saved by forward
+  // saved by forward (x_ and the weights in the compute dtype)
   Tensor x_, a_, b_, h_;
+  Tensor wg_, wu_, wd_;
   std::vector<int64_t> group_rows_;
 };
 
