@@ -163,12 +163,17 @@ class NcclCommunicator final : public Communicator {
     size_t elem = dtype_size(dtype);
     auto* s = static_cast<const char*>(send);
     auto* r = static_cast<char*>(recv);
+    // Checked before the group opens: a throw inside it would still launch the calls already posted,
+    // leaving the peers waiting for the rest.
+    for (size_t p = 0; p < n; ++p) {
+      MOE_CHECK((send_counts[p] == 0 || s != nullptr) && (recv_counts[p] == 0 || r != nullptr),
+                "all_to_all_v: null buffer with a count");
+    }
     begin("all_to_all_v");
     grouped([&] {
       for (size_t p = 0; p < n; ++p) {
         int peer = static_cast<int>(p);
         size_t sc = send_counts[p], rc = recv_counts[p];
-        MOE_CHECK((sc == 0 || s != nullptr) && (rc == 0 || r != nullptr), "all_to_all_v: null buffer with a count");
         if (sc != 0) MOE_NCCL_CHECK(ncclSend(s + send_offsets[p] * elem, sc, nccl_type(dtype), peer, comm_, stream_));
         if (rc != 0) MOE_NCCL_CHECK(ncclRecv(r + recv_offsets[p] * elem, rc, nccl_type(dtype), peer, comm_, stream_));
       }
@@ -224,6 +229,7 @@ class NcclCommunicator final : public Communicator {
 
   std::unique_ptr<Communicator> split(int color, int key) override {
     MOE_CHECK(color >= 0, "nccl split: color must be >= 0, got ", color);
+    check_usable("ncclCommSplit");
     std::unique_ptr<Communicator> sub_host = host_->split(color, key);
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
@@ -324,8 +330,17 @@ class NcclCommunicator final : public Communicator {
     poller_ = add_wait_poller([this](double waited) { poll(waited); });
   }
 
+  // After an abort, comm_ is freed: any further NCCL call on it would be a use after free.
+  void check_usable(const char* op) const {
+    if (aborted_) {
+      throw CommError(detail::concat("NCCL ", op, " on rank ", where(), ": the communicator was aborted after an "
+                                     "earlier error"));
+    }
+  }
+
   // A device collective runs on our stream after the compute work issued so far...
   void begin(const char* op) {
+    check_usable(op);
     last_op_ = op;
     MOE_CUDA_CHECK(cudaEventRecord(ready_, compute_));
     MOE_CUDA_CHECK(cudaStreamWaitEvent(stream_, ready_, 0));

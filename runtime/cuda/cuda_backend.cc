@@ -5,8 +5,8 @@
 // end_side(). begin_side() makes the side stream wait for everything issued so far on the main stream;
 // join_side() makes the main stream wait for the side stream.
 //
-// Memory. Tensors come from cudaMallocAsync on the main stream and go back with cudaFreeAsync on it, so
-// a block is reused only by work ordered after its last use on the main stream. Side-stream work is not
+// Memory. Tensors come from cudaMallocAsync on the current stream and go back with cudaFreeAsync on the
+// main stream, so a block is reused only by work ordered after its last use. Side-stream work is not
 // ordered by the main stream, so a tensor released while a side window is open (begin_side() until the
 // matching join_side()) is kept until the join and freed behind it. The default memory pool keeps
 // freed memory cached (release threshold: unlimited), so steady-state steps do not call the driver.
@@ -93,6 +93,7 @@ class CudaBackend final : public Backend {
       alloc_->alive = false;
     }
     cudaStreamSynchronize(main_.stream);
+    if (bounce_) cudaFreeHost(bounce_);
     for (cudaEvent_t e : marks_) cudaEventDestroy(e);
     cudaEventDestroy(fork_);
     cudaEventDestroy(join_);
@@ -110,7 +111,7 @@ class CudaBackend final : public Backend {
     size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
     size_t alloc_bytes = std::max<size_t>(bytes, 256);
     void* p = nullptr;
-    cudaError_t err = cudaMallocAsync(&p, alloc_bytes, main_.stream);
+    cudaError_t err = cudaMallocAsync(&p, alloc_bytes, cur_->stream);
     if (err == cudaErrorMemoryAllocation) {
       cudaGetLastError();
       size_t free_b = 0, total_b = 0;

@@ -187,7 +187,7 @@ __device__ void softmax_push(SoftmaxStat& s, float x) {
   if (x > s.max) {
     s.sum = s.sum * expf(s.max - x) + 1.f;
     s.max = x;
-  } else {
+  } else if (x != -INFINITY) {  // -inf adds 0; while max is still -inf, exp(-inf - -inf) would be NaN
     s.sum += expf(x - s.max);
   }
 }

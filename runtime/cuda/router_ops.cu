@@ -7,16 +7,17 @@
 //   1. top-k: one thread per token. Insertion top-k over probs + bias (ties to the lower expert index,
 //      as on the CPU), scores, gates, top-k choice counts, GShard random-routing coins.
 //   2. slots: one warp per capacity group walks the group's assignments in priority order (every 1st
-//      choice before any 2nd; within a choice rank token order, or top-1 score order from a stable
-//      segmented sort for batch priority), 32 at a time. Lanes choosing the same expert find each other
+//      choice before any 2nd; within a choice rank token order, or top-1 score order for batch priority:
+//      a stable radix sort on (group, descending top-1 score) keys, which unlike a segmented sort never
+//      waits for the host), 32 at a time. Lanes choosing the same expert find each other
 //      with __match_any_sync; their slot is the expert's running count plus their rank among those lanes.
 //      That reproduces the CPU's sequential slot order exactly.
 //   3. rows: slot -> row of the expert-major send buffer.
 // Permutation kernels give one block to a token (or an assignment) and stride its threads over H.
 #include "runtime/cuda/router_ops.h"
 
+#include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
-#include <cub/device/device_segmented_sort.cuh>
 
 namespace moe {
 namespace cuda {
@@ -167,7 +168,8 @@ struct TopKArgs {
   int* eidx;
   float* score;
   float* gate;
-  float* top1;  // (T) key of the batch-priority sort
+  int64_t group_tokens;
+  unsigned long long* sort_key;  // (T) batch-priority sort key, or null: (group, descending top-1 score)
   int* slot;    // (T, k): -1, or kSkipped for a random-routing drop
   int* choices;
   int* counts;
@@ -208,7 +210,14 @@ __global__ void topk_kernel(TopKArgs a) {
                      : (a.normalize ? (sum > 0.0f ? s / sum : 0.0f) : s);
     a.gate[t * k + j] = g;
   }
-  a.top1[t] = a.score[t * k];
+  if (a.sort_key) {
+    // Ascending order of this key is group ascending, then top-1 score descending; the radix sort is
+    // stable, so ties stay in token order (std::stable_sort on the CPU). -0 counts as +0, as `>` has it.
+    float s = a.score[t * k];
+    unsigned u = __float_as_uint(s == 0.0f ? 0.0f : s);
+    unsigned ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // monotone in s
+    a.sort_key[t] = (static_cast<unsigned long long>(t / a.group_tokens) << 32) | (~ordered);
+  }
   if (a.random_routing) {
     float s1 = a.score[t * k], s2 = a.score[t * k + 1];
     double g2 = s1 + s2 > 0.0f ? static_cast<double>(s2) / static_cast<double>(s1 + s2) : 0.0;
@@ -220,42 +229,60 @@ __global__ void topk_kernel(TopKArgs a) {
   }
 }
 
-// One warp per group: slots in priority order (see the file comment). Shared memory: E ints.
-__global__ void slots_kernel(const int* eidx, int* slot, int* fill, int* counts, const int* order, int64_t group_tokens,
-                             int k, int e_count, int groups, int64_t capacity) {
-  extern __shared__ int counter[];
-  const int lane = threadIdx.x, g = blockIdx.x;
-  for (int e = lane; e < e_count; e += 32) counter[e] = 0;
-  __syncwarp();
-  int dropped = 0;
-  for (int j = 0; j < k; ++j) {
-    for (int64_t base = 0; base < group_tokens; base += 32) {
-      int64_t i = base + lane;
-      bool active = i < group_tokens;
-      int64_t t = active ? (order ? order[g * group_tokens + i] : g * group_tokens + i) : 0;
-      int64_t a = t * k + j;
-      bool live = active && slot[a] != kSkipped;
-      int e = live ? eidx[a] : e_count + lane;  // lanes without an assignment match nobody
-      unsigned peers = __match_any_sync(0xffffffffu, e);
-      int rank = __popc(peers & ((1u << lane) - 1u));
-      int before = live ? counter[e] : 0;
-      __syncwarp();
-      if (live) {
-        int s = before + rank;
-        bool kept = capacity == 0 || s < capacity;
-        slot[a] = kept ? s : -1;
-        dropped += kept ? 0 : 1;
-        if (lane == __ffs(peers) - 1) counter[e] = before + __popc(peers);
-      }
-      __syncwarp();
-    }
+// Capacity slots, in parallel. Assignment position p of group g in priority order is (j, i): every
+// token's j-th choice before any (j+1)-th, tokens in order i (token order, or the batch-priority order).
+// A stable sort of the positions by (group, expert) puts each expert's assignments of a group in
+// priority order, so the slot of an assignment is its index in the sorted array minus the start of its
+// (group, expert) segment: the CPU's sequential slot counter, computed without a serial walk.
+struct SlotKeys {
+  const int* eidx;
+  const int* slot;   // kSkipped marks a random-routing drop (no key, no slot)
+  const int* order;  // (T) tokens of each group in priority order, or null for token order
+  int64_t group_tokens;
+  int k, e_count, groups;
+  int* keys;      // (T k) group * E + expert, or groups * E for a skipped assignment (sorts last)
+  int* values;    // (T k) assignment index t * k + j
+  int* attempts;  // (groups * E) assignments per (group, expert) before capacity
+};
+
+__global__ void slot_keys_kernel(SlotKeys s) {
+  const int64_t per_group = s.group_tokens * s.k, n = per_group * s.groups;
+  for (int64_t p = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; p < n; p += int64_t{gridDim.x} * blockDim.x) {
+    int64_t g = p / per_group, r = p % per_group, j = r / s.group_tokens, i = r % s.group_tokens;
+    int64_t t = s.order ? s.order[g * s.group_tokens + i] : g * s.group_tokens + i;
+    int64_t a = t * s.k + j;
+    bool live = s.slot[a] != kSkipped;
+    int key = live ? static_cast<int>(g * s.e_count + s.eidx[a]) : s.groups * s.e_count;
+    s.keys[p] = key;
+    s.values[p] = static_cast<int>(a);
+    if (live) atomicAdd(&s.attempts[key], 1);
   }
-  for (int e = lane; e < e_count; e += 32) {
-    int c = counter[e];
-    fill[e * groups + g] = capacity > 0 && c > capacity ? static_cast<int>(capacity) : c;
+}
+
+// slot = position in the sorted segment; kept while below the capacity (0: dropless).
+__global__ void slots_from_sorted_kernel(const int* keys, const int* values, const int* segment_begin, int64_t n,
+                                         int dead_key, int64_t capacity, int* slot, int* counts) {
+  int dropped = 0;
+  for (int64_t q = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; q < n; q += int64_t{gridDim.x} * blockDim.x) {
+    int key = keys[q];
+    if (key == dead_key) continue;
+    int64_t s = q - segment_begin[key];
+    bool kept = capacity == 0 || s < capacity;
+    slot[values[q]] = kept ? static_cast<int>(s) : -1;
+    dropped += kept ? 0 : 1;
   }
   for (int o = 16; o > 0; o /= 2) dropped += __shfl_down_sync(0xffffffffu, dropped, o);
-  if (lane == 0 && dropped) atomicAdd(&counts[0], dropped);
+  if (threadIdx.x % 32 == 0 && dropped) atomicAdd(&counts[0], dropped);
+}
+
+// fill (E, G) = attempts (G, E) capped at the capacity
+__global__ void fill_kernel(const int* attempts, int e_count, int groups, int64_t capacity, int* fill) {
+  for (int64_t b = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; b < int64_t{e_count} * groups;
+       b += int64_t{gridDim.x} * blockDim.x) {
+    int64_t g = b / e_count, e = b % e_count;
+    int c = attempts[b];
+    fill[e * groups + g] = capacity > 0 && c > capacity ? static_cast<int>(capacity) : c;
+  }
 }
 
 __global__ void rows_kernel(const int* eidx, const int* slot, const int* block_begin, int64_t n, int k,
@@ -270,10 +297,6 @@ __global__ void rows_kernel(const int* eidx, const int* slot, const int* block_b
     int64_t begin = capacity > 0 ? b * capacity : block_begin[b];
     rows[a] = static_cast<int>(begin + s);
   }
-}
-
-__global__ void segment_offsets_kernel(int* offsets, int groups, int64_t group_tokens) {
-  for (int g = threadIdx.x; g <= groups; g += blockDim.x) offsets[g] = static_cast<int>(g * group_tokens);
 }
 
 __global__ void iota_kernel(int* v, int64_t n) {
@@ -396,6 +419,46 @@ struct Scratch {
   }
 };
 
+// Slots and fill from the top-k choices (see slot_keys_kernel): keys, one stable radix sort, a scan of
+// the per-(group, expert) counts, then every assignment reads its slot off its sorted position.
+void assign_slots(Context& ctx, RouteState& out, int* slot, const int* order, int64_t group_tokens, int k,
+                  int e_count, int g_count, int64_t capacity) {
+  const int64_t n = group_tokens * g_count * k;
+  const int segments = e_count * g_count;
+  MOE_CHECK(n < (int64_t{1} << 31) && segments < (1 << 30), "route: ", n, " assignments overflow 32-bit indices");
+  Scratch keys(ctx, sizeof(int) * static_cast<size_t>(n)), values(ctx, sizeof(int) * static_cast<size_t>(n));
+  Scratch keys_sorted(ctx, sizeof(int) * static_cast<size_t>(n)), values_sorted(ctx, sizeof(int) * static_cast<size_t>(n));
+  Scratch attempts(ctx, sizeof(int) * static_cast<size_t>(segments + 1)), begin(ctx, sizeof(int) * static_cast<size_t>(segments + 1));
+  MOE_CUDA_CHECK(cudaMemsetAsync(attempts.ptr, 0, sizeof(int) * static_cast<size_t>(segments + 1), ctx.stream));
+  SlotKeys sk{out.expert_idx.data<int32_t>(), slot, order, group_tokens, k, e_count, g_count,
+              keys.as<int>(), values.as<int>(), attempts.as<int>()};
+  slot_keys_kernel<<<grid_for(n), kBlock, 0, ctx.stream>>>(sk);
+  MOE_CUDA_LAUNCH_CHECK();
+
+  int end_bit = 1;
+  while (end_bit < 31 && (int64_t{1} << end_bit) <= segments) ++end_bit;  // keys go up to `segments`
+  size_t temp_bytes = 0;
+  MOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys.as<int>(), keys_sorted.as<int>(),
+                                                 values.as<int>(), values_sorted.as<int>(), static_cast<int>(n), 0,
+                                                 end_bit, ctx.stream));
+  Scratch sort_temp(ctx, std::max<size_t>(temp_bytes, 1));
+  MOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(sort_temp.ptr, temp_bytes, keys.as<int>(), keys_sorted.as<int>(),
+                                                 values.as<int>(), values_sorted.as<int>(), static_cast<int>(n), 0,
+                                                 end_bit, ctx.stream));
+  temp_bytes = 0;
+  MOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, attempts.as<int>(), begin.as<int>(),
+                                               segments + 1, ctx.stream));
+  Scratch scan_temp(ctx, std::max<size_t>(temp_bytes, 1));
+  MOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scan_temp.ptr, temp_bytes, attempts.as<int>(), begin.as<int>(),
+                                               segments + 1, ctx.stream));
+  slots_from_sorted_kernel<<<grid_for(n), kBlock, 0, ctx.stream>>>(keys_sorted.as<int>(), values_sorted.as<int>(),
+                                                                   begin.as<int>(), n, segments, capacity, slot,
+                                                                   out.counts.data<int32_t>());
+  fill_kernel<<<grid_for(segments), kBlock, 0, ctx.stream>>>(attempts.as<int>(), e_count, g_count, capacity,
+                                                            out.fill.data<int32_t>());
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 void jitter(Context& ctx, const Tensor& x, double eps, const RngStream& rng, int64_t token_offset, Tensor& out) {
@@ -509,7 +572,9 @@ void route(Context& ctx, const RouteArgs& args, const Tensor& sel_probs, const T
     out.num_rows = args.capacity ? int64_t{e_count} * g_count * args.capacity : 0;
     return;
   }
-  Scratch slot(ctx, sizeof(int) * static_cast<size_t>(n)), top1(ctx, sizeof(float) * static_cast<size_t>(t_count));
+  const bool batch = args.priority == Priority::kBatch;
+  Scratch slot(ctx, sizeof(int) * static_cast<size_t>(n));
+  Scratch sort_key(ctx, batch ? sizeof(unsigned long long) * static_cast<size_t>(t_count) : 0);
 
   TopKArgs a;
   a.probs = sel_probs.data<float>();
@@ -525,7 +590,8 @@ void route(Context& ctx, const RouteArgs& args, const Tensor& sel_probs, const T
   a.eidx = out.expert_idx.data<int32_t>();
   a.score = out.score.data<float>();
   a.gate = out.gate.data<float>();
-  a.top1 = top1.as<float>();
+  a.group_tokens = group_tokens;
+  a.sort_key = sort_key.as<unsigned long long>();
   a.slot = slot.as<int>();
   a.choices = out.choices.data<int32_t>();
   a.counts = out.counts.data<int32_t>();
@@ -533,28 +599,31 @@ void route(Context& ctx, const RouteArgs& args, const Tensor& sel_probs, const T
   MOE_CUDA_LAUNCH_CHECK();
 
   // Batch priority: each group's tokens by descending top-1 score, ties in token order (stable).
-  Scratch order(ctx, args.priority == Priority::kBatch ? sizeof(int) * static_cast<size_t>(t_count) : 0);
-  if (args.priority == Priority::kBatch) {
-    Scratch offsets(ctx, sizeof(int) * static_cast<size_t>(g_count + 1));
-    Scratch keys_out(ctx, sizeof(float) * static_cast<size_t>(t_count)), iota(ctx, sizeof(int) * static_cast<size_t>(t_count));
-    segment_offsets_kernel<<<1, kBlock, 0, ctx.stream>>>(offsets.as<int>(), g_count, group_tokens);
+  // One radix sort over all groups (the group is the key's high word). cub::DeviceSegmentedSort would
+  // copy segment counts to the host and synchronise the stream once there are more than a few hundred
+  // groups.
+  Scratch order(ctx, batch ? sizeof(int) * static_cast<size_t>(t_count) : 0);
+  if (batch) {
+    Scratch keys_out(ctx, sizeof(unsigned long long) * static_cast<size_t>(t_count));
+    Scratch iota(ctx, sizeof(int) * static_cast<size_t>(t_count));
     iota_kernel<<<grid_for(t_count), kBlock, 0, ctx.stream>>>(iota.as<int>(), t_count);
     MOE_CUDA_LAUNCH_CHECK();
+    int end_bit = 32;
+    while (end_bit < 64 && (int64_t{1} << (end_bit - 32)) < g_count) ++end_bit;
     size_t temp_bytes = 0;
-    MOE_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortPairsDescending(
-        nullptr, temp_bytes, top1.as<float>(), keys_out.as<float>(), iota.as<int>(), order.as<int>(),
-        static_cast<int>(t_count), g_count, offsets.as<int>(), offsets.as<int>() + 1, ctx.stream));
-    Scratch temp(ctx, temp_bytes);
-    MOE_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortPairsDescending(
-        temp.ptr, temp_bytes, top1.as<float>(), keys_out.as<float>(), iota.as<int>(), order.as<int>(),
-        static_cast<int>(t_count), g_count, offsets.as<int>(), offsets.as<int>() + 1, ctx.stream));
+    MOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, sort_key.as<unsigned long long>(),
+                                                   keys_out.as<unsigned long long>(), iota.as<int>(),
+                                                   order.as<int>(), static_cast<int>(t_count), 0, end_bit,
+                                                   ctx.stream));
+    Scratch temp(ctx, std::max<size_t>(temp_bytes, 1));  // a null buffer would make the call a size query
+    MOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.ptr, temp_bytes, sort_key.as<unsigned long long>(),
+                                                   keys_out.as<unsigned long long>(), iota.as<int>(),
+                                                   order.as<int>(), static_cast<int>(t_count), 0, end_bit,
+                                                   ctx.stream));
   }
 
-  slots_kernel<<<g_count, 32, sizeof(int) * e_count, ctx.stream>>>(
-      out.expert_idx.data<int32_t>(), slot.as<int>(), out.fill.data<int32_t>(), out.counts.data<int32_t>(),
-      args.priority == Priority::kBatch ? order.as<int>() : nullptr, group_tokens, k, e_count, g_count,
-      args.capacity);
-  MOE_CUDA_LAUNCH_CHECK();
+  assign_slots(ctx, out, slot.as<int>(), batch ? order.as<int>() : nullptr, group_tokens, k, e_count, g_count,
+               args.capacity);
 
   // Rows: with a capacity every block has `capacity` rows; dropless, blocks follow the fill prefix sum.
   const int64_t blocks = int64_t{e_count} * g_count;
@@ -570,7 +639,7 @@ void route(Context& ctx, const RouteArgs& args, const Tensor& sel_probs, const T
     size_t temp_bytes = 0;
     MOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, fill_ext.as<int>(), begin.as<int>(),
                                                  static_cast<int>(blocks + 1), ctx.stream));
-    Scratch temp(ctx, temp_bytes);
+    Scratch temp(ctx, std::max<size_t>(temp_bytes, 1));
     MOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.ptr, temp_bytes, fill_ext.as<int>(), begin.as<int>(),
                                                  static_cast<int>(blocks + 1), ctx.stream));
     out.num_rows = read_back_int(ctx, begin.as<int>() + blocks);  // the one host wait of dropless routing
