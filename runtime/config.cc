@@ -465,6 +465,14 @@ void validate_config(const Config& c, int world) {
   need(!cuda || r.dtype == DType::kF32, "runtime.dtype", "must be float32 with runtime.device = cuda");
   need(cuda || r.precision == Precision::kFp32, "runtime.precision", "bf16 needs runtime.device = cuda");
   need(cuda || r.comm != CommKind::kNccl, "runtime.comm", "nccl needs runtime.device = cuda");
+  need(!cuda || m.top_k <= 16, "moe.top_k", "must be <= 16 with runtime.device = cuda");
+  if (r.precision == Precision::kBf16) {
+    // cuBLAS needs bf16 GEMM operands 16-byte aligned: rows of a multiple of 8 elements
+    need(c.model.hidden % 8 == 0, "model.hidden", "must be a multiple of 8 with runtime.precision = bf16");
+    need(expert_ffn_hidden(c) % 8 == 0, "moe.ffn_hidden", "must be a multiple of 8 with runtime.precision = bf16");
+    need(shared_ffn_hidden(c) % 8 == 0, "moe.shared_ffn_hidden",
+         "must be a multiple of 8 with runtime.precision = bf16");
+  }
   finite(r.comm_timeout_s, "runtime.comm_timeout_s");
   need(r.comm_timeout_s >= 0, "runtime.comm_timeout_s", "must be >= 0");
 }
