@@ -10,13 +10,9 @@
 #include <cmath>
 #include <cstdint>
 
-// The generator and uniform() also compile as device code, so kernels draw the very same numbers.
-#if defined(__CUDACC__)
-#define MOE_HOST_DEVICE __host__ __device__
-#else
-#define MOE_HOST_DEVICE
-#endif
+#include "runtime/host_device.h"
 
+// The generator and uniform() also compile as device code, so kernels draw the very same numbers.
 namespace moe {
 
 // What a random stream is used for: keeps streams of different purposes disjoint.

@@ -11,6 +11,7 @@
 #include <numeric>
 
 #include "runtime/backend.h"
+#include "runtime/topk.h"
 
 namespace moe {
 namespace {
@@ -696,18 +697,7 @@ void CpuBackend::route(const RouteArgs& args, const Tensor& sel_probs, const Ten
       const T* p = probs + t * e_count;
       int32_t* idx = eidx + t * k;
       int n = 0;
-      for (int e = 0; e < e_count; ++e) {
-        T v = p[e] + (b ? b[e] : T(0));
-        if (n == k && !(v > key[k - 1])) continue;
-        int pos = n < k ? n++ : k - 1;
-        while (pos > 0 && v > key[pos - 1]) {
-          key[pos] = key[pos - 1];
-          idx[pos] = idx[pos - 1];
-          --pos;
-        }
-        key[pos] = v;
-        idx[pos] = e;
-      }
+      for (int e = 0; e < e_count; ++e) topk_insert(key.data(), idx, n, k, T(p[e] + (b ? b[e] : T(0))), e);
       T sum = 0;
       for (int j = 0; j < k; ++j) {
         score[t * k + j] = p[idx[j]];

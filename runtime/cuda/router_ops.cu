@@ -16,6 +16,8 @@
 // Permutation kernels give one block to a token (or an assignment) and stride its threads over H.
 #include "runtime/cuda/router_ops.h"
 
+#include "runtime/topk.h"
+
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
 
@@ -183,18 +185,7 @@ __global__ void topk_kernel(TopKArgs a) {
   float key[kMaxTopK];
   int idx[kMaxTopK];
   int n = 0;
-  for (int e = 0; e < a.e; ++e) {
-    float v = p[e] + (a.bias ? a.bias[e] : 0.0f);
-    if (n == k && !(v > key[k - 1])) continue;
-    int pos = n < k ? n++ : k - 1;
-    while (pos > 0 && v > key[pos - 1]) {
-      key[pos] = key[pos - 1];
-      idx[pos] = idx[pos - 1];
-      --pos;
-    }
-    key[pos] = v;
-    idx[pos] = e;
-  }
+  for (int e = 0; e < a.e; ++e) topk_insert(key, idx, n, k, p[e] + (a.bias ? a.bias[e] : 0.0f), e);
   float sum = 0;
   for (int j = 0; j < k; ++j) {
     float s = p[idx[j]];
