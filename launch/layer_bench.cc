@@ -174,8 +174,8 @@ int run_layer_bench(const CommandLine& cl) {
   base.runtime.device = o.device;
   base.runtime.threads = o.threads;
   base.runtime.dtype = o.dtype;
-  auto backend = make_backend(base);
   auto world_comm = make_mpi_world();
+  auto backend = make_backend(base, *world_comm);
   const int world = world_comm->size();
   base.parallel.ep = world;
   ProcessGroups groups = make_groups(base, *backend, std::move(world_comm));  // one EP group over every rank

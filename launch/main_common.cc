@@ -99,18 +99,36 @@ Config load_config(const CommandLine& cl, Communicator& world, ConfigSources* so
   }
 }
 
-std::unique_ptr<Backend> make_backend(const Config& config) {
+std::unique_ptr<Backend> make_backend(const Config& config, Communicator& world) {
   if (config.runtime.device == Device::kCpu) {
     CpuBackendOptions options;
     options.threads = config.runtime.threads;
     return make_cpu_backend(options);
   }
-  int local = mpi_local_rank();
-  int count = cuda_device_count();
-  if (count == 0) throw ConfigError("runtime.device", "cuda: " + cuda_unavailable_reason());
-  CudaBackendOptions options;
-  options.device = local % count;
-  return make_cuda_backend(options);
+  // Every rank tries its device; the ranks then agree, so a missing GPU on any node is one error line
+  // (from the lowest failing rank) and a clean stop everywhere.
+  std::unique_ptr<Backend> backend;
+  std::string failure;
+  try {
+    int local = mpi_local_rank();
+    int count = cuda_device_count();
+    if (count == 0) throw ConfigError("runtime.device", "cuda: " + cuda_unavailable_reason());
+    CudaBackendOptions options;
+    options.device = local % count;
+    backend = make_cuda_backend(options);
+  } catch (const Error& e) {
+    failure = e.what();
+  }
+  std::vector<double> failed(static_cast<size_t>(world.size()), 0.0), mine{failure.empty() ? 0.0 : 1.0};
+  world.all_gather(mine.data(), failed.data(), 1, DType::kF64);
+  for (int r = 0; r < world.size(); ++r) {
+    if (failed[static_cast<size_t>(r)] == 0.0) continue;
+    broadcast_string(world, failure, r);
+    ConfigError e("", failure + (world.size() > 1 ? " (rank " + std::to_string(r) + ")" : ""));
+    e.mark_collective();
+    throw e;
+  }
+  return backend;
 }
 
 ProcessGroups make_groups(const Config& config, Backend& backend, std::unique_ptr<Communicator> world) {

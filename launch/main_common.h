@@ -32,8 +32,9 @@ CommandLine parse_command_line(int argc, char** argv, int first);
 // configuration error is raised by every rank together (marked collective).
 Config load_config(const CommandLine& cl, Communicator& world, ConfigSources* sources);
 
-// The op backend of runtime.device: the CPU, or CUDA device (local rank mod visible devices). Collective.
-std::unique_ptr<Backend> make_backend(const Config& config);
+// The op backend of runtime.device: the CPU, or CUDA device (local rank mod visible devices). Collective
+// over `world`: when any rank cannot get its device, every rank throws the same (collective) error.
+std::unique_ptr<Backend> make_backend(const Config& config, Communicator& world);
 // The ep x dp mesh over `world` (MPI), or over NCCL wrapping it when runtime.comm resolves to nccl.
 ProcessGroups make_groups(const Config& config, Backend& backend, std::unique_ptr<Communicator> world);
 

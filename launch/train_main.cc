@@ -49,7 +49,7 @@ int train(const CommandLine& cl) {
            config_table(config, sources));
   if (print_only) return 0;
 
-  auto backend = make_backend(config);
+  auto backend = make_backend(config, *world);
   log_info("backend: " + backend->name() + ", communicator: " + (use_nccl(config) ? "nccl" : "mpi"));
   ProcessGroups groups = make_groups(config, *backend, std::move(world));
   Trainer trainer(config, *backend, groups);

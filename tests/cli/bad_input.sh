@@ -44,6 +44,16 @@ case $case_name in
     printf 'XXXX' | dd of="$file" bs=1 seek=200 conv=notrunc status=none
     args=("${small[@]}" --parallel.ep=4 --train.steps=4 --train.checkpoint_dir=ck --train.resume=auto)
     expect="corrupt checkpoint file" ;;
+  bf16_on_cpu)
+    args=(--runtime.precision=bf16) expect="runtime.precision: bf16 needs runtime.device = cuda" ;;
+  nccl_on_cpu)
+    args=(--runtime.comm=nccl) expect="runtime.comm: nccl needs runtime.device = cuda" ;;
+  cuda_without_gpu)
+    if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+      echo "skipped: this machine has a GPU"
+      exit 77
+    fi
+    args=("${small[@]}" --runtime.device=cuda) expect="runtime.device: cuda:" ;;
   *) echo "unknown case $case_name"; exit 1 ;;
 esac
 

@@ -25,7 +25,7 @@ class Nccl : public ::testing::Test {
     config.runtime.device = Device::kCuda;
     config.runtime.comm = CommKind::kNccl;
     config.runtime.comm_timeout_s = 60;
-    backend = make_backend(config);
+    backend = make_backend(config, *make_mpi_world());
   }
   Config config;
   std::unique_ptr<Backend> backend;
