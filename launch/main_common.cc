@@ -116,7 +116,7 @@ std::unique_ptr<Backend> make_backend(const Config& config, Communicator& world)
     CudaBackendOptions options;
     options.device = local % count;
     backend = make_cuda_backend(options);
-  } catch (const Error& e) {
+  } catch (const std::exception& e) {
     failure = e.what();
   }
   std::vector<double> failed(static_cast<size_t>(world.size()), 0.0), mine{failure.empty() ? 0.0 : 1.0};
@@ -135,6 +135,12 @@ ProcessGroups make_groups(const Config& config, Backend& backend, std::unique_pt
   if (use_nccl(config)) {
     if (backend.device() != Device::kCuda) throw ConfigError("runtime.comm", "nccl needs runtime.device = cuda");
     world = make_nccl_communicator(std::move(world), backend.native_stream(), config.runtime.comm_timeout_s);
+  } else if (backend.device() == Device::kCuda) {
+    // The MPI communicator moves host buffers, outside the backend's stream order: the dispatcher's
+    // all-to-all of device rows (and the gradient sums) would hand it device pointers, even on one rank.
+    ConfigError e("runtime.comm", "mpi moves host buffers only; runtime.device = cuda needs nccl (or auto)");
+    e.mark_collective();  // every rank has the same configuration
+    throw e;
   }
   return make_process_groups(std::move(world), config.parallel.ep);
 }

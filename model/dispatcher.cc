@@ -13,7 +13,9 @@ Tensor Dispatcher::exchange(Backend& backend, Communicator& ep, const Tensor& ro
   int64_t out_rows = forward ? recv_rows_total_ : send_rows_total_;
   Tensor out = backend.empty({out_rows, hidden_}, rows.dtype());
   const size_t h = static_cast<size_t>(hidden_);
-  if (padded_) {
+  if (ep.size() == 1) {
+    backend.copy(rows, out);  // the rows stay here: no collective, whatever the communicator's memory
+  } else if (padded_) {
     // Every peer gets the same number of rows: one equal-count all-to-all, no counts needed.
     ep.all_to_all(rows.raw(), out.raw(), sc[0] * h, rows.dtype());
   } else {

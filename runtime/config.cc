@@ -263,8 +263,9 @@ std::vector<ConfigField> build_fields() {
                      "runtime.device = cuda."));
   f.push_back(choice("runtime.comm", &C::runtime, &RuntimeConfig::comm,
                      {{"auto", CommKind::kAuto}, {"nccl", CommKind::kNccl}, {"mpi", CommKind::kMpi}},
-                     "Communicator for tensors: auto is nccl when runtime.device = cuda, else mpi. Host values "
-                     "(counts, strings) always go over MPI."));
+                     "Communicator for tensors: auto is nccl when runtime.device = cuda, else mpi (mpi moves host "
+                     "memory only, nccl device memory only). Host values (counts, loss sums, strings) always go "
+                     "over MPI."));
   f.push_back(field("runtime.comm_timeout_s", &C::runtime, &RuntimeConfig::comm_timeout_s,
                     "Seconds a rank waits for an NCCL collective before every rank aborts with an error "
                     "(a dead or stuck peer). 0: wait forever."));
@@ -465,6 +466,8 @@ void validate_config(const Config& c, int world) {
   need(!cuda || r.dtype == DType::kF32, "runtime.dtype", "must be float32 with runtime.device = cuda");
   need(cuda || r.precision == Precision::kFp32, "runtime.precision", "bf16 needs runtime.device = cuda");
   need(cuda || r.comm != CommKind::kNccl, "runtime.comm", "nccl needs runtime.device = cuda");
+  need(!cuda || r.comm != CommKind::kMpi, "runtime.comm",
+       "mpi moves host buffers only; runtime.device = cuda needs nccl (or auto)");
   need(!cuda || m.top_k <= 16, "moe.top_k", "must be <= 16 with runtime.device = cuda");
   if (r.precision == Precision::kBf16) {
     // cuBLAS needs bf16 GEMM operands 16-byte aligned: rows of a multiple of 8 elements

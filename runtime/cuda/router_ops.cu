@@ -6,12 +6,12 @@
 // route() runs in three kernels and never waits for the host (except dropless, for the row count):
 //   1. top-k: one thread per token. Insertion top-k over probs + bias (ties to the lower expert index,
 //      as on the CPU), scores, gates, top-k choice counts, GShard random-routing coins.
-//   2. slots: one warp per capacity group walks the group's assignments in priority order (every 1st
-//      choice before any 2nd; within a choice rank token order, or top-1 score order for batch priority:
-//      a stable radix sort on (group, descending top-1 score) keys, which unlike a segmented sort never
-//      waits for the host), 32 at a time. Lanes choosing the same expert find each other
-//      with __match_any_sync; their slot is the expert's running count plus their rank among those lanes.
-//      That reproduces the CPU's sequential slot order exactly.
+//   2. slots (assign_slots): every assignment gets a key (group, expert) at its position in priority
+//      order (every 1st choice before any 2nd; within a choice rank token order, or top-1 score order for
+//      batch priority: a stable radix sort on (group, descending top-1 score) keys, which unlike a
+//      segmented sort never waits for the host). A stable radix sort of those keys keeps each segment in
+//      priority order, so an assignment's slot is its offset in its segment (exclusive scan of the
+//      per-segment counts): the CPU's sequential slot counter, exactly.
 //   3. rows: slot -> row of the expert-major send buffer.
 // Permutation kernels give one block to a token (or an assignment) and stride its threads over H.
 #include "runtime/cuda/router_ops.h"

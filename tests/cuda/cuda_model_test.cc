@@ -7,11 +7,20 @@
 // Every test skips, printing why, when no CUDA device is usable.
 #include <gtest/gtest.h>
 
+#include "comm/mpi/mpi_communicator.h"
+#include "comm/nccl/nccl_communicator.h"
 #include "tests/test_util.h"
 #include "train/trainer.h"
 
 namespace moe {
 namespace {
+
+// A group of one for the CUDA backend. test::self_groups() is MPI over MPI_COMM_SELF, which moves host
+// buffers only and is not ordered with the backend's stream: the dispatcher's all-to-all of device rows
+// would hand device pointers to MPI. A GPU run gets NCCL (make_groups), so the tests use it too.
+ProcessGroups device_self_groups(Backend& backend) {
+  return make_process_groups(make_nccl_communicator(make_mpi_self(), backend.native_stream(), 120.0), 1);
+}
 
 struct LayerCase {
   const char* name;
@@ -66,7 +75,7 @@ void expect_layer_matches(const Config& base, Precision precision, double tol) {
   gpu_config.runtime.precision = precision;
   auto cpu = make_cpu_backend({});
   auto gpu = make_cuda_backend({});
-  ProcessGroups g1 = test::self_groups(), g2 = test::self_groups();
+  ProcessGroups g1 = test::self_groups(), g2 = device_self_groups(*gpu);
   test::LayerResult want = test::run_layer(cpu_config, *cpu, g1, tokens, 0, tokens, true, 2);
   test::LayerResult got = test::run_layer(gpu_config, *gpu, g2, tokens, 0, tokens, true, 2);
   EXPECT_LE(test::rel_diff(got.y, want.y), tol) << "y";
@@ -103,8 +112,9 @@ INSTANTIATE_TEST_SUITE_P(Cases, CudaLayer, ::testing::ValuesIn(kCases),
                          [](const auto& info) { return std::string(info.param.name); });
 
 std::vector<double> train_losses(const Config& config) {
-  auto backend = config.runtime.device == Device::kCuda ? make_cuda_backend({}) : make_cpu_backend({});
-  ProcessGroups groups = test::self_groups();
+  const bool cuda = config.runtime.device == Device::kCuda;
+  auto backend = cuda ? make_cuda_backend({}) : make_cpu_backend({});
+  ProcessGroups groups = cuda ? device_self_groups(*backend) : test::self_groups();
   Trainer trainer(config, *backend, groups);
   std::vector<double> out;
   for (const StepRecord& r : trainer.run()) out.push_back(r.stats.loss);
@@ -152,7 +162,7 @@ TEST(CudaTraining, TimelinePhasesAddUpAndReportHiddenSharedTime) {
   c.train.log_every = 1000;
   c.runtime.device = Device::kCuda;
   auto backend = make_cuda_backend({});
-  ProcessGroups groups = test::self_groups();
+  ProcessGroups groups = device_self_groups(*backend);
   Trainer trainer(c, *backend, groups);
   std::vector<StepRecord> records = trainer.run();
   const PhaseTimes& t = records.back().times;
