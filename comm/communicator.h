@@ -36,6 +36,9 @@ class Communicator {
   // every started sum. Host communicators finish it before returning.
   virtual void all_reduce_sum_start(void* buf, size_t count, DType dtype) { all_reduce_sum(buf, buf, count, dtype); }
   virtual void wait_pending() {}
+  // Seconds the sums started since the last call ran on the device (valid once the device has been
+  // synchronised), then resets; 0 for host communicators, whose sums block where they are called.
+  virtual double take_started_seconds() { return 0; }
   // recv holds size() chunks of `count`; chunk i comes from rank i.
   virtual void all_gather(const void* send, void* recv, size_t count, DType dtype) = 0;
   virtual void broadcast(void* buf, size_t count, DType dtype, int root) = 0;

@@ -10,7 +10,8 @@ namespace moe {
 
 // Time of one step, split by phase (seconds). The phases are consecutive stretches of the main stream,
 // so they add up to the step. Work on the side stream (shared experts) is booked where the main stream
-// had to wait for it; the part that ran beside other work is reported in `hidden_shared`, outside the sum.
+// had to wait for it; the part that ran beside other work is reported in `hidden_shared`, outside the sum,
+// and likewise for the gradient sums started during the backward (`hidden_allreduce`).
 struct PhaseTimes {
   double router = 0;     // router GEMM, scores, top-k/capacity, loss statistics (with their all-reduce)
   double dispatch = 0;   // permute, all-to-all to the experts, expert-major compaction
@@ -22,7 +23,8 @@ struct PhaseTimes {
   double optimizer = 0;  // clipping, optimizer update, loss-free bias update
   double other = 0;      // data, embedding, norms, head and loss forward, metrics
 
-  double hidden_shared = 0;  // shared expert time (forward and backward) that overlapped other work
+  double hidden_shared = 0;     // shared expert time (forward and backward) that overlapped other work
+  double hidden_allreduce = 0;  // gradient-sum time that overlapped the backward (stream-ordered comm)
 
   double total() const { return router + dispatch + experts + combine + shared + backward + allreduce + optimizer + other; }
 };

@@ -140,6 +140,12 @@ void GradReducer::finish() {
   for (Communicator* c : comms_) c->wait_pending();
 }
 
+double GradReducer::take_sum_seconds() {
+  double total = 0;
+  for (Communicator* c : comms_) total += c->take_started_seconds();
+  return total;
+}
+
 void reduce_gradients(ParamSet& params, ProcessGroups& groups) {
   Tensor& rep = params.grads(ParamScope::kReplicated);
   if (rep.numel() && groups.world->size() > 1) groups.world->all_reduce_sum(rep);

@@ -31,6 +31,9 @@ class Transformer {
   // them over the ranks (replicated: world; experts: dp group).
   StepStats forward_backward(const Tensor& inputs, const Tensor& targets, const StepContext& ctx);
 
+  // Device seconds of the last step's gradient sums (valid after the device is synchronised).
+  double take_gradient_sum_seconds() { return reducer_->take_sum_seconds(); }
+
   // Loss-free balancing update of every layer (after the optimizer step).
   void update_balance_bias(double rate);
 

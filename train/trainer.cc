@@ -74,6 +74,7 @@ StepRecord Trainer::train_step() {
   if (config_.moe.bias_update_rate > 0) model_->update_balance_bias(config_.moe.bias_update_rate);
   timeline.lap(&r.times.optimizer);
   timeline.resolve(r.times);
+  r.times.hidden_allreduce = std::max(0.0, model_->take_gradient_sum_seconds() - r.times.allreduce);
 
   ++state_.step;
   state_.next_sequence += config_.train.batch_size;
@@ -107,7 +108,7 @@ std::string Trainer::metrics_line(const StepRecord& r) const {
   j.field("router", t.router).field("dispatch", t.dispatch).field("experts", t.experts).field("combine", t.combine);
   j.field("shared", t.shared).field("backward", t.backward).field("optimizer", t.optimizer);
   j.field("allreduce", t.allreduce).field("other", t.other).field("total", t.total());
-  j.field("hidden_shared", t.hidden_shared);
+  j.field("hidden_shared", t.hidden_shared).field("hidden_allreduce", t.hidden_allreduce);
   j.end_object();
   j.key("layers").begin_array();
   for (const RouterStats& l : r.stats.layers) {

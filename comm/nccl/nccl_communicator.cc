@@ -123,6 +123,10 @@ class NcclCommunicator final : public Communicator {
       }
       if (ready_ != nullptr) (void)cudaEventDestroy(ready_);
       if (done_ != nullptr) (void)cudaEventDestroy(done_);
+      for (Timing& t : timings_) {
+        (void)cudaEventDestroy(t.start);
+        (void)cudaEventDestroy(t.stop);
+      }
       if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
     } catch (...) {
     }
@@ -193,9 +197,23 @@ class NcclCommunicator final : public Communicator {
     if (count == 0) return;
     if (!use_device(buf, buf, false, "all_reduce_sum_start")) return host_->all_reduce_sum(buf, buf, count, dtype);
     begin("all_reduce_sum_start");
+    Timing& t = next_timing();
+    MOE_CUDA_CHECK(cudaEventRecord(t.start, stream_));
     MOE_NCCL_CHECK(ncclAllReduce(buf, buf, count, nccl_type(dtype), ncclSum, comm_, stream_));
     end(false);  // the compute stream runs on; wait_pending() joins it
+    MOE_CUDA_CHECK(cudaEventRecord(t.stop, stream_));
     pending_ = true;
+  }
+
+  double take_started_seconds() override {
+    double total = 0;
+    for (size_t i = 0; i < timings_used_; ++i) {
+      float ms = 0;
+      MOE_CUDA_CHECK(cudaEventElapsedTime(&ms, timings_[i].start, timings_[i].stop));
+      total += ms / 1000.0;
+    }
+    timings_used_ = 0;
+    return total;
   }
 
   void wait_pending() override {
@@ -353,6 +371,20 @@ class NcclCommunicator final : public Communicator {
     if (compute_waits) MOE_CUDA_CHECK(cudaStreamWaitEvent(compute_, done_, 0));
   }
 
+  // Timing events around started sums, reused from step to step.
+  struct Timing {
+    cudaEvent_t start = nullptr, stop = nullptr;
+  };
+  Timing& next_timing() {
+    if (timings_used_ == timings_.size()) {
+      Timing t;
+      MOE_CUDA_CHECK(cudaEventCreate(&t.start));
+      MOE_CUDA_CHECK(cudaEventCreate(&t.stop));
+      timings_.push_back(t);
+    }
+    return timings_[timings_used_++];
+  }
+
   // Point-to-point calls fused into one launch; the group is closed even when a call throws.
   template <typename Issue>
   void grouped(Issue&& issue) {
@@ -377,6 +409,8 @@ class NcclCommunicator final : public Communicator {
   const char* last_op_ = "init";
   bool aborted_ = false;
   bool pending_ = false;  // all_reduce_sum_start issued since the last wait_pending
+  std::vector<Timing> timings_;  // [0, timings_used_): the sums started since take_started_seconds()
+  size_t timings_used_ = 0;
   int poller_ = 0;
 };
 

@@ -167,7 +167,7 @@ TEST(CudaTraining, TimelinePhasesAddUpAndReportHiddenSharedTime) {
   std::vector<StepRecord> records = trainer.run();
   const PhaseTimes& t = records.back().times;
   for (double v : {t.router, t.dispatch, t.experts, t.combine, t.shared, t.backward, t.allreduce, t.optimizer,
-                   t.other, t.hidden_shared}) {
+                   t.other, t.hidden_shared, t.hidden_allreduce}) {
     EXPECT_GE(v, 0.0);
   }
   EXPECT_GT(t.experts, 0.0);

@@ -166,9 +166,17 @@ TEST(Training, MetricsFileHasOneJsonLinePerStep) {
     YAML::Node j = parse_json(line, "metrics line");
     EXPECT_EQ(j["step"].as<int>(), lines);
     for (const char* key : {"loss", "aux", "z", "dropped_frac", "tokens_per_s"}) EXPECT_TRUE(j[key]) << key;
-    for (const char* key : {"router", "dispatch", "experts", "combine", "shared", "backward", "optimizer", "allreduce"}) {
-      EXPECT_TRUE(j["time_s"][key]) << key;
+    double sum = 0;
+    for (const char* key : {"router", "dispatch", "experts", "combine", "shared", "backward", "optimizer", "allreduce",
+                            "other"}) {
+      ASSERT_TRUE(j["time_s"][key]) << key;
+      EXPECT_GE(j["time_s"][key].as<double>(), 0.0) << key;
+      sum += j["time_s"][key].as<double>();
     }
+    EXPECT_NEAR(sum, j["time_s"]["total"].as<double>(), 1e-9 + 1e-9 * sum);  // the phases add up
+    // On the CPU the side stream runs inline and MPI sums block: nothing is hidden.
+    EXPECT_EQ(j["time_s"]["hidden_shared"].as<double>(), 0.0);
+    EXPECT_EQ(j["time_s"]["hidden_allreduce"].as<double>(), 0.0);
     ASSERT_EQ(j["layers"].size(), 2u);
     EXPECT_EQ(j["layers"][0]["tokens_per_expert"].size(), static_cast<size_t>(c.moe.num_experts));
   }
