@@ -6,6 +6,15 @@
 
 namespace moe {
 
+void check_all_to_all_v_layout(int ranks, const std::vector<size_t>& send_counts,
+                               const std::vector<size_t>& send_offsets, const std::vector<size_t>& recv_counts,
+                               const std::vector<size_t>& recv_offsets) {
+  size_t n = static_cast<size_t>(ranks);
+  MOE_CHECK(send_counts.size() == n && send_offsets.size() == n && recv_counts.size() == n &&
+                recv_offsets.size() == n,
+            "all_to_all_v needs one count and offset per rank");
+}
+
 void broadcast_string(Communicator& comm, std::string& s, int root) {
   std::vector<double> len{static_cast<double>(s.size())};
   comm.broadcast(len.data(), 1, DType::kF64, root);

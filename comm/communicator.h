@@ -69,6 +69,11 @@ struct ProcessGroups {
   int dp_size() const { return dp->size(); }
 };
 
+// Throws InternalError unless all_to_all_v got one count and one offset per rank of a group of `ranks`.
+void check_all_to_all_v_layout(int ranks, const std::vector<size_t>& send_counts,
+                               const std::vector<size_t>& send_offsets, const std::vector<size_t>& recv_counts,
+                               const std::vector<size_t>& recv_offsets);
+
 // Sends root's string to every rank of the group (length, then bytes). Collective.
 void broadcast_string(Communicator& comm, std::string& s, int root);
 

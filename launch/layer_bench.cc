@@ -199,7 +199,6 @@ int run_layer_bench(const CommandLine& cl) {
           c.moe.capacity_factor = o.capacity_factor;
           c.moe.aux_loss_coef = 0.01;
           c.parallel.ep = world;
-          c.runtime.dtype = o.dtype;
           c.train.batch_size = world;
           c.model.seq_len = static_cast<int>(tokens);
           validate_config(c, world);

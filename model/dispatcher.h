@@ -1,8 +1,9 @@
 // Token dispatch and combine across the expert-parallel group, forward and backward.
 //
 // dispatch: permute  x (T, H) -> send (R, H), expert-major (RouteState describes the rows)
-//           exchange fill counts (E, G) with all_to_all, then rows: all_to_all with a capacity (every
-//           (expert, group) block padded to C rows), all_to_all_v when dropless
+//           exchange rows: all_to_all with a capacity (every (expert, group) block padded to C rows),
+//           all_to_all_v when dropless; the compact layout and dropless first exchange the fill
+//           counts (E, G) with an all_to_all of host ints
 //           compact  recv -> expert_in (N, H): this rank's experts' real rows, expert-major, in
 //           (source rank, group, slot) order; expert_rows() gives the rows of each local expert.
 //           With a capacity and the padded layout, expert_in keeps every slot, padding included

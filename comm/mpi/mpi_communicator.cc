@@ -87,10 +87,7 @@ class MpiCommunicator final : public Communicator {
   void all_to_all_v(const void* send, const std::vector<size_t>& send_counts, const std::vector<size_t>& send_offsets,
                     void* recv, const std::vector<size_t>& recv_counts, const std::vector<size_t>& recv_offsets,
                     DType dtype) override {
-    size_t n = static_cast<size_t>(size_);
-    MOE_CHECK(send_counts.size() == n && send_offsets.size() == n && recv_counts.size() == n &&
-                  recv_offsets.size() == n,
-              "all_to_all_v needs one count and offset per rank");
+    check_all_to_all_v_layout(size_, send_counts, send_offsets, recv_counts, recv_offsets);
     auto sc = to_ints(send_counts, "all_to_all_v"), so = to_ints(send_offsets, "all_to_all_v");
     auto rc = to_ints(recv_counts, "all_to_all_v"), ro = to_ints(recv_offsets, "all_to_all_v");
     MOE_MPI_CHECK(MPI_Alltoallv(send, sc.data(), so.data(), mpi_type(dtype), recv, rc.data(), ro.data(),

@@ -158,9 +158,7 @@ class NcclCommunicator final : public Communicator {
                     void* recv, const std::vector<size_t>& recv_counts, const std::vector<size_t>& recv_offsets,
                     DType dtype) override {
     size_t n = static_cast<size_t>(size_);
-    MOE_CHECK(send_counts.size() == n && send_offsets.size() == n && recv_counts.size() == n &&
-                  recv_offsets.size() == n,
-              "all_to_all_v needs one count and offset per rank");
+    check_all_to_all_v_layout(size_, send_counts, send_offsets, recv_counts, recv_offsets);
     if (!use_device(send, recv, true, "all_to_all_v")) {
       return host_->all_to_all_v(send, send_counts, send_offsets, recv, recv_counts, recv_offsets, dtype);
     }
