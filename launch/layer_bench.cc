@@ -19,6 +19,7 @@
 #include "model/moe_layer.h"
 #include "runtime/json.h"
 #include "runtime/log.h"
+#include "runtime/ops/gemm.h"
 
 namespace moe {
 namespace {
@@ -130,9 +131,9 @@ double dense_gemm_seconds(Backend& backend, DType dt, int64_t rows, int64_t hidd
   for (int it = 0; it < warmup + iters; ++it) {
     auto t0 = std::chrono::steady_clock::now();
     for (int g = 0; g < gemms; ++g) {
-      backend.gemm(x, Trans::kN, w, Trans::kT, a, 1.0, 0.0);   // forward: (rows, mid)
-      backend.gemm(a, Trans::kN, w, Trans::kN, y, 1.0, 0.0);   // backward data: (rows, hidden)
-      backend.gemm(a, Trans::kT, x, Trans::kN, dw, 1.0, 1.0);  // backward weight: (mid, hidden)
+      gemm(backend, x, Trans::kN, w, Trans::kT, a, 1.0, 0.0);   // forward: (rows, mid)
+      gemm(backend, a, Trans::kN, w, Trans::kN, y, 1.0, 0.0);   // backward data: (rows, hidden)
+      gemm(backend, a, Trans::kT, x, Trans::kN, dw, 1.0, 1.0);  // backward weight: (mid, hidden)
     }
     backend.synchronize();
     if (it >= warmup) times.push_back(seconds_since(t0));

@@ -1,6 +1,8 @@
 // Dispatch/combine: permutation, the two all-to-all exchanges, and expert-major compaction.
 #include "model/dispatcher.h"
 
+#include "runtime/ops/permute.h"
+
 #include <numeric>
 
 namespace moe {
@@ -118,10 +120,10 @@ Tensor Dispatcher::dispatch(Backend& backend, Communicator& ep, const Tensor& x,
   }
 
   Tensor send = backend.empty({send_rows_total_, hidden_}, x.dtype());
-  backend.permute(x, route.row_idx, send);
+  permute(backend, x, route.row_idx, send);
   Tensor recv = exchange(backend, ep, send, /*forward=*/true);
   Tensor expert_in = backend.empty({compact_idx_.numel(), hidden_}, x.dtype());
-  backend.gather_rows(recv, compact_idx_, expert_in);
+  gather_rows(backend, recv, compact_idx_, expert_in);
   return expert_in;
 }
 
@@ -129,18 +131,18 @@ void Dispatcher::combine(Backend& backend, Communicator& ep, const Tensor& exper
                          Tensor& y) {
   Tensor back = full_scatter() ? backend.empty({recv_rows_total_, hidden_}, expert_out.dtype())
                                : backend.zeros({recv_rows_total_, hidden_}, expert_out.dtype());
-  backend.scatter_rows(expert_out, compact_idx_, back);
+  scatter_rows(backend, expert_out, compact_idx_, back);
   returned_ = exchange(backend, ep, back, /*forward=*/false);
-  backend.unpermute(returned_, route.row_idx, route.gate, y);
+  unpermute(backend, returned_, route.row_idx, route.gate, y);
 }
 
 Tensor Dispatcher::combine_backward(Backend& backend, Communicator& ep, const Tensor& dy, const RouteState& route,
                                     Tensor& dgate) {
   Tensor dreturned = backend.empty(returned_.shape(), dy.dtype());
-  backend.unpermute_backward(dy, returned_, route.row_idx, route.gate, dreturned, dgate);
+  unpermute_backward(backend, dy, returned_, route.row_idx, route.gate, dreturned, dgate);
   Tensor dback = exchange(backend, ep, dreturned, /*forward=*/true);
   Tensor d_out = backend.empty({compact_idx_.numel(), hidden_}, dy.dtype());
-  backend.gather_rows(dback, compact_idx_, d_out);
+  gather_rows(backend, dback, compact_idx_, d_out);
   return d_out;
 }
 
@@ -148,9 +150,9 @@ void Dispatcher::dispatch_backward(Backend& backend, Communicator& ep, const Ten
                                    const RouteState& route, Tensor& dx) {
   Tensor drecv = full_scatter() ? backend.empty({recv_rows_total_, hidden_}, d_expert_in.dtype())
                                 : backend.zeros({recv_rows_total_, hidden_}, d_expert_in.dtype());
-  backend.scatter_rows(d_expert_in, compact_idx_, drecv);
+  scatter_rows(backend, d_expert_in, compact_idx_, drecv);
   Tensor dsend = exchange(backend, ep, drecv, /*forward=*/false);
-  backend.permute_backward(dsend, route.row_idx, dx);
+  permute_backward(backend, dsend, route.row_idx, dx);
 }
 
 }  // namespace moe

@@ -21,7 +21,7 @@
 
 #include "comm/communicator.h"
 #include "model/context.h"
-#include "runtime/backend.h"
+#include "runtime/ops/routing.h"
 
 namespace moe {
 

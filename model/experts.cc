@@ -1,6 +1,9 @@
 // Grouped expert FFN forward and backward.
 #include "model/experts.h"
 
+#include "runtime/ops/elementwise.h"
+#include "runtime/ops/gemm.h"
+
 #include <cmath>
 
 namespace moe {
@@ -46,12 +49,12 @@ Tensor FfnExperts::compute_copy(Backend& backend, const Tensor& t) const {
 void FfnExperts::accumulate_weight_grad(Backend& backend, const Tensor& a, const Tensor& b, Param* p) {
   Tensor g = grad(p);
   if (a.dtype() == g.dtype()) {
-    backend.grouped_gemm_tn(a, b, g, group_rows_, 1.0, 1.0);
+    grouped_gemm_tn(backend, a, b, g, group_rows_, 1.0, 1.0);
     return;
   }
   Tensor tmp = backend.empty(g.shape(), a.dtype());
-  backend.grouped_gemm_tn(a, b, tmp, group_rows_, 1.0, 0.0);
-  backend.axpy(1.0, tmp, g);
+  grouped_gemm_tn(backend, a, b, tmp, group_rows_, 1.0, 0.0);
+  axpy(backend, 1.0, tmp, g);
 }
 
 double FfnExperts::flops(int64_t rows) const {
@@ -74,15 +77,15 @@ Tensor FfnExperts::forward(Backend& backend, const Tensor& x, const std::vector<
   h_ = backend.empty({n, mid}, ct);
   if (type_ == ExpertType::kSwiGLU) {
     b_ = backend.empty({n, mid}, ct);
-    backend.grouped_gemm(x_, wg_, Trans::kT, a_, group_rows, 1.0, 0.0);
-    backend.grouped_gemm(x_, wu_, Trans::kT, b_, group_rows, 1.0, 0.0);
-    backend.swiglu_forward(a_, b_, h_);
+    grouped_gemm(backend, x_, wg_, Trans::kT, a_, group_rows, 1.0, 0.0);
+    grouped_gemm(backend, x_, wu_, Trans::kT, b_, group_rows, 1.0, 0.0);
+    swiglu_forward(backend, a_, b_, h_);
   } else {
-    backend.grouped_gemm(x_, wu_, Trans::kT, a_, group_rows, 1.0, 0.0);
-    backend.activation_forward(type_ == ExpertType::kGelu ? Activation::kGelu : Activation::kRelu, a_, h_);
+    grouped_gemm(backend, x_, wu_, Trans::kT, a_, group_rows, 1.0, 0.0);
+    activation_forward(backend, type_ == ExpertType::kGelu ? Activation::kGelu : Activation::kRelu, a_, h_);
   }
   Tensor y = backend.empty({n, hidden_}, ct);
-  backend.grouped_gemm(h_, wd_, Trans::kN, y, group_rows, 1.0, 0.0);
+  grouped_gemm(backend, h_, wd_, Trans::kN, y, group_rows, 1.0, 0.0);
   if (ct == x.dtype()) return y;
   Tensor out = backend.empty({n, hidden_}, x.dtype());
   backend.convert(y, out);
@@ -95,21 +98,21 @@ Tensor FfnExperts::backward(Backend& backend, const Tensor& dy_in) {
   Tensor dy = compute_copy(backend, dy_in);
   const DType ct = dy.dtype();
   Tensor dh = backend.empty({n, mid}, ct);
-  backend.grouped_gemm(dy, wd_, Trans::kT, dh, group_rows_, 1.0, 0.0);  // dh = dy W_down^T
+  grouped_gemm(backend, dy, wd_, Trans::kT, dh, group_rows_, 1.0, 0.0);  // dh = dy W_down^T
   accumulate_weight_grad(backend, h_, dy, w_down_);                      // dW_down += h^T dy
   Tensor dx = backend.empty({n, hidden_}, ct);
   Tensor da = backend.empty({n, mid}, ct);
   if (type_ == ExpertType::kSwiGLU) {
     Tensor db = backend.empty({n, mid}, ct);
-    backend.swiglu_backward(dh, a_, b_, da, db);
+    swiglu_backward(backend, dh, a_, b_, da, db);
     accumulate_weight_grad(backend, da, x_, w_gate_);  // dW_gate += da^T x
     accumulate_weight_grad(backend, db, x_, w_up_);    // dW_up += db^T x
-    backend.grouped_gemm(da, wg_, Trans::kN, dx, group_rows_, 1.0, 0.0);
-    backend.grouped_gemm(db, wu_, Trans::kN, dx, group_rows_, 1.0, 1.0);
+    grouped_gemm(backend, da, wg_, Trans::kN, dx, group_rows_, 1.0, 0.0);
+    grouped_gemm(backend, db, wu_, Trans::kN, dx, group_rows_, 1.0, 1.0);
   } else {
-    backend.activation_backward(type_ == ExpertType::kGelu ? Activation::kGelu : Activation::kRelu, dh, a_, da);
+    activation_backward(backend, type_ == ExpertType::kGelu ? Activation::kGelu : Activation::kRelu, dh, a_, da);
     accumulate_weight_grad(backend, da, x_, w_up_);
-    backend.grouped_gemm(da, wu_, Trans::kN, dx, group_rows_, 1.0, 0.0);
+    grouped_gemm(backend, da, wu_, Trans::kN, dx, group_rows_, 1.0, 0.0);
   }
   if (ct == dy_in.dtype()) return dx;
   Tensor out = backend.empty({n, hidden_}, dy_in.dtype());

@@ -1,6 +1,8 @@
 // MoE layer forward and backward.
 #include "model/moe_layer.h"
 
+#include "runtime/ops/elementwise.h"
+
 namespace moe {
 
 MoeLayer::MoeLayer(ParamSet& params, const std::string& prefix, const Config& config, int layer, int ep_size,
@@ -43,7 +45,7 @@ Tensor MoeLayer::forward(Backend& backend, ProcessGroups& groups, const Tensor& 
 
   if (shared_) {
     side_join(backend, ctx, side);
-    backend.axpy(1.0, shared_y, y);
+    axpy(backend, 1.0, shared_y, y);
     ctx.lap(&PhaseTimes::shared);
   }
   return y;

@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "runtime/ops/elementwise.h"
 #include "runtime/rng.h"
 
 namespace moe {
@@ -156,9 +157,9 @@ void reduce_gradients(ParamSet& params, ProcessGroups& groups) {
 double global_grad_norm(ParamSet& params, Backend& backend, ProcessGroups& groups) {
   // Replicated gradients are identical everywhere after the reduction; each EP group holds every
   // expert exactly once, so expert squares are summed over the EP group only.
-  std::vector<double> expert_sq{backend.sum_squares(params.grads(ParamScope::kExpert))};
+  std::vector<double> expert_sq{sum_squares(backend, params.grads(ParamScope::kExpert))};
   if (groups.ep->size() > 1) groups.ep->all_reduce_sum(expert_sq);
-  return std::sqrt(backend.sum_squares(params.grads(ParamScope::kReplicated)) + expert_sq[0]);
+  return std::sqrt(sum_squares(backend, params.grads(ParamScope::kReplicated)) + expert_sq[0]);
 }
 
 }  // namespace moe

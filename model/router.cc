@@ -1,6 +1,9 @@
 // Router forward/backward and the router losses.
 #include "model/router.h"
 
+#include "runtime/ops/elementwise.h"
+#include "runtime/ops/gemm.h"
+
 #include <cmath>
 
 namespace moe {
@@ -61,32 +64,32 @@ const RouteState& Router::forward(Backend& backend, Communicator& world, const T
   if (jittered_) {
     jitter_rng_ = RngStream{seed_, rng_stream(RngPurpose::kJitter, static_cast<uint64_t>(ctx.step), layer_)};
     x_in_ = backend.empty(x.shape(), ft);
-    backend.jitter(x, moe_.router_jitter, jitter_rng_, ctx.token_offset, x_in_);
+    jitter(backend, x, moe_.router_jitter, jitter_rng_, ctx.token_offset, x_in_);
   } else {
     x_in_ = x;
   }
   logits_ = backend.empty({t_count, e_count}, ft);
-  backend.gemm(x_in_, Trans::kN, weight_->value, Trans::kT, logits_, 1.0, 0.0);
+  gemm(backend, x_in_, Trans::kN, weight_->value, Trans::kT, logits_, 1.0, 0.0);
   probs_ = backend.empty({t_count, e_count}, ft);
-  backend.router_probs(moe_.score, logits_, probs_);
+  router_probs(backend, moe_.score, logits_, probs_);
   if (moe_.router_grad == RouterGrad::kGumbel && ctx.training) {
     sel_probs_ = backend.empty({t_count, e_count}, ft);
     RngStream g{seed_, rng_stream(RngPurpose::kGumbel, static_cast<uint64_t>(ctx.step), layer_)};
-    backend.gumbel_probs(logits_, moe_.gumbel_tau, g, ctx.token_offset, sel_probs_);
+    gumbel_probs(backend, logits_, moe_.gumbel_tau, g, ctx.token_offset, sel_probs_);
   } else {
     sel_probs_ = probs_;
   }
-  backend.route(args_, sel_probs_, bias_->value, state_);
+  route(backend, args_, sel_probs_, bias_->value, state_);
 
   // Statistics for the losses and the metrics, summed over the world in one all-reduce. They stay where
   // the backend keeps them: the forward never waits for the device.
   RouterStatsLayout layout{e_count};
   stats_ = backend.empty({layout.size()}, DType::kF64);
-  backend.router_stats(state_, probs_, stats_);
+  router_stats(backend, state_, probs_, stats_);
   Tensor z_sum = stats_.rows(layout.z_sum(), layout.z_sum() + 1);
   if (moe_.z_loss_coef > 0) {
     dlogits_z_ = backend.zeros({t_count, e_count}, ft);
-    backend.z_loss(logits_, moe_.z_loss_coef / t_global, dlogits_z_, z_sum);
+    z_loss(backend, logits_, moe_.z_loss_coef / t_global, dlogits_z_, z_sum);
   } else {
     dlogits_z_ = Tensor();
     backend.fill(z_sum, 0.0);
@@ -121,7 +124,7 @@ void Router::backward(Backend& backend, const Tensor& dgate, Tensor& dx) {
   const int e_count = moe_.num_experts;
   const DType ft = probs_.dtype();
   Tensor dsel = backend.empty({t_count, e_count}, ft);
-  backend.route_backward(args_, sel_probs_, state_, dgate, dsel);
+  route_backward(backend, sel_probs_, state_, dgate, dsel);
 
   Tensor dlogits = backend.empty({t_count, e_count}, ft);
   if (dlogits_z_.defined()) {
@@ -131,23 +134,23 @@ void Router::backward(Backend& backend, const Tensor& dgate, Tensor& dx) {
   }
   Tensor dprobs = dsel;
   if (sel_probs_.raw() != probs_.raw()) {  // gumbel: selection scores are softmax((u + g) / tau)
-    backend.router_probs_backward(ScoreFn::kSoftmax, dsel, sel_probs_, 1.0 / moe_.gumbel_tau, dlogits);
+    router_probs_backward(backend, ScoreFn::kSoftmax, dsel, sel_probs_, 1.0 / moe_.gumbel_tau, dlogits);
     dprobs = backend.zeros({t_count, e_count}, ft);
   }
   if (moe_.aux_loss_coef > 0) {
     // d aux / d s_te = alpha * E * f_e / T for every local token t, with f_e = choices_e / (k T)
     const double t_global = global_tokens_;
     RouterStatsLayout layout{e_count};
-    backend.add_row_vector(dprobs, stats_.rows(layout.choices(), layout.choices() + e_count),
+    add_row_vector(backend, dprobs, stats_.rows(layout.choices(), layout.choices() + e_count),
                            moe_.aux_loss_coef * e_count / (moe_.top_k * t_global * t_global));
   }
-  backend.router_probs_backward(moe_.score, dprobs, probs_, 1.0, dlogits);
+  router_probs_backward(backend, moe_.score, dprobs, probs_, 1.0, dlogits);
 
-  backend.gemm(dlogits, Trans::kT, x_in_, Trans::kN, weight_->grad, 1.0, 1.0);  // dW_r (E, H) += dlogits^T x_in
+  gemm(backend, dlogits, Trans::kT, x_in_, Trans::kN, weight_->grad, 1.0, 1.0);  // dW_r (E, H) += dlogits^T x_in
   Tensor dx_in = backend.empty({t_count, x_in_.dim(1)}, ft);
-  backend.gemm(dlogits, Trans::kN, weight_->value, Trans::kN, dx_in, 1.0, 0.0);  // (T, H)
-  if (jittered_) backend.jitter(dx_in, moe_.router_jitter, jitter_rng_, token_offset_, dx_in);
-  backend.axpy(1.0, dx_in, dx);
+  gemm(backend, dlogits, Trans::kN, weight_->value, Trans::kN, dx_in, 1.0, 0.0);  // (T, H)
+  if (jittered_) jitter(backend, dx_in, moe_.router_jitter, jitter_rng_, token_offset_, dx_in);
+  axpy(backend, 1.0, dx_in, dx);
 }
 
 void Router::update_bias(Backend& backend, double rate) {

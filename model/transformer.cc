@@ -1,6 +1,11 @@
 // Transformer forward/backward over byte tokens.
 #include "model/transformer.h"
 
+#include "runtime/ops/elementwise.h"
+#include "runtime/ops/gemm.h"
+#include "runtime/ops/norm_loss.h"
+#include "runtime/ops/permute.h"
+
 namespace moe {
 
 Transformer::Transformer(const Config& config, Backend& backend, ProcessGroups& groups)
@@ -43,49 +48,49 @@ StepStats Transformer::forward_backward(const Tensor& inputs, const Tensor& targ
 
   // ---- forward
   Tensor x = backend_.empty({t_count, h}, ft);
-  backend_.embedding_forward(inputs, embedding_->value, x);
+  embedding_forward(backend_, inputs, embedding_->value, x);
   for (size_t l = 0; l < blocks_.size(); ++l) {
     Block& b = blocks_[l];
     b.x = x;
     b.normed = backend_.empty({t_count, h}, ft);
     b.rstd = backend_.empty({t_count}, ft);
-    backend_.rmsnorm_forward(x, b.norm->value, eps, b.normed, b.rstd);
+    rmsnorm_forward(backend_, x, b.norm->value, eps, b.normed, b.rstd);
     ctx.lap(&PhaseTimes::other);
     Tensor y = moe_[l]->forward(backend_, groups_, b.normed, ctx);
     Tensor next = backend_.empty({t_count, h}, ft);
     backend_.copy(x, next);
-    backend_.axpy(1.0, y, next);
+    axpy(backend_, 1.0, y, next);
     x = next;
   }
   Tensor xf = backend_.empty({t_count, h}, ft), rstd_f = backend_.empty({t_count}, ft);
-  backend_.rmsnorm_forward(x, final_norm_->value, eps, xf, rstd_f);
+  rmsnorm_forward(backend_, x, final_norm_->value, eps, xf, rstd_f);
   Tensor logits = backend_.empty({t_count, v}, ft);
-  backend_.gemm(xf, Trans::kN, head_->value, Trans::kT, logits, 1.0, 0.0);  // (T, V)
+  gemm(backend_, xf, Trans::kN, head_->value, Trans::kT, logits, 1.0, 0.0);  // (T, V)
   Tensor dlogits = backend_.empty({t_count, v}, ft);
   const double inv_tokens = 1.0 / static_cast<double>(ctx.global_tokens);
-  double ce_sum = backend_.cross_entropy(logits, targets, inv_tokens, dlogits);
+  double ce_sum = cross_entropy(backend_, logits, targets, inv_tokens, dlogits);
   std::vector<double> ce{ce_sum};
   if (groups_.world->size() > 1) groups_.world->all_reduce_sum(ce);
   stats.ce_loss = ce[0] * inv_tokens;
   ctx.lap(&PhaseTimes::other);
 
   // ---- backward
-  backend_.gemm(dlogits, Trans::kT, xf, Trans::kN, head_->grad, 1.0, 1.0);  // dW_head (V, H) += dlogits^T xf
+  gemm(backend_, dlogits, Trans::kT, xf, Trans::kN, head_->grad, 1.0, 1.0);  // dW_head (V, H) += dlogits^T xf
   Tensor dxf = backend_.empty({t_count, h}, ft);
-  backend_.gemm(dlogits, Trans::kN, head_->value, Trans::kN, dxf, 1.0, 0.0);
+  gemm(backend_, dlogits, Trans::kN, head_->value, Trans::kN, dxf, 1.0, 0.0);
   Tensor dx = backend_.empty({t_count, h}, ft);
-  backend_.rmsnorm_backward(dxf, x, final_norm_->value, rstd_f, dx, final_norm_->grad);
+  rmsnorm_backward(backend_, dxf, x, final_norm_->value, rstd_f, dx, final_norm_->grad);
   reducer_->ready_from(final_norm_);
   for (size_t l = blocks_.size(); l-- > 0;) {
     Block& b = blocks_[l];
     Tensor dnormed = moe_[l]->backward(backend_, groups_, dx);
     Tensor dxb = backend_.empty({t_count, h}, ft);
-    backend_.rmsnorm_backward(dnormed, b.x, b.norm->value, b.rstd, dxb, b.norm->grad);
-    backend_.axpy(1.0, dxb, dx);  // residual: dx flows through unchanged, plus the branch
+    rmsnorm_backward(backend_, dnormed, b.x, b.norm->value, b.rstd, dxb, b.norm->grad);
+    axpy(backend_, 1.0, dxb, dx);  // residual: dx flows through unchanged, plus the branch
     b = Block{b.norm, {}, {}, {}};
     reducer_->ready_from(b.norm);  // the first parameter of block l
   }
-  backend_.embedding_backward(inputs, dx, embedding_->grad);
+  embedding_backward(backend_, inputs, dx, embedding_->grad);
   ctx.lap(&PhaseTimes::backward);
   reducer_->finish();
   ctx.lap(&PhaseTimes::allreduce);

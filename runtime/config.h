@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "runtime/backend.h"
+#include "runtime/ops/routing.h"
 
 namespace moe {
 

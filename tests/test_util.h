@@ -11,6 +11,12 @@
 #include "comm/communicator.h"
 #include "model/moe_layer.h"
 #include "runtime/backend.h"
+#include "runtime/ops/elementwise.h"
+#include "runtime/ops/gemm.h"
+#include "runtime/ops/norm_loss.h"
+#include "runtime/ops/optimizer.h"
+#include "runtime/ops/permute.h"
+#include "runtime/ops/routing.h"
 
 namespace moe::test {
 

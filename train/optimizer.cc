@@ -1,6 +1,9 @@
 // AdamW / SGD updates and the learning-rate schedule.
 #include "train/optimizer.h"
 
+#include "runtime/ops/elementwise.h"
+#include "runtime/ops/optimizer.h"
+
 #include <cmath>
 
 namespace moe {
@@ -37,9 +40,9 @@ void Optimizer::step(double lr) {
       a.eps = config_.eps;
       a.weight_decay = wd;
       a.step = steps_;
-      backend_.adamw_step(p->value, p->grad, m_[i], v_[i], a);
+      adamw_step(backend_, p->value, p->grad, m_[i], v_[i], a);
     } else {
-      backend_.sgd_step(p->value, p->grad, lr, wd);
+      sgd_step(backend_, p->value, p->grad, lr, wd);
     }
   }
 }
@@ -55,7 +58,7 @@ double clip_gradients(ParamSet& params, Backend& backend, double norm, double ma
   double factor = max_norm / norm;
   for (ParamScope s : {ParamScope::kReplicated, ParamScope::kExpert}) {
     Tensor& g = params.grads(s);
-    if (g.numel()) backend.scale(g, factor);
+    if (g.numel()) scale(backend, g, factor);
   }
   return factor;
 }

@@ -1,4 +1,4 @@
-// The CUDA op backend: one GPU per rank, ops issued in order on a main stream, shared-expert work on a
+// The CUDA backend: one GPU per rank, ops issued in order on a main stream, shared-expert work on a
 // side stream, memory from the stream-ordered allocator.
 //
 // Streams. Every op goes to the current stream: the main one, or the side one between begin_side() and
@@ -23,8 +23,6 @@
 
 #include "runtime/backend.h"
 #include "runtime/cuda/cuda_common.h"
-#include "runtime/cuda/dense_ops.h"
-#include "runtime/cuda/router_ops.h"
 
 namespace moe {
 namespace {
@@ -126,12 +124,12 @@ class CudaBackend final : public Backend {
     return Tensor(storage, 0, shape, dtype);
   }
 
-  void fill(Tensor& t, double value) override { cuda::fill(*cur_, t, value); }
+  void fill(Tensor& t, double value) override { cuda::fill_tensor(*cur_, t, value); }
   void copy(const Tensor& src, Tensor& dst) override {
     MOE_CHECK(src.numel() == dst.numel() && src.dtype() == dst.dtype(), "copy ", src.str(), " -> ", dst.str());
     MOE_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), src.raw(), src.nbytes(), cudaMemcpyDeviceToDevice, cur_->stream));
   }
-  void convert(const Tensor& src, Tensor& dst) override { cuda::convert(*cur_, src, dst); }
+  void convert(const Tensor& src, Tensor& dst) override { cuda::convert_tensor(*cur_, src, dst); }
 
   void copy_to_host(const Tensor& src, void* dst) override {
     size_t bytes = src.nbytes();
@@ -151,104 +149,6 @@ class CudaBackend final : public Backend {
     if (dst.nbytes()) {
       MOE_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), src, dst.nbytes(), cudaMemcpyHostToDevice, cur_->stream));
     }
-  }
-
-  void gemm(const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c, double alpha, double beta) override {
-    cuda::gemm(*cur_, a, ta, b, tb, c, alpha, beta);
-  }
-  void grouped_gemm(const Tensor& a, const Tensor& b, Trans tb, Tensor& c, const std::vector<int64_t>& group_rows,
-                    double alpha, double beta) override {
-    cuda::grouped_gemm(*cur_, a, b, tb, c, group_rows, alpha, beta);
-  }
-  void grouped_gemm_tn(const Tensor& a, const Tensor& b, Tensor& c, const std::vector<int64_t>& group_rows,
-                       double alpha, double beta) override {
-    cuda::grouped_gemm_tn(*cur_, a, b, c, group_rows, alpha, beta);
-  }
-  void axpy(double alpha, const Tensor& x, Tensor& y) override { cuda::axpy(*cur_, alpha, x, y); }
-  void scale(Tensor& x, double alpha) override { cuda::scale(*cur_, x, alpha); }
-  double sum_squares(const Tensor& x) override { return cuda::sum_squares(*cur_, x); }
-
-  void swiglu_forward(const Tensor& a, const Tensor& b, Tensor& h) override { cuda::swiglu_forward(*cur_, a, b, h); }
-  void swiglu_backward(const Tensor& dh, const Tensor& a, const Tensor& b, Tensor& da, Tensor& db) override {
-    cuda::swiglu_backward(*cur_, dh, a, b, da, db);
-  }
-  void activation_forward(Activation act, const Tensor& a, Tensor& h) override {
-    cuda::activation_forward(*cur_, act, a, h);
-  }
-  void activation_backward(Activation act, const Tensor& dh, const Tensor& a, Tensor& da) override {
-    cuda::activation_backward(*cur_, act, dh, a, da);
-  }
-
-  void embedding_forward(const Tensor& ids, const Tensor& table, Tensor& out) override {
-    cuda::embedding_forward(*cur_, ids, table, out);
-  }
-  void embedding_backward(const Tensor& ids, const Tensor& dout, Tensor& dtable) override {
-    cuda::embedding_backward(*cur_, ids, dout, dtable);
-  }
-  void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd) override {
-    cuda::rmsnorm_forward(*cur_, x, w, eps, y, rstd);
-  }
-  void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
-                        Tensor& dw) override {
-    cuda::rmsnorm_backward(*cur_, dy, x, w, rstd, dx, dw);
-  }
-  double cross_entropy(const Tensor& logits, const Tensor& targets, double grad_scale, Tensor& dlogits) override {
-    return cuda::cross_entropy(*cur_, logits, targets, grad_scale, dlogits);
-  }
-
-  void jitter(const Tensor& x, double eps, const RngStream& rng, int64_t token_offset, Tensor& out) override {
-    cuda::jitter(*cur_, x, eps, rng, token_offset, out);
-  }
-  void router_probs(ScoreFn fn, const Tensor& logits, Tensor& probs) override {
-    cuda::router_probs(*cur_, fn, logits, probs);
-  }
-  void gumbel_probs(const Tensor& logits, double tau, const RngStream& rng, int64_t token_offset,
-                    Tensor& probs) override {
-    cuda::gumbel_probs(*cur_, logits, tau, rng, token_offset, probs);
-  }
-  void router_probs_backward(ScoreFn fn, const Tensor& dprobs, const Tensor& probs, double scale,
-                             Tensor& dlogits) override {
-    cuda::router_probs_backward(*cur_, fn, dprobs, probs, scale, dlogits);
-  }
-  void z_loss(const Tensor& logits, double coef, Tensor& dlogits, Tensor& sum) override {
-    cuda::z_loss(*cur_, logits, coef, dlogits, sum);
-  }
-  void router_stats(const RouteState& state, const Tensor& probs, Tensor& stats) override {
-    cuda::router_stats(*cur_, state, probs, stats);
-  }
-  void add_row_vector(Tensor& x, const Tensor& v, double scale) override { cuda::add_row_vector(*cur_, x, v, scale); }
-  void route(const RouteArgs& args, const Tensor& sel_probs, const Tensor& bias, RouteState& out) override {
-    cuda::route(*cur_, args, sel_probs, bias, out, [this](const Shape& s, DType d) { return empty(s, d); });
-  }
-  void route_backward(const RouteArgs& args, const Tensor& sel_probs, const RouteState& state, const Tensor& dgate,
-                      Tensor& dsel_probs) override {
-    check_shape(dsel_probs, sel_probs.shape(), "route dprobs");
-    cuda::route_backward(*cur_, args, state, dgate, dsel_probs);
-  }
-
-  void permute(const Tensor& x, const Tensor& row_idx, Tensor& out) override { cuda::permute(*cur_, x, row_idx, out); }
-  void permute_backward(const Tensor& dout, const Tensor& row_idx, Tensor& dx) override {
-    cuda::permute_backward(*cur_, dout, row_idx, dx);
-  }
-  void unpermute(const Tensor& rows, const Tensor& row_idx, const Tensor& gate, Tensor& y) override {
-    cuda::unpermute(*cur_, rows, row_idx, gate, y);
-  }
-  void unpermute_backward(const Tensor& dy, const Tensor& rows, const Tensor& row_idx, const Tensor& gate,
-                          Tensor& drows, Tensor& dgate) override {
-    cuda::unpermute_backward(*cur_, dy, rows, row_idx, gate, drows, dgate);
-  }
-  void gather_rows(const Tensor& src, const Tensor& idx, Tensor& dst) override {
-    cuda::gather_rows(*cur_, src, idx, dst);
-  }
-  void scatter_rows(const Tensor& src, const Tensor& idx, Tensor& dst) override {
-    cuda::scatter_rows(*cur_, src, idx, dst);
-  }
-
-  void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamArgs& args) override {
-    cuda::adamw_step(*cur_, param, grad, m, v, args);
-  }
-  void sgd_step(Tensor& param, const Tensor& grad, double lr, double weight_decay) override {
-    cuda::sgd_step(*cur_, param, grad, lr, weight_decay);
   }
 
   // ---- streams
@@ -293,6 +193,7 @@ class CudaBackend final : public Backend {
     return ms / 1000.0;
   }
   void* native_stream() override { return main_.stream; }
+  cuda::Context& current() { return *cur_; }
 
  private:
   int device_ = 0;
@@ -308,6 +209,11 @@ class CudaBackend final : public Backend {
 };
 
 }  // namespace
+
+cuda::Context& cuda::context(Backend& b) {
+  MOE_CHECK(b.device() == Device::kCuda, "a CUDA op was called with the ", b.name(), " backend");
+  return static_cast<CudaBackend&>(b).current();
+}
 
 std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options) {
   return std::make_unique<CudaBackend>(options);

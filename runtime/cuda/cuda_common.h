@@ -12,6 +12,9 @@
 #include "runtime/tensor.h"
 
 namespace moe {
+
+class Backend;  // runtime/backend.h
+
 namespace cuda {
 
 [[noreturn]] void throw_cuda_error(cudaError_t code, const char* stmt, const char* file, int line);
@@ -41,6 +44,14 @@ struct Context {
   void init(int device_index, cudaStream_t s);  // creates the handle, the ring and its events
   void destroy();
 };
+
+// The context ops issue on: b's current stream (main, or side inside a side window). b must be the CUDA
+// backend (an op's CUDA implementation is only called for it).
+Context& context(Backend& b);
+
+// The backend's memory methods (runtime/cuda/elementwise.cu).
+void fill_tensor(Context& ctx, Tensor& t, double value);          // F32, BF16, F64, I32
+void convert_tensor(Context& ctx, const Tensor& src, Tensor& dst);  // F32 <-> BF16; same dtype: a copy
 
 // Blocks the host until `stream` has finished, polling and calling poll_waiters() (device_wait.h)
 // meanwhile, so a stuck collective becomes an error instead of a hang.

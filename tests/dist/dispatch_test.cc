@@ -65,7 +65,7 @@ void run_case(const Case& c, int ep, bool compact) {
   args.capacity = c.capacity;
   args.token_offset = offset;
   RouteState route;
-  backend->route(args, probs, Tensor(), route);
+  moe::route(*backend, args, probs, Tensor(), route);
 
   Tensor x = test::random_tensor(*backend, {t, h}, DType::kF64, 21, offset * h);
   Tensor dy = test::random_tensor(*backend, {t, h}, DType::kF64, 22, offset * h);
@@ -155,7 +155,7 @@ TEST(DispatchRoundTripExact, NormalisedGatesGiveBackTheInputItself) {
   args.num_experts = experts;
   args.top_k = std::min(k, experts);
   RouteState route;
-  backend->route(args, probs, Tensor(), route);
+  moe::route(*backend, args, probs, Tensor(), route);
   Tensor x = test::random_tensor(*backend, {t, h}, DType::kF64, 31, rank * t * h);
   Dispatcher d(experts, static_cast<int>(h), /*compact=*/true);
   Tensor in = d.dispatch(*backend, *groups.ep, x, route, 0);

@@ -1,12 +1,23 @@
-// The gate, checked by hand: top-k, gates, capacity slots, 1st-before-2nd priority, batch priority,
-// drops, random routing, the dropless row layout, and the capacity formula.
+// Routing family table. CPU: the gate checked by hand (top-k, gates, capacity slots, 1st-before-2nd
+// priority, batch priority, drops, random routing, the dropless row layout, the capacity formula).
+// CUDA: every router op and every gate option against the CPU.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "model/router.h"
-#include "tests/test_util.h"
+#include "tests/ops/op_test.h"
 
 namespace moe {
 namespace {
+
+using test::CpuOps;
+using test::CudaOps;
+using test::ids;
+using test::ints;
+using test::random_tensor;
+using test::rel_diff;
+using test::rnd;
 
 class GateTest : public ::testing::Test {
  protected:
@@ -39,7 +50,7 @@ TEST_F(GateTest, TopKOrdersByScoreAndBreaksTiesTowardsLowerIndex) {
   RouteState s;
   RouteArgs a = args(4, 3, 0);
   a.normalize = false;
-  backend->route(a, p, Tensor(), s);
+  route(*backend, a, p, Tensor(), s);
   EXPECT_EQ(ints(s.expert_idx), (std::vector<int>{1, 3, 2, /**/ 0, 1, 2}));
   EXPECT_EQ(reals(s.gate), (std::vector<double>{0.4, 0.3, 0.2, 0.25, 0.25, 0.25}));
   EXPECT_EQ(ints(s.choices), (std::vector<int>{1, 2, 2, 1}));
@@ -50,7 +61,7 @@ TEST_F(GateTest, NormalizedGatesSumToOneAndBiasOnlyChangesSelection) {
   Tensor bias = host_tensor({4}, DType::kF64);
   bias.data<double>()[3] = 1.0;  // pulls expert 3 into the top-2 without changing its gate value
   RouteState s;
-  backend->route(args(4, 2, 0), p, bias, s);
+  route(*backend, args(4, 2, 0), p, bias, s);
   EXPECT_EQ(ints(s.expert_idx), (std::vector<int>{3, 1}));
   std::vector<double> g = reals(s.gate);
   EXPECT_NEAR(g[0], 0.1 / 0.6, 1e-15);
@@ -63,10 +74,10 @@ TEST_F(GateTest, HardGatesAreOneOrOneOverK) {
   RouteState s;
   RouteArgs a = args(4, 2, 0);
   a.gate_mode = GateMode::kHard;
-  backend->route(a, p, Tensor(), s);
+  route(*backend, a, p, Tensor(), s);
   EXPECT_EQ(reals(s.gate), (std::vector<double>{0.5, 0.5}));
   a.normalize = false;
-  backend->route(a, p, Tensor(), s);
+  route(*backend, a, p, Tensor(), s);
   EXPECT_EQ(reals(s.gate), (std::vector<double>{1.0, 1.0}));
 }
 
@@ -74,7 +85,7 @@ TEST_F(GateTest, CapacityFillsInTokenOrderAndDropsTheRest) {
   // 4 tokens, all prefer expert 0; capacity 2: tokens 0 and 1 get slots 0 and 1, tokens 2 and 3 drop.
   Tensor p = probs(4, 2, {0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4});
   RouteState s;
-  backend->route(args(2, 1, 2), p, Tensor(), s);
+  route(*backend, args(2, 1, 2), p, Tensor(), s);
   EXPECT_EQ(ints(s.row_idx), (std::vector<int>{0, 1, -1, -1}));
   EXPECT_EQ(ints(s.fill), (std::vector<int>{2, 0}));
   EXPECT_EQ(ints(s.counts)[0], 2);
@@ -86,7 +97,7 @@ TEST_F(GateTest, EveryFirstChoiceComesBeforeAnySecondChoice) {
   // second choice (expert 1) a slot before token 2's first choice; GShard priority must not.
   Tensor p = probs(3, 2, {0.6, 0.4, /**/ 0.3, 0.7, /**/ 0.2, 0.8});
   RouteState s;
-  backend->route(args(2, 2, 2), p, Tensor(), s);
+  route(*backend, args(2, 2, 2), p, Tensor(), s);
   // rows: expert e slot j -> e * 2 + j
   std::vector<int> rows = ints(s.row_idx);
   EXPECT_EQ(rows[0], 0);        // token 0, 1st choice: expert 0 slot 0
@@ -104,10 +115,10 @@ TEST_F(GateTest, BatchPriorityServesHighestTopScoreFirst) {
   Tensor p = probs(3, 2, {0.6, 0.4, /**/ 0.7, 0.3, /**/ 0.9, 0.1});
   RouteState s;
   RouteArgs a = args(2, 1, 1);
-  backend->route(a, p, Tensor(), s);
+  route(*backend, a, p, Tensor(), s);
   EXPECT_EQ(ints(s.row_idx), (std::vector<int>{0, -1, -1}));
   a.priority = Priority::kBatch;
-  backend->route(a, p, Tensor(), s);
+  route(*backend, a, p, Tensor(), s);
   EXPECT_EQ(ints(s.row_idx), (std::vector<int>{-1, -1, 0}));
 }
 
@@ -115,7 +126,7 @@ TEST_F(GateTest, CapacityIsPerGroup) {
   // Two groups of two tokens; every token picks expert 1; capacity 1 per group: one token of each group.
   Tensor p = probs(4, 2, {0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6});
   RouteState s;
-  backend->route(args(2, 1, 1, 2), p, Tensor(), s);
+  route(*backend, args(2, 1, 1, 2), p, Tensor(), s);
   // layout (expert, group, slot): expert 1 group 0 -> row 2, group 1 -> row 3
   EXPECT_EQ(ints(s.row_idx), (std::vector<int>{2, -1, 3, -1}));
   EXPECT_EQ(ints(s.fill), (std::vector<int>{0, 0, 1, 1}));
@@ -124,7 +135,7 @@ TEST_F(GateTest, CapacityIsPerGroup) {
 TEST_F(GateTest, DroplessRowsAreExpertMajorAndContiguous) {
   Tensor p = probs(4, 3, {0.1, 0.2, 0.7, /**/ 0.8, 0.1, 0.1, /**/ 0.1, 0.1, 0.8, /**/ 0.2, 0.7, 0.1});
   RouteState s;
-  backend->route(args(3, 1, 0), p, Tensor(), s);
+  route(*backend, args(3, 1, 0), p, Tensor(), s);
   // expert 0: token 1; expert 1: token 3; expert 2: tokens 0, 2
   EXPECT_EQ(ints(s.row_idx), (std::vector<int>{2, 0, 3, 1}));
   EXPECT_EQ(s.num_rows, 4);
@@ -136,7 +147,7 @@ TEST_F(GateTest, EmptyExpertsAndSkewedRouting) {
   std::vector<double> v;
   for (int t = 0; t < 5; ++t) v.insert(v.end(), {0.1, 0.1, 0.7, 0.1});
   RouteState s;
-  backend->route(args(4, 1, 0), probs(5, 4, v), Tensor(), s);
+  route(*backend, args(4, 1, 0), probs(5, 4, v), Tensor(), s);
   EXPECT_EQ(ints(s.fill), (std::vector<int>{0, 0, 5, 0}));
   EXPECT_EQ(ints(s.row_idx), (std::vector<int>{0, 1, 2, 3, 4}));
 }
@@ -152,7 +163,7 @@ TEST_F(GateTest, RandomRoutingKeepsSecondChoiceWithProbabilityTwiceItsShare) {
   a.rng = RngStream{5, rng_stream(RngPurpose::kRandomRouting, 3, 1)};
   a.token_offset = 100;
   RouteState s;
-  backend->route(a, probs(n, 3, v), Tensor(), s);
+  route(*backend, a, probs(n, 3, v), Tensor(), s);
   std::vector<int> rows = ints(s.row_idx);
   int kept = 0;
   for (int t = 0; t < n; ++t) {
@@ -171,19 +182,19 @@ TEST_F(GateTest, RouteBackwardDifferentiatesNormalizedGates) {
   Tensor p = probs(1, 3, {0.5, 0.3, 0.2});
   RouteArgs a = args(3, 2, 0);
   RouteState s;
-  backend->route(a, p, Tensor(), s);
+  route(*backend, a, p, Tensor(), s);
   Tensor dg = host_tensor({1, 2}, DType::kF64);
   dg.data<double>()[0] = 1.0;  // d/ds of g_0 = s0 / (s0 + s1)
   Tensor ds = host_tensor({1, 3}, DType::kF64);
-  backend->route_backward(a, p, s, dg, ds);
+  route_backward(*backend, p, s, dg, ds);
   EXPECT_NEAR(ds.data<double>()[0], 0.3 / (0.8 * 0.8), 1e-15);
   EXPECT_NEAR(ds.data<double>()[1], -0.5 / (0.8 * 0.8), 1e-15);
   EXPECT_EQ(ds.data<double>()[2], 0.0);  // not selected: no gradient
   // Hard gates (straight-through) differentiate the same soft gates.
   a.gate_mode = GateMode::kHard;
-  backend->route(a, p, Tensor(), s);
+  route(*backend, a, p, Tensor(), s);
   Tensor ds_hard = host_tensor({1, 3}, DType::kF64);
-  backend->route_backward(a, p, s, dg, ds_hard);
+  route_backward(*backend, p, s, dg, ds_hard);
   for (int e = 0; e < 3; ++e) EXPECT_EQ(ds_hard.data<double>()[e], ds.data<double>()[e]);
 }
 
@@ -202,6 +213,93 @@ TEST(Capacity, FormulaMinimumAndCap) {
   Router dropless(p2, "r", c, 0);
   EXPECT_EQ(dropless.capacity(4096), 0);
 }
+
+
+TEST_F(CudaOps, RouterScoresAndLosses) {
+  const int64_t t = 129;
+  const int e = 24;
+  RngStream rng{3, rng_stream(RngPurpose::kJitter, 4, 1)};
+  compare("jitter", [&](Backend& b) {
+    Tensor x = rnd(b, {t, 40}, 28), out = b.empty({t, 40}, DType::kF32);
+    jitter(b, x, 0.1, rng, 1000, out);
+    return std::vector<Tensor>{out};
+  });
+  for (ScoreFn fn : {ScoreFn::kSoftmax, ScoreFn::kSigmoid}) {
+    compare("router_probs", [&](Backend& b) {
+      Tensor logits = rnd(b, {t, e}, 29, 2.0), probs = b.empty({t, e}, DType::kF32);
+      router_probs(b, fn, logits, probs);
+      Tensor dprobs = rnd(b, {t, e}, 30), dlogits = rnd(b, {t, e}, 31);
+      router_probs_backward(b, fn, dprobs, probs, 0.7, dlogits);
+      return std::vector<Tensor>{probs, dlogits};
+    });
+  }
+  compare("gumbel_probs", [&](Backend& b) {
+    Tensor logits = rnd(b, {t, e}, 32), probs = b.empty({t, e}, DType::kF32);
+    gumbel_probs(b, logits, 0.5, rng, 77, probs);
+    return std::vector<Tensor>{probs};
+  });
+  compare("z_loss", [&](Backend& b) {
+    Tensor logits = rnd(b, {t, e}, 33, 2.0), dl = rnd(b, {t, e}, 34), sum = b.empty({1}, DType::kF64);
+    z_loss(b, logits, 0.01, dl, sum);
+    return std::vector<Tensor>{dl, sum};
+  });
+  compare("add_row_vector", [&](Backend& b) {
+    Tensor x = rnd(b, {t, e}, 35), v = random_tensor(b, {e}, DType::kF64, 36);
+    add_row_vector(b, x, v, 0.25);
+    return std::vector<Tensor>{x};
+  });
+}
+
+struct RouteCase {
+  const char* name;
+  int64_t capacity;
+  int groups, top_k;
+  Priority priority;
+  bool random_routing, normalize, hard, bias;
+};
+
+TEST_F(CudaOps, RouteEveryGateOption) {
+  const RouteCase cases[] = {
+      {"capacity", 9, 1, 2, Priority::kToken, false, true, false, false},
+      {"dropless", 0, 1, 2, Priority::kToken, false, true, false, false},
+      {"groups+batch priority", 5, 3, 2, Priority::kBatch, false, true, false, true},
+      {"random routing", 12, 1, 2, Priority::kToken, true, true, false, false},
+      {"top-3 hard unnormalised", 7, 2, 3, Priority::kToken, false, false, true, false},
+      {"dropless top-6 groups", 0, 4, 6, Priority::kBatch, false, true, false, true},
+  };
+  const int64_t t = 120;
+  const int e = 16;
+  for (const RouteCase& c : cases) {
+    compare(c.name, [&](Backend& b) {
+      RouteArgs args;
+      args.num_experts = e;
+      args.top_k = c.top_k;
+      args.num_groups = c.groups;
+      args.capacity = c.capacity;
+      args.normalize = c.normalize;
+      args.gate_mode = c.hard ? GateMode::kHard : GateMode::kSoft;
+      args.priority = c.priority;
+      args.random_routing = c.random_routing;
+      args.rng = RngStream{5, rng_stream(RngPurpose::kRandomRouting, 1, 0)};
+      args.token_offset = 300;
+      Tensor probs = rnd(b, {t, e}, 37), bias = c.bias ? rnd(b, {e}, 38, 0.1) : Tensor();
+      RouteState s;
+      route(b, args, probs, bias, s);
+      Tensor stats = b.empty({RouterStatsLayout{e}.size()}, DType::kF64);
+      router_stats(b, s, probs, stats);
+      Tensor z_sum = stats.rows(RouterStatsLayout{e}.z_sum(), RouterStatsLayout{e}.z_sum() + 1);
+      b.fill(z_sum, 0.0);  // router_stats leaves it to z_loss
+      Tensor dgate = rnd(b, {t, c.top_k}, 39), dsel = b.empty({t, e}, DType::kF32);
+      route_backward(b, probs, s, dgate, dsel);
+      Tensor num_rows = b.empty({1}, DType::kI32);
+      int32_t nr = static_cast<int32_t>(s.num_rows);
+      b.copy_from_host(&nr, num_rows);
+      return std::vector<Tensor>{s.expert_idx, s.score, s.gate, s.row_idx, s.fill, s.choices, s.counts, num_rows,
+                                 stats, dsel};
+    });
+  }
+}
+
 
 }  // namespace
 }  // namespace moe

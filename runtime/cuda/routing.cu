@@ -1,4 +1,4 @@
-// CUDA kernels of the router and of token permutation.
+// CUDA routing family (runtime/ops/routing.h).
 //
 // Router rows are short (E experts, tens to hundreds), so the row-wise ops give one thread a whole row
 // and keep the CPU backend's arithmetic order; column sums and the z-loss total reduce in double.
@@ -13,19 +13,17 @@
 //      priority order, so an assignment's slot is its offset in its segment (exclusive scan of the
 //      per-segment counts): the CPU's sequential slot counter, exactly.
 //   3. rows: slot -> row of the expert-major send buffer.
-// Permutation kernels give one block to a token (or an assignment) and stride its threads over H.
-#include "runtime/cuda/router_ops.h"
+#include "runtime/cuda/kernels.cuh"
+#include "runtime/ops/routing.h"
 
 #include "runtime/topk.h"
 
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
 
-namespace moe {
-namespace cuda {
+namespace moe::cuda {
 namespace {
 
-constexpr int kBlock = 256;
 constexpr int kMaxTopK = 16;
 constexpr int kSkipped = -2;  // slot marker of a 2nd choice dropped by random routing
 
@@ -315,100 +313,13 @@ __global__ void route_backward_kernel(const int* eidx, const float* score, const
   for (int j = 0; j < k; ++j) out[eidx[t * k + j]] += (d[j] - dot) / sum;
 }
 
-// out[row_idx[t, j]] = x[t]: one block per assignment
-__global__ void permute_kernel(const float* x, const int* row_idx, float* out, int64_t assignments, int k,
-                               int64_t h) {
-  for (int64_t a = blockIdx.x; a < assignments; a += gridDim.x) {
-    int r = row_idx[a];
-    if (r < 0) continue;
-    const float* src = x + (a / k) * h;
-    float* dst = out + int64_t{r} * h;
-    for (int64_t c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[c];
-  }
-}
-
-// dx[t] += sum_j dout[row_idx[t, j]]: one block per token
-__global__ void permute_backward_kernel(const float* dout, const int* row_idx, float* dx, int64_t tokens, int k,
-                                        int64_t h) {
-  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
-    for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
-      float acc = dx[t * h + c];
-      for (int j = 0; j < k; ++j) {
-        int r = row_idx[t * k + j];
-        if (r >= 0) acc += dout[int64_t{r} * h + c];
-      }
-      dx[t * h + c] = acc;
-    }
-  }
-}
-
-// y[t] += sum_j gate[t, j] * rows[row_idx[t, j]]: one block per token
-__global__ void unpermute_kernel(const float* rows, const int* row_idx, const float* gate, float* y, int64_t tokens,
-                                 int k, int64_t h) {
-  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
-    for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
-      float acc = y[t * h + c];
-      for (int j = 0; j < k; ++j) {
-        int r = row_idx[t * k + j];
-        if (r >= 0) acc += gate[t * k + j] * rows[int64_t{r} * h + c];
-      }
-      y[t * h + c] = acc;
-    }
-  }
-}
-
-// drows[r] = g * dy[t]; dgate[t, j] = <dy[t], rows[r]>: one block per assignment
-__global__ void unpermute_backward_kernel(const float* dy, const float* rows, const int* row_idx, const float* gate,
-                                          float* drows, float* dgate, int64_t assignments, int k, int64_t h) {
-  __shared__ float partial[kBlock / 32];
-  for (int64_t a = blockIdx.x; a < assignments; a += gridDim.x) {
-    int r = row_idx[a];
-    if (r < 0) {
-      if (threadIdx.x == 0) dgate[a] = 0;
-      continue;
-    }
-    const float* pdy = dy + (a / k) * h;
-    const float* src = rows + int64_t{r} * h;
-    float* dst = drows + int64_t{r} * h;
-    float g = gate[a], dot = 0;
-    for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
-      dst[c] = g * pdy[c];
-      dot += pdy[c] * src[c];
-    }
-    for (int o = 16; o > 0; o /= 2) dot += __shfl_down_sync(0xffffffffu, dot, o);
-    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = dot;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float s = 0;
-      for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) s += partial[w];
-      dgate[a] = s;
-    }
-    __syncthreads();
-  }
-}
 
 void check_f32(const Tensor& t, const char* op) {
   MOE_CHECK(t.dtype() == DType::kF32, op, ": the CUDA router ops take F32, got ", t.str());
 }
 
 unsigned row_grid(int64_t rows) { return static_cast<unsigned>((rows + kBlock - 1) / kBlock > 0 ? (rows + kBlock - 1) / kBlock : 1); }
-unsigned block_grid(int64_t items) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(items, 1 << 20))); }
 
-// Device scratch freed in stream order when it goes out of scope.
-struct Scratch {
-  Context& ctx;
-  void* ptr = nullptr;
-  Scratch(Context& c, size_t bytes) : ctx(c) {
-    if (bytes) MOE_CUDA_CHECK(cudaMallocAsync(&ptr, bytes, ctx.stream));
-  }
-  ~Scratch() {
-    if (ptr) cudaFreeAsync(ptr, ctx.stream);
-  }
-  template <typename T>
-  T* as() {
-    return static_cast<T*>(ptr);
-  }
-};
 
 // Slots and fill from the top-k choices (see slot_keys_kernel): keys, one stable radix sort, a scan of
 // the per-(group, expert) counts, then every assignment reads its slot off its sorted position.
@@ -417,10 +328,10 @@ void assign_slots(Context& ctx, RouteState& out, int* slot, const int* order, in
   const int64_t n = group_tokens * g_count * k;
   const int segments = e_count * g_count;
   MOE_CHECK(n < (int64_t{1} << 31) && segments < (1 << 30), "route: ", n, " assignments overflow 32-bit indices");
-  Scratch keys(ctx, sizeof(int) * static_cast<size_t>(n)), values(ctx, sizeof(int) * static_cast<size_t>(n));
-  Scratch keys_sorted(ctx, sizeof(int) * static_cast<size_t>(n)), values_sorted(ctx, sizeof(int) * static_cast<size_t>(n));
-  Scratch attempts(ctx, sizeof(int) * static_cast<size_t>(segments + 1)), begin(ctx, sizeof(int) * static_cast<size_t>(segments + 1));
-  MOE_CUDA_CHECK(cudaMemsetAsync(attempts.ptr, 0, sizeof(int) * static_cast<size_t>(segments + 1), ctx.stream));
+  Scratch keys(ctx.stream, sizeof(int) * static_cast<size_t>(n)), values(ctx.stream, sizeof(int) * static_cast<size_t>(n));
+  Scratch keys_sorted(ctx.stream, sizeof(int) * static_cast<size_t>(n)), values_sorted(ctx.stream, sizeof(int) * static_cast<size_t>(n));
+  Scratch attempts(ctx.stream, sizeof(int) * static_cast<size_t>(segments + 1)), begin(ctx.stream, sizeof(int) * static_cast<size_t>(segments + 1));
+  MOE_CUDA_CHECK(cudaMemsetAsync(attempts.ptr(), 0, sizeof(int) * static_cast<size_t>(segments + 1), ctx.stream));
   SlotKeys sk{out.expert_idx.data<int32_t>(), slot, order, group_tokens, k, e_count, g_count,
               keys.as<int>(), values.as<int>(), attempts.as<int>()};
   slot_keys_kernel<<<grid_for(n), kBlock, 0, ctx.stream>>>(sk);
@@ -432,15 +343,15 @@ void assign_slots(Context& ctx, RouteState& out, int* slot, const int* order, in
   MOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys.as<int>(), keys_sorted.as<int>(),
                                                  values.as<int>(), values_sorted.as<int>(), static_cast<int>(n), 0,
                                                  end_bit, ctx.stream));
-  Scratch sort_temp(ctx, std::max<size_t>(temp_bytes, 1));
-  MOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(sort_temp.ptr, temp_bytes, keys.as<int>(), keys_sorted.as<int>(),
+  Scratch sort_temp(ctx.stream, std::max<size_t>(temp_bytes, 1));
+  MOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(sort_temp.ptr(), temp_bytes, keys.as<int>(), keys_sorted.as<int>(),
                                                  values.as<int>(), values_sorted.as<int>(), static_cast<int>(n), 0,
                                                  end_bit, ctx.stream));
   temp_bytes = 0;
   MOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, attempts.as<int>(), begin.as<int>(),
                                                segments + 1, ctx.stream));
-  Scratch scan_temp(ctx, std::max<size_t>(temp_bytes, 1));
-  MOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scan_temp.ptr, temp_bytes, attempts.as<int>(), begin.as<int>(),
+  Scratch scan_temp(ctx.stream, std::max<size_t>(temp_bytes, 1));
+  MOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scan_temp.ptr(), temp_bytes, attempts.as<int>(), begin.as<int>(),
                                                segments + 1, ctx.stream));
   slots_from_sorted_kernel<<<grid_for(n), kBlock, 0, ctx.stream>>>(keys_sorted.as<int>(), values_sorted.as<int>(),
                                                                    begin.as<int>(), n, segments, capacity, slot,
@@ -452,7 +363,8 @@ void assign_slots(Context& ctx, RouteState& out, int* slot, const int* order, in
 
 }  // namespace
 
-void jitter(Context& ctx, const Tensor& x, double eps, const RngStream& rng, int64_t token_offset, Tensor& out) {
+void jitter(Backend& backend, const Tensor& x, double eps, const RngStream& rng, int64_t token_offset, Tensor& out) {
+  Context& ctx = context(backend);
   check_f32(x, "jitter");
   check_shape(out, x.shape(), "jitter output");
   int64_t n = x.numel();
@@ -462,7 +374,8 @@ void jitter(Context& ctx, const Tensor& x, double eps, const RngStream& rng, int
   MOE_CUDA_LAUNCH_CHECK();
 }
 
-void router_probs(Context& ctx, ScoreFn fn, const Tensor& logits, Tensor& probs) {
+void router_probs(Backend& backend, ScoreFn fn, const Tensor& logits, Tensor& probs) {
+  Context& ctx = context(backend);
   check_f32(logits, "router_probs");
   check_shape(probs, logits.shape(), "router probs");
   int64_t rows = logits.dim(0);
@@ -472,8 +385,9 @@ void router_probs(Context& ctx, ScoreFn fn, const Tensor& logits, Tensor& probs)
   MOE_CUDA_LAUNCH_CHECK();
 }
 
-void gumbel_probs(Context& ctx, const Tensor& logits, double tau, const RngStream& rng, int64_t token_offset,
+void gumbel_probs(Backend& backend, const Tensor& logits, double tau, const RngStream& rng, int64_t token_offset,
                   Tensor& probs) {
+  Context& ctx = context(backend);
   check_f32(logits, "gumbel_probs");
   check_shape(probs, logits.shape(), "gumbel probs");
   int64_t rows = logits.dim(0);
@@ -484,8 +398,9 @@ void gumbel_probs(Context& ctx, const Tensor& logits, double tau, const RngStrea
   MOE_CUDA_LAUNCH_CHECK();
 }
 
-void router_probs_backward(Context& ctx, ScoreFn fn, const Tensor& dprobs, const Tensor& probs, double scale,
+void router_probs_backward(Backend& backend, ScoreFn fn, const Tensor& dprobs, const Tensor& probs, double scale,
                            Tensor& dlogits) {
+  Context& ctx = context(backend);
   check_f32(probs, "router_probs_backward");
   check_shape(dprobs, probs.shape(), "router dprobs");
   check_shape(dlogits, probs.shape(), "router dlogits");
@@ -497,7 +412,8 @@ void router_probs_backward(Context& ctx, ScoreFn fn, const Tensor& dprobs, const
   MOE_CUDA_LAUNCH_CHECK();
 }
 
-void z_loss(Context& ctx, const Tensor& logits, double coef, Tensor& dlogits, Tensor& sum) {
+void z_loss(Backend& backend, const Tensor& logits, double coef, Tensor& dlogits, Tensor& sum) {
+  Context& ctx = context(backend);
   check_f32(logits, "z_loss");
   check_shape(dlogits, logits.shape(), "z-loss dlogits");
   MOE_CHECK(sum.numel() == 1 && sum.dtype() == DType::kF64, "z_loss: sum ", sum.str());
@@ -510,7 +426,8 @@ void z_loss(Context& ctx, const Tensor& logits, double coef, Tensor& dlogits, Te
   MOE_CUDA_LAUNCH_CHECK();
 }
 
-void router_stats(Context& ctx, const RouteState& state, const Tensor& probs, Tensor& stats) {
+void router_stats(Backend& backend, const RouteState& state, const Tensor& probs, Tensor& stats) {
+  Context& ctx = context(backend);
   check_f32(probs, "router_stats");
   const int e = static_cast<int>(probs.dim(1));
   RouterStatsLayout layout{e};
@@ -526,7 +443,8 @@ void router_stats(Context& ctx, const RouteState& state, const Tensor& probs, Te
   MOE_CUDA_LAUNCH_CHECK();
 }
 
-void add_row_vector(Context& ctx, Tensor& x, const Tensor& v, double scale) {
+void add_row_vector(Backend& backend, Tensor& x, const Tensor& v, double scale) {
+  Context& ctx = context(backend);
   check_f32(x, "add_row_vector");
   MOE_CHECK(v.numel() == x.dim(1) && v.dtype() == DType::kF64, "add_row_vector: ", v.str(), " for ", x.str());
   int64_t n = x.numel();
@@ -536,8 +454,8 @@ void add_row_vector(Context& ctx, Tensor& x, const Tensor& v, double scale) {
   MOE_CUDA_LAUNCH_CHECK();
 }
 
-void route(Context& ctx, const RouteArgs& args, const Tensor& sel_probs, const Tensor& bias, RouteState& out,
-           const std::function<Tensor(const Shape&, DType)>& alloc) {
+void route(Backend& backend, const RouteArgs& args, const Tensor& sel_probs, const Tensor& bias, RouteState& out) {
+  Context& ctx = context(backend);
   check_f32(sel_probs, "route");
   const int64_t t_count = sel_probs.dim(0);
   const int e_count = args.num_experts, k = args.top_k, g_count = args.num_groups;
@@ -548,14 +466,15 @@ void route(Context& ctx, const RouteArgs& args, const Tensor& sel_probs, const T
   MOE_CHECK(!args.random_routing || k == 2, "route: random routing needs top_k == 2");
   MOE_CHECK(!bias.defined() || bias.dtype() == DType::kF32, "route: bias ", bias.str());
   const int64_t group_tokens = t_count / g_count, n = t_count * k;
+  out.args = args;
 
-  out.expert_idx = alloc({t_count, k}, DType::kI32);
-  out.score = alloc({t_count, k}, DType::kF32);
-  out.gate = alloc({t_count, k}, DType::kF32);
-  out.row_idx = alloc({t_count, k}, DType::kI32);
-  out.fill = alloc({e_count, g_count}, DType::kI32);
-  out.choices = alloc({e_count}, DType::kI32);
-  out.counts = alloc({2}, DType::kI32);
+  out.expert_idx = backend.empty({t_count, k}, DType::kI32);
+  out.score = backend.empty({t_count, k}, DType::kF32);
+  out.gate = backend.empty({t_count, k}, DType::kF32);
+  out.row_idx = backend.empty({t_count, k}, DType::kI32);
+  out.fill = backend.empty({e_count, g_count}, DType::kI32);
+  out.choices = backend.empty({e_count}, DType::kI32);
+  out.counts = backend.empty({2}, DType::kI32);
   MOE_CUDA_CHECK(cudaMemsetAsync(out.choices.raw(), 0, out.choices.nbytes(), ctx.stream));
   MOE_CUDA_CHECK(cudaMemsetAsync(out.counts.raw(), 0, out.counts.nbytes(), ctx.stream));
   if (t_count == 0) {
@@ -564,8 +483,8 @@ void route(Context& ctx, const RouteArgs& args, const Tensor& sel_probs, const T
     return;
   }
   const bool batch = args.priority == Priority::kBatch;
-  Scratch slot(ctx, sizeof(int) * static_cast<size_t>(n));
-  Scratch sort_key(ctx, batch ? sizeof(unsigned long long) * static_cast<size_t>(t_count) : 0);
+  Scratch slot(ctx.stream, sizeof(int) * static_cast<size_t>(n));
+  Scratch sort_key(ctx.stream, batch ? sizeof(unsigned long long) * static_cast<size_t>(t_count) : 0);
 
   TopKArgs a;
   a.probs = sel_probs.data<float>();
@@ -593,10 +512,10 @@ void route(Context& ctx, const RouteArgs& args, const Tensor& sel_probs, const T
   // One radix sort over all groups (the group is the key's high word). cub::DeviceSegmentedSort would
   // copy segment counts to the host and synchronise the stream once there are more than a few hundred
   // groups.
-  Scratch order(ctx, batch ? sizeof(int) * static_cast<size_t>(t_count) : 0);
+  Scratch order(ctx.stream, batch ? sizeof(int) * static_cast<size_t>(t_count) : 0);
   if (batch) {
-    Scratch keys_out(ctx, sizeof(unsigned long long) * static_cast<size_t>(t_count));
-    Scratch iota(ctx, sizeof(int) * static_cast<size_t>(t_count));
+    Scratch keys_out(ctx.stream, sizeof(unsigned long long) * static_cast<size_t>(t_count));
+    Scratch iota(ctx.stream, sizeof(int) * static_cast<size_t>(t_count));
     iota_kernel<<<grid_for(t_count), kBlock, 0, ctx.stream>>>(iota.as<int>(), t_count);
     MOE_CUDA_LAUNCH_CHECK();
     int end_bit = 32;
@@ -606,8 +525,8 @@ void route(Context& ctx, const RouteArgs& args, const Tensor& sel_probs, const T
                                                    keys_out.as<unsigned long long>(), iota.as<int>(),
                                                    order.as<int>(), static_cast<int>(t_count), 0, end_bit,
                                                    ctx.stream));
-    Scratch temp(ctx, std::max<size_t>(temp_bytes, 1));  // a null buffer would make the call a size query
-    MOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.ptr, temp_bytes, sort_key.as<unsigned long long>(),
+    Scratch temp(ctx.stream, std::max<size_t>(temp_bytes, 1));  // a null buffer would make the call a size query
+    MOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.ptr(), temp_bytes, sort_key.as<unsigned long long>(),
                                                    keys_out.as<unsigned long long>(), iota.as<int>(),
                                                    order.as<int>(), static_cast<int>(t_count), 0, end_bit,
                                                    ctx.stream));
@@ -618,20 +537,20 @@ void route(Context& ctx, const RouteArgs& args, const Tensor& sel_probs, const T
 
   // Rows: with a capacity every block has `capacity` rows; dropless, blocks follow the fill prefix sum.
   const int64_t blocks = int64_t{e_count} * g_count;
-  Scratch begin(ctx, args.capacity ? 0 : sizeof(int) * static_cast<size_t>(blocks + 1));
+  Scratch begin(ctx.stream, args.capacity ? 0 : sizeof(int) * static_cast<size_t>(blocks + 1));
   if (args.capacity) {
     out.num_rows = blocks * args.capacity;
   } else {
     // exclusive sum over blocks + 1 entries (a zero appended) gives the total in the last entry
-    Scratch fill_ext(ctx, sizeof(int) * static_cast<size_t>(blocks + 1));
-    MOE_CUDA_CHECK(cudaMemsetAsync(fill_ext.ptr, 0, sizeof(int) * static_cast<size_t>(blocks + 1), ctx.stream));
-    MOE_CUDA_CHECK(cudaMemcpyAsync(fill_ext.ptr, out.fill.raw(), out.fill.nbytes(), cudaMemcpyDeviceToDevice,
+    Scratch fill_ext(ctx.stream, sizeof(int) * static_cast<size_t>(blocks + 1));
+    MOE_CUDA_CHECK(cudaMemsetAsync(fill_ext.ptr(), 0, sizeof(int) * static_cast<size_t>(blocks + 1), ctx.stream));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(fill_ext.ptr(), out.fill.raw(), out.fill.nbytes(), cudaMemcpyDeviceToDevice,
                                    ctx.stream));
     size_t temp_bytes = 0;
     MOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, fill_ext.as<int>(), begin.as<int>(),
                                                  static_cast<int>(blocks + 1), ctx.stream));
-    Scratch temp(ctx, std::max<size_t>(temp_bytes, 1));
-    MOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.ptr, temp_bytes, fill_ext.as<int>(), begin.as<int>(),
+    Scratch temp(ctx.stream, std::max<size_t>(temp_bytes, 1));
+    MOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.ptr(), temp_bytes, fill_ext.as<int>(), begin.as<int>(),
                                                  static_cast<int>(blocks + 1), ctx.stream));
     out.num_rows = read_back_int(ctx, begin.as<int>() + blocks);  // the one host wait of dropless routing
   }
@@ -642,8 +561,11 @@ void route(Context& ctx, const RouteArgs& args, const Tensor& sel_probs, const T
   MOE_CUDA_LAUNCH_CHECK();
 }
 
-void route_backward(Context& ctx, const RouteArgs& args, const RouteState& state, const Tensor& dgate,
+void route_backward(Backend& backend, const Tensor& sel_probs, const RouteState& state, const Tensor& dgate,
                     Tensor& dsel_probs) {
+  Context& ctx = context(backend);
+  const RouteArgs& args = state.args;
+  check_shape(dsel_probs, sel_probs.shape(), "route dprobs");
   check_f32(dgate, "route_backward");
   const int64_t t_count = dsel_probs.dim(0);
   const int e_count = args.num_experts, k = args.top_k;
@@ -656,50 +578,4 @@ void route_backward(Context& ctx, const RouteArgs& args, const RouteState& state
   MOE_CUDA_LAUNCH_CHECK();
 }
 
-void permute(Context& ctx, const Tensor& x, const Tensor& row_idx, Tensor& out) {
-  check_f32(x, "permute");
-  int64_t t_count = x.dim(0), h = x.dim(1), k = row_idx.dim(1);
-  MOE_CHECK(row_idx.dim(0) == t_count && out.dim(1) == h, "permute shapes: ", x.str(), row_idx.str(), out.str());
-  MOE_CUDA_CHECK(cudaMemsetAsync(out.raw(), 0, out.nbytes(), ctx.stream));
-  if (t_count == 0) return;
-  permute_kernel<<<block_grid(t_count * k), kBlock, 0, ctx.stream>>>(x.data<float>(), row_idx.data<int32_t>(),
-                                                                    out.data<float>(), t_count * k,
-                                                                    static_cast<int>(k), h);
-  MOE_CUDA_LAUNCH_CHECK();
-}
-
-void permute_backward(Context& ctx, const Tensor& dout, const Tensor& row_idx, Tensor& dx) {
-  check_f32(dx, "permute_backward");
-  int64_t t_count = dx.dim(0), h = dx.dim(1), k = row_idx.dim(1);
-  if (t_count == 0) return;
-  permute_backward_kernel<<<block_grid(t_count), kBlock, 0, ctx.stream>>>(
-      dout.data<float>(), row_idx.data<int32_t>(), dx.data<float>(), t_count, static_cast<int>(k), h);
-  MOE_CUDA_LAUNCH_CHECK();
-}
-
-void unpermute(Context& ctx, const Tensor& rows, const Tensor& row_idx, const Tensor& gate, Tensor& y) {
-  check_f32(y, "unpermute");
-  int64_t t_count = y.dim(0), h = y.dim(1), k = row_idx.dim(1);
-  if (t_count == 0) return;
-  unpermute_kernel<<<block_grid(t_count), kBlock, 0, ctx.stream>>>(rows.data<float>(), row_idx.data<int32_t>(),
-                                                                  gate.data<float>(), y.data<float>(), t_count,
-                                                                  static_cast<int>(k), h);
-  MOE_CUDA_LAUNCH_CHECK();
-}
-
-void unpermute_backward(Context& ctx, const Tensor& dy, const Tensor& rows, const Tensor& row_idx,
-                        const Tensor& gate, Tensor& drows, Tensor& dgate) {
-  check_f32(dy, "unpermute_backward");
-  int64_t t_count = dy.dim(0), h = dy.dim(1), k = row_idx.dim(1);
-  check_shape(drows, rows.shape(), "unpermute drows");
-  check_shape(dgate, gate.shape(), "unpermute dgate");
-  MOE_CUDA_CHECK(cudaMemsetAsync(drows.raw(), 0, drows.nbytes(), ctx.stream));
-  if (t_count == 0) return;
-  unpermute_backward_kernel<<<block_grid(t_count * k), kBlock, 0, ctx.stream>>>(
-      dy.data<float>(), rows.data<float>(), row_idx.data<int32_t>(), gate.data<float>(), drows.data<float>(),
-      dgate.data<float>(), t_count * k, static_cast<int>(k), h);
-  MOE_CUDA_LAUNCH_CHECK();
-}
-
-}  // namespace cuda
-}  // namespace moe
+}  // namespace moe::cuda

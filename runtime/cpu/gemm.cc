@@ -1,0 +1,99 @@
+// CPU GEMM family: dense and grouped products through CBLAS (runtime/ops/gemm.h).
+#include <cblas.h>
+
+#include <numeric>
+
+#include "runtime/cpu/cpu_common.h"
+#include "runtime/ops/gemm.h"
+
+namespace moe::cpu {
+
+template <typename T>
+void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const T* a, int64_t lda, const T* b,
+               int64_t ldb, double beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // BLAS leaves this to the implementation; make it exact: c = beta * c
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0 ? T(0) : static_cast<T>(beta * c[i * ldc + j]);
+    return;
+  }
+  auto op_a = ta ? CblasTrans : CblasNoTrans;
+  auto op_b = tb ? CblasTrans : CblasNoTrans;
+  if constexpr (std::is_same_v<T, float>) {
+    cblas_sgemm(CblasRowMajor, op_a, op_b, (int)m, (int)n, (int)k, (float)alpha, a, (int)lda, b, (int)ldb,
+                (float)beta, c, (int)ldc);
+  } else {
+    cblas_dgemm(CblasRowMajor, op_a, op_b, (int)m, (int)n, (int)k, alpha, a, (int)lda, b, (int)ldb, beta, c,
+                (int)ldc);
+  }
+}
+template void blas_gemm<float>(bool, bool, int64_t, int64_t, int64_t, double, const float*, int64_t, const float*,
+                               int64_t, double, float*, int64_t);
+template void blas_gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t, const double*,
+                                int64_t, double, double*, int64_t);
+
+void gemm(Backend&, const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c, double alpha, double beta) {
+  MOE_CHECK(a.rank() == 2 && b.rank() == 2 && c.rank() == 2, "gemm needs 2-D tensors: ", a.str(), b.str(), c.str());
+  same_dtype(a, b, "gemm");
+  same_dtype(a, c, "gemm");
+  bool at = ta == Trans::kT, bt = tb == Trans::kT;
+  int64_t m = at ? a.dim(1) : a.dim(0), k = at ? a.dim(0) : a.dim(1);
+  int64_t kb = bt ? b.dim(1) : b.dim(0), n = bt ? b.dim(0) : b.dim(1);
+  MOE_CHECK(k == kb && c.dim(0) == m && c.dim(1) == n, "gemm shapes: ", a.str(), at ? "^T" : "", " x ", b.str(),
+            bt ? "^T" : "", " -> ", c.str());
+  dispatch_float(a.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    blas_gemm<T>(at, bt, m, n, k, alpha, a.data<T>(), a.dim(1), b.data<T>(), b.dim(1), beta, c.data<T>(), n);
+  });
+}
+
+void grouped_gemm(Backend&, const Tensor& a, const Tensor& b, Trans tb, Tensor& c, const std::vector<int64_t>& group_rows,
+                  double alpha, double beta) {
+  MOE_CHECK(a.rank() == 2 && b.rank() == 3 && c.rank() == 2, "grouped_gemm shapes: ", a.str(), b.str(), c.str());
+  MOE_CHECK(static_cast<int64_t>(group_rows.size()) == b.dim(0), "grouped_gemm: ", group_rows.size(),
+            " groups for weights ", b.str());
+  same_dtype(a, b, "grouped_gemm");
+  same_dtype(a, c, "grouped_gemm");
+  bool bt = tb == Trans::kT;
+  int64_t k = a.dim(1), n = bt ? b.dim(1) : b.dim(2);
+  MOE_CHECK((bt ? b.dim(2) : b.dim(1)) == k && c.dim(1) == n && c.dim(0) == a.dim(0), "grouped_gemm shapes: ",
+            a.str(), " x ", b.str(), bt ? "^T" : "", " -> ", c.str());
+  int64_t total = std::accumulate(group_rows.begin(), group_rows.end(), int64_t{0});
+  MOE_CHECK(total == a.dim(0), "grouped_gemm: group rows sum to ", total, ", a has ", a.dim(0));
+  dispatch_float(a.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* pa = a.data<T>();
+    const T* pb = b.data<T>();
+    T* pc = c.data<T>();
+    int64_t row = 0;
+    for (size_t g = 0; g < group_rows.size(); ++g) {
+      int64_t m = group_rows[g];
+      blas_gemm<T>(false, bt, m, n, k, alpha, pa + row * k, k, pb + g * n * k, bt ? k : n, beta, pc + row * n, n);
+      row += m;
+    }
+  });
+}
+
+void grouped_gemm_tn(Backend&, const Tensor& a, const Tensor& b, Tensor& c, const std::vector<int64_t>& group_rows,
+                     double alpha, double beta) {
+  MOE_CHECK(a.rank() == 2 && b.rank() == 2 && c.rank() == 3, "grouped_gemm_tn shapes: ", a.str(), b.str(), c.str());
+  same_dtype(a, b, "grouped_gemm_tn");
+  same_dtype(a, c, "grouped_gemm_tn");
+  int64_t p = a.dim(1), q = b.dim(1);
+  MOE_CHECK(a.dim(0) == b.dim(0) && c.dim(0) == static_cast<int64_t>(group_rows.size()) && c.dim(1) == p &&
+                c.dim(2) == q,
+            "grouped_gemm_tn shapes: ", a.str(), "^T x ", b.str(), " -> ", c.str());
+  dispatch_float(a.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    int64_t row = 0;
+    for (size_t g = 0; g < group_rows.size(); ++g) {
+      int64_t m = group_rows[g];
+      blas_gemm<T>(true, false, p, q, m, alpha, a.data<T>() + row * p, p, b.data<T>() + row * q, q, beta,
+                   c.data<T>() + g * p * q, q);
+      row += m;
+    }
+    MOE_CHECK(row == a.dim(0), "grouped_gemm_tn: group rows sum to ", row, ", a has ", a.dim(0));
+  });
+}
+
+}  // namespace moe::cpu

@@ -1,0 +1,211 @@
+// CUDA GEMM family (runtime/ops/gemm.h): cuBLAS, row-major by the transpose trick: C (M, N) row-major
+// is C^T (N, M) column-major, so we ask cuBLAS for C^T = op(B)^T op(A)^T with the operands swapped.
+// CUBLAS_COMPUTE_32F always (F32 operands stay FP32, no TF32). k = 0 is done by us (c = beta * c,
+// exactly 0 when beta = 0, as the CPU). grouped_gemm / grouped_gemm_tn issue one
+// cublasGemmGroupedBatchedEx per 2730 non-empty groups (each its own cuBLAS group of batch 1); the three
+// device pointer arrays go up in one ctx.stage() slot, the other per-group arrays are host arrays. Empty
+// groups of grouped_gemm_tn get c[g] *= beta.
+#include <vector>
+
+#include "runtime/cuda/kernels.cuh"
+#include "runtime/ops/elementwise.h"
+#include "runtime/ops/gemm.h"
+
+namespace moe::cuda {
+namespace {
+
+// c = beta * c, exactly zero when beta == 0 (what a GEMM with k = 0 leaves, as in the CPU backend).
+void scale_by_beta(Backend& backend, Context& ctx, Tensor& c, double beta) {
+  if (c.numel() == 0 || beta == 1.0) return;
+  if (beta == 0.0) {
+    MOE_CUDA_CHECK(cudaMemsetAsync(c.raw(), 0, c.nbytes(), ctx.stream));
+    return;
+  }
+  cuda::scale(backend, c, beta);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// cuBLAS
+
+cudaDataType_t blas_type(DType dtype) { return dtype == DType::kBF16 ? CUDA_R_16BF : CUDA_R_32F; }
+cublasOperation_t blas_op(Trans t) { return t == Trans::kT ? CUBLAS_OP_T : CUBLAS_OP_N; }
+
+struct GemmTypes {
+  cudaDataType_t ab, c;
+};
+
+// The (operand, result) pairs we use with CUBLAS_COMPUTE_32F: cublasGemmEx takes F32/F32, BF16/BF16 and
+// BF16/F32; cublasGemmGroupedBatchedEx documents F32/F32 and BF16/BF16 (FP16 too) only.
+GemmTypes gemm_types(const Tensor& a, const Tensor& b, const Tensor& c, bool grouped, const char* op) {
+  MOE_CHECK(a.dtype() == b.dtype(), op, ": operand dtypes differ: ", a.str(), " vs ", b.str());
+  const DType in = a.dtype(), out = c.dtype();
+  const bool ok = (in == DType::kF32 && out == DType::kF32) || (in == DType::kBF16 && out == DType::kBF16) ||
+                  (!grouped && in == DType::kBF16 && out == DType::kF32);
+  MOE_CHECK(ok, op, ": ", dtype_name(in), " operands with a ", dtype_name(out), " result are not supported (",
+            grouped ? "cublasGemmGroupedBatchedEx" : "cublasGemmEx", ", CUBLAS_COMPUTE_32F)");
+  return {blas_type(in), blas_type(out)};
+}
+
+// One GEMM of a grouped call, in cuBLAS's column-major terms: C (m, n) = op(A) (m, k) op(B) (k, n).
+struct GroupProblem {
+  const void* a;
+  const void* b;
+  void* c;
+  int m, n, k, lda, ldb, ldc;
+};
+
+// cuBLAS asks the matrices of a 16-bit grouped GEMM to be 16-byte aligned when k % 8 == 0 and 4-byte
+// aligned when k % 2 == 0; a misaligned one faults on the device (and kills the context), so refuse it.
+void check_half_alignment(const GroupProblem& p, const char* op) {
+  const uintptr_t need = p.k % 8 == 0 ? 16 : p.k % 2 == 0 ? 4 : 2;
+  for (const void* ptr : {p.a, p.b, static_cast<const void*>(p.c)}) {
+    MOE_CHECK(reinterpret_cast<uintptr_t>(ptr) % need == 0, op, ": BF16 matrix at ", ptr, " is not ", need,
+              "-byte aligned, as cuBLAS needs for k = ", p.k);
+  }
+}
+
+// Runs the problems (all with the same transposes and scalars) as cuBLAS groups of batch size 1, as many
+// per call as one staging slot holds pointer triples for.
+void run_grouped(Context& ctx, cublasOperation_t ta, cublasOperation_t tb, const std::vector<GroupProblem>& problems,
+                 GemmTypes types, double alpha, double beta) {
+  constexpr size_t kMaxPerCall = Context::kSlotBytes / (3 * sizeof(void*));
+  for (size_t first = 0; first < problems.size(); first += kMaxPerCall) {
+    const size_t count = std::min(kMaxPerCall, problems.size() - first);
+    // Device pointer arrays, one slot: [A pointers | B pointers | C pointers].
+    std::vector<void*> ptrs(3 * count);
+    std::vector<int> m(count), n(count), k(count), lda(count), ldb(count), ldc(count);
+    for (size_t i = 0; i < count; ++i) {
+      const GroupProblem& p = problems[first + i];
+      ptrs[i] = const_cast<void*>(p.a);
+      ptrs[count + i] = const_cast<void*>(p.b);
+      ptrs[2 * count + i] = p.c;
+      m[i] = p.m;
+      n[i] = p.n;
+      k[i] = p.k;
+      lda[i] = p.lda;
+      ldb[i] = p.ldb;
+      ldc[i] = p.ldc;
+    }
+    std::vector<cublasOperation_t> trans_a(count, ta), trans_b(count, tb);
+    std::vector<float> alphas(count, static_cast<float>(alpha)), betas(count, static_cast<float>(beta));
+    std::vector<int> group_size(count, 1);
+    void** staged = static_cast<void**>(ctx.stage(ptrs.data(), ptrs.size() * sizeof(void*)));
+    MOE_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
+        ctx.cublas, trans_a.data(), trans_b.data(), m.data(), n.data(), k.data(), alphas.data(), staged, types.ab,
+        lda.data(), staged + count, types.ab, ldb.data(), betas.data(), staged + 2 * count, types.c, ldc.data(),
+        static_cast<int>(count), group_size.data(), CUBLAS_COMPUTE_32F));
+  }
+}
+
+char* element_ptr(const Tensor& t, int64_t offset) {
+  return static_cast<char*>(const_cast<void*>(t.raw())) + offset * static_cast<int64_t>(dtype_size(t.dtype()));
+}
+
+void check_group_rows(const std::vector<int64_t>& group_rows, int64_t rows, const char* op) {
+  int64_t total = 0;
+  for (int64_t m : group_rows) {
+    MOE_CHECK(m >= 0, op, ": negative group size ", m);
+    total += m;
+  }
+  MOE_CHECK(total == rows, op, ": group rows sum to ", total, ", a has ", rows);
+}
+
+}  // namespace
+
+void gemm(Backend& backend, const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c, double alpha,
+          double beta) {
+  Context& ctx = context(backend);
+  MOE_CHECK(a.rank() == 2 && b.rank() == 2 && c.rank() == 2, "gemm needs 2-D tensors: ", a.str(), b.str(), c.str());
+  const GemmTypes types = gemm_types(a, b, c, false, "gemm");
+  const bool at = ta == Trans::kT, bt = tb == Trans::kT;
+  const int64_t m = at ? a.dim(1) : a.dim(0), k = at ? a.dim(0) : a.dim(1);
+  const int64_t kb = bt ? b.dim(1) : b.dim(0), n = bt ? b.dim(0) : b.dim(1);
+  MOE_CHECK(k == kb && c.dim(0) == m && c.dim(1) == n, "gemm shapes: ", a.str(), at ? "^T" : "", " x ", b.str(),
+            bt ? "^T" : "", " -> ", c.str());
+  if (m == 0 || n == 0) return;
+  if (k == 0) return scale_by_beta(backend, ctx, c, beta);
+  // Column-major C^T (n, m) = op(b)^T (n, k) op(a)^T (k, m); a row-major matrix is its own transpose
+  // column-major, with its row length as leading dimension.
+  const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
+  MOE_CUBLAS_CHECK(cublasGemmEx(ctx.cublas, blas_op(tb), blas_op(ta), to_int(n, "gemm n"), to_int(m, "gemm m"),
+                                to_int(k, "gemm k"), &alpha_f, b.raw(), types.ab, to_int(b.dim(1), "gemm ldb"),
+                                a.raw(), types.ab, to_int(a.dim(1), "gemm lda"), &beta_f, c.raw(), types.c,
+                                to_int(n, "gemm ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+void grouped_gemm(Backend& backend, const Tensor& a, const Tensor& b, Trans tb, Tensor& c,
+                  const std::vector<int64_t>& group_rows, double alpha, double beta) {
+  Context& ctx = context(backend);
+  MOE_CHECK(a.rank() == 2 && b.rank() == 3 && c.rank() == 2, "grouped_gemm shapes: ", a.str(), b.str(), c.str());
+  MOE_CHECK(static_cast<int64_t>(group_rows.size()) == b.dim(0), "grouped_gemm: ", group_rows.size(),
+            " groups for weights ", b.str());
+  const GemmTypes types = gemm_types(a, b, c, true, "grouped_gemm");
+  const bool bt = tb == Trans::kT;
+  const int64_t k = a.dim(1), n = bt ? b.dim(1) : b.dim(2);
+  MOE_CHECK((bt ? b.dim(2) : b.dim(1)) == k && c.dim(1) == n && c.dim(0) == a.dim(0), "grouped_gemm shapes: ",
+            a.str(), " x ", b.str(), bt ? "^T" : "", " -> ", c.str());
+  check_group_rows(group_rows, a.dim(0), "grouped_gemm");
+  if (a.dim(0) == 0 || n == 0) return;
+  if (k == 0) return scale_by_beta(backend, ctx, c, beta);  // every row of c belongs to a non-empty group
+
+  // Group g, column-major: c_g^T (n, m_g) = op(b_g)^T (n, k) a_g^T (k, m_g).
+  std::vector<GroupProblem> problems;
+  int64_t row = 0;
+  for (size_t g = 0; g < group_rows.size(); ++g) {
+    const int64_t m = group_rows[g];
+    if (m > 0) {
+      GroupProblem p{element_ptr(b, static_cast<int64_t>(g) * n * k), element_ptr(a, row * k), element_ptr(c, row * n),
+                     to_int(n, "grouped_gemm n"), to_int(m, "grouped_gemm group rows"), to_int(k, "grouped_gemm k"),
+                     to_int(bt ? k : n, "grouped_gemm weight row length"), to_int(k, "grouped_gemm k"),
+                     to_int(n, "grouped_gemm n")};
+      if (types.ab == CUDA_R_16BF) check_half_alignment(p, "grouped_gemm");
+      problems.push_back(p);
+    }
+    row += m;
+  }
+  run_grouped(ctx, blas_op(tb), CUBLAS_OP_N, problems, types, alpha, beta);
+}
+
+void grouped_gemm_tn(Backend& backend, const Tensor& a, const Tensor& b, Tensor& c,
+                     const std::vector<int64_t>& group_rows, double alpha, double beta) {
+  Context& ctx = context(backend);
+  MOE_CHECK(a.rank() == 2 && b.rank() == 2 && c.rank() == 3, "grouped_gemm_tn shapes: ", a.str(), b.str(), c.str());
+  const GemmTypes types = gemm_types(a, b, c, true, "grouped_gemm_tn");
+  const int64_t p = a.dim(1), q = b.dim(1);
+  MOE_CHECK(a.dim(0) == b.dim(0) && c.dim(0) == static_cast<int64_t>(group_rows.size()) && c.dim(1) == p &&
+                c.dim(2) == q,
+            "grouped_gemm_tn shapes: ", a.str(), "^T x ", b.str(), " -> ", c.str());
+  check_group_rows(group_rows, a.dim(0), "grouped_gemm_tn");
+  if (p == 0 || q == 0) return;
+
+  // Group g, column-major: c[g]^T (q, p) = b_g^T (q, m_g) a_g (m_g, p). A group without rows is a
+  // GEMM with k = 0: c[g] = beta * c[g], done here for each run of consecutive empty groups.
+  std::vector<GroupProblem> problems;
+  std::vector<std::pair<int64_t, int64_t>> empty_runs;  // [first, last) groups
+  int64_t row = 0;
+  for (size_t g = 0; g < group_rows.size(); ++g) {
+    const int64_t m = group_rows[g], gi = static_cast<int64_t>(g);
+    if (m == 0) {
+      if (!empty_runs.empty() && empty_runs.back().second == gi) {
+        ++empty_runs.back().second;
+      } else {
+        empty_runs.push_back({gi, gi + 1});
+      }
+      continue;
+    }
+    GroupProblem pr{element_ptr(b, row * q), element_ptr(a, row * p), element_ptr(c, gi * p * q),
+                    to_int(q, "grouped_gemm_tn q"), to_int(p, "grouped_gemm_tn p"),
+                    to_int(m, "grouped_gemm_tn group rows"), to_int(q, "grouped_gemm_tn q"),
+                    to_int(p, "grouped_gemm_tn p"), to_int(q, "grouped_gemm_tn q")};
+    if (types.ab == CUDA_R_16BF) check_half_alignment(pr, "grouped_gemm_tn");
+    problems.push_back(pr);
+    row += m;
+  }
+  for (const auto& [first, last] : empty_runs) {
+    Tensor part = c.rows(first, last);
+    scale_by_beta(backend, ctx, part, beta);
+  }
+  run_grouped(ctx, CUBLAS_OP_N, CUBLAS_OP_T, problems, types, alpha, beta);
+}
+
+}  // namespace moe::cuda

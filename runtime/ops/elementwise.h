@@ -1,0 +1,31 @@
+// Elementwise family: vector updates, reductions to the host, and the expert activations.
+//
+// Tensors of one call have the same element count (shapes are not looked at). CPU: F32 and F64. CUDA:
+// every float tensor F32 or BF16 independently (computed in float).
+#pragma once
+
+#include "runtime/ops/op.h"
+
+namespace moe {
+
+enum class Activation : uint8_t { kGelu, kRelu };  // GELU is the tanh approximation
+
+// y += alpha * x
+MOE_OP(void, axpy, (Backend& b, double alpha, const Tensor& x, Tensor& y), (b, alpha, x, y))
+// x *= alpha
+MOE_OP(void, scale, (Backend& b, Tensor& x, double alpha), (b, x, alpha))
+// Returns sum_i x_i^2, accumulated in double (waits for the device).
+MOE_OP(double, sum_squares, (Backend& b, const Tensor& x), (b, x))
+
+// h = silu(a) * g, silu(a) = a * sigmoid(a)
+MOE_OP(void, swiglu_forward, (Backend& b, const Tensor& a, const Tensor& g, Tensor& h), (b, a, g, h))
+// da = dh * g * s * (1 + a * (1 - s)), dg = dh * silu(a), s = sigmoid(a); both overwritten
+MOE_OP(void, swiglu_backward, (Backend& b, const Tensor& dh, const Tensor& a, const Tensor& g, Tensor& da, Tensor& dg),
+       (b, dh, a, g, da, dg))
+// h = act(a)
+MOE_OP(void, activation_forward, (Backend& b, Activation act, const Tensor& a, Tensor& h), (b, act, a, h))
+// da = dh * act'(a), overwritten
+MOE_OP(void, activation_backward, (Backend& b, Activation act, const Tensor& dh, const Tensor& a, Tensor& da),
+       (b, act, dh, a, da))
+
+}  // namespace moe

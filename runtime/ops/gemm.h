@@ -1,0 +1,36 @@
+// GEMM family: dense and grouped matrix products (CPU: CBLAS; CUDA: cuBLAS, fp32 compute, no TF32).
+//
+// Row-major tensors. "op(a)" is a or a^T by the Trans argument. Float types: F32 and F64 on the CPU;
+// F32 and BF16 operands on CUDA (see runtime/cuda/gemm.cu for the dtype pairs cuBLAS takes).
+#pragma once
+
+#include <vector>
+
+#include "runtime/ops/op.h"
+
+namespace moe {
+
+enum class Trans : uint8_t { kN, kT };
+
+// c (M, N) = alpha * op(a) op(b) + beta * c, with op(a) (M, K) and op(b) (K, N). K = 0 gives
+// c = beta * c exactly (0 when beta = 0).
+MOE_OP(void, gemm,
+       (Backend& b, const Tensor& a, Trans ta, const Tensor& w, Trans tw, Tensor& c, double alpha, double beta),
+       (b, a, ta, w, tw, c, alpha, beta))
+
+// One GEMM per group of consecutive rows: for g, c[rows_g] (m_g, N) = alpha * a[rows_g] (m_g, K) op(w[g])
+// + beta * c[rows_g]. w is (G, N, K) with tw = kT, or (G, K, N) with tw = kN. group_rows lives on the
+// host; empty groups are allowed.
+MOE_OP(void, grouped_gemm,
+       (Backend& b, const Tensor& a, const Tensor& w, Trans tw, Tensor& c, const std::vector<int64_t>& group_rows,
+        double alpha, double beta),
+       (b, a, w, tw, c, group_rows, alpha, beta))
+
+// Weight gradients of grouped_gemm: c[g] (P, Q) = alpha * a[rows_g]^T (P, m_g) x[rows_g] (m_g, Q) + beta * c[g]
+// (an empty group leaves beta * c[g]).
+MOE_OP(void, grouped_gemm_tn,
+       (Backend& b, const Tensor& a, const Tensor& x, Tensor& c, const std::vector<int64_t>& group_rows, double alpha,
+        double beta),
+       (b, a, x, c, group_rows, alpha, beta))
+
+}  // namespace moe

@@ -1,0 +1,23 @@
+// Optimizer family: one fused update per parameter tensor. CPU: F32 and F64; CUDA: F32 (master weights
+// and optimizer state).
+#pragma once
+
+#include "runtime/ops/op.h"
+
+namespace moe {
+
+struct AdamArgs {
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0;
+  int64_t step = 1;  // 1-based, for bias correction
+};
+
+// AdamW with decoupled weight decay, per element:
+//   m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
+//   p -= lr * ( (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps) + weight_decay * p )
+MOE_OP(void, adamw_step, (Backend& b, Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamArgs& args),
+       (b, param, grad, m, v, args))
+// p -= lr * (g + weight_decay * p)
+MOE_OP(void, sgd_step, (Backend& b, Tensor& param, const Tensor& grad, double lr, double weight_decay),
+       (b, param, grad, lr, weight_decay))
+
+}  // namespace moe

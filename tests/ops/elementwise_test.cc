@@ -1,0 +1,99 @@
+// Elementwise family table: the activations' backwards against central differences of their forwards
+// (CPU, F64), and every elementwise op and the bf16 conversion on CUDA against the CPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "tests/ops/op_test.h"
+
+namespace moe {
+namespace {
+
+using test::CpuOps;
+using test::CudaOps;
+using test::ids;
+using test::ints;
+using test::random_tensor;
+using test::rel_diff;
+using test::rnd;
+
+class ElementwiseOps : public CpuOps {};
+
+TEST_P(ElementwiseOps, ActivationBackwardsAreTheDerivativesOfTheForwards) {
+  if (dt() != DType::kF64) GTEST_SKIP() << "finite differences need F64";
+  const Shape s{3, 7};
+  Tensor a = rnd(s, 1, 2.0), g = rnd(s, 2), dh = rnd(s, 3), h = backend->empty(s, dt());
+  Tensor da = backend->empty(s, dt()), dg = backend->empty(s, dt());
+  swiglu_backward(*backend, dh, a, g, da, dg);
+  auto swiglu = [&] {
+    swiglu_forward(*backend, a, g, h);
+    return test::dot(*backend, h, dh);
+  };
+  EXPECT_LT(rel_diff(to_doubles(*backend, da), test::numeric_gradient(*backend, a, swiglu)), 1e-8);
+  EXPECT_LT(rel_diff(to_doubles(*backend, dg), test::numeric_gradient(*backend, g, swiglu)), 1e-8);
+  for (Activation act : {Activation::kGelu, Activation::kRelu}) {
+    activation_backward(*backend, act, dh, a, da);
+    auto f = [&] {
+      activation_forward(*backend, act, a, h);
+      return test::dot(*backend, h, dh);
+    };
+    EXPECT_LT(rel_diff(to_doubles(*backend, da), test::numeric_gradient(*backend, a, f)), 1e-8);
+  }
+}
+
+TEST_P(ElementwiseOps, AxpyScaleAndSumSquares) {
+  Tensor x = rnd({11}, 4), y = rnd({11}, 5);
+  std::vector<double> xv = to_doubles(*backend, x), yv = to_doubles(*backend, y), want(11);
+  double ss = 0;
+  for (int i = 0; i < 11; ++i) {
+    want[i] = 1.5 * (yv[i] - 0.75 * xv[i]);
+    ss += want[i] * want[i];
+  }
+  axpy(*backend, -0.75, x, y);
+  scale(*backend, y, 1.5);
+  EXPECT_LT(rel_diff(to_doubles(*backend, y), want), tol());
+  EXPECT_NEAR(sum_squares(*backend, y), ss, tol() * ss);
+}
+
+MOE_CPU_OPS_DTYPES(ElementwiseOps);
+
+TEST_F(CudaOps, Bf16ConversionRoundsToNearestEven) {
+  std::vector<float> values{1.0f, 1.00390625f, 1.01171875f, -3.14159265f, 1e-20f, 65504.0f, 0.0f};
+  Tensor f = gpu->empty({static_cast<int64_t>(values.size())}, DType::kF32);
+  gpu->copy_from_host(values.data(), f);
+  Tensor h = gpu->empty(f.shape(), DType::kBF16);
+  gpu->convert(f, h);
+  std::vector<double> got = to_doubles(*gpu, h);
+  for (size_t i = 0; i < values.size(); ++i) EXPECT_EQ(got[i], bf16_to_float(float_to_bf16(values[i]))) << values[i];
+}
+
+TEST_F(CudaOps, ElementwiseAndActivations) {
+  compare("axpy/scale", [](Backend& b) {
+    Tensor x = rnd(b, {1000, 3}, 12), y = rnd(b, {1000, 3}, 13);
+    axpy(b, -0.75, x, y);
+    scale(b, y, 1.5);
+    return std::vector<Tensor>{y};
+  });
+  Tensor xc = rnd(*cpu, {4097}, 14), xg = rnd(*gpu, {4097}, 14);
+  double want = sum_squares(*cpu, xc), got = sum_squares(*gpu, xg);
+  EXPECT_LE(std::abs(got - want) / want, 1e-6);
+  compare("swiglu", [](Backend& b) {
+    Tensor a = rnd(b, {77, 33}, 15, 3.0), bb = rnd(b, {77, 33}, 16), h = b.empty({77, 33}, DType::kF32);
+    Tensor dh = rnd(b, {77, 33}, 17), da = b.empty({77, 33}, DType::kF32), db = b.empty({77, 33}, DType::kF32);
+    swiglu_forward(b, a, bb, h);
+    swiglu_backward(b, dh, a, bb, da, db);
+    return std::vector<Tensor>{h, da, db};
+  });
+  for (Activation act : {Activation::kGelu, Activation::kRelu}) {
+    compare("activation", [act](Backend& b) {
+      Tensor a = rnd(b, {50, 31}, 18, 3.0), h = b.empty({50, 31}, DType::kF32);
+      Tensor dh = rnd(b, {50, 31}, 19), da = b.empty({50, 31}, DType::kF32);
+      activation_forward(b, act, a, h);
+      activation_backward(b, act, dh, a, da);
+      return std::vector<Tensor>{h, da};
+    });
+  }
+}
+
+}  // namespace
+}  // namespace moe

@@ -1,0 +1,151 @@
+// GEMM family table: dense GEMMs (every transpose) and grouped GEMMs (with empty groups) against loops
+// on the CPU; the same against the CPU on CUDA, and bf16 GEMMs within the rounding bound.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "tests/ops/op_test.h"
+
+namespace moe {
+namespace {
+
+using test::CpuOps;
+using test::CudaOps;
+using test::ids;
+using test::ints;
+using test::random_tensor;
+using test::rel_diff;
+using test::rnd;
+
+class GemmOps : public CpuOps {};
+
+TEST_P(GemmOps, GemmEveryTransposeMatchesLoops) {
+  const int64_t m = 7, n = 5, k = 9;
+  for (Trans ta : {Trans::kN, Trans::kT}) {
+    for (Trans tb : {Trans::kN, Trans::kT}) {
+      Tensor a = rnd(ta == Trans::kN ? Shape{m, k} : Shape{k, m}, 1);
+      Tensor b = rnd(tb == Trans::kN ? Shape{k, n} : Shape{n, k}, 2);
+      Tensor c = rnd({m, n}, 3);
+      std::vector<double> av = to_doubles(*backend, a), bv = to_doubles(*backend, b), cv = to_doubles(*backend, c);
+      std::vector<double> want(m * n);
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < n; ++j) {
+          double s = 0;
+          for (int64_t p = 0; p < k; ++p) {
+            double x = ta == Trans::kN ? av[i * k + p] : av[p * m + i];
+            double y = tb == Trans::kN ? bv[p * n + j] : bv[j * k + p];
+            s += x * y;
+          }
+          want[i * n + j] = 0.5 * s + 2.0 * cv[i * n + j];
+        }
+      }
+      gemm(*backend, a, ta, b, tb, c, 0.5, 2.0);
+      EXPECT_LT(rel_diff(to_doubles(*backend, c), want), tol());
+    }
+  }
+}
+
+TEST_P(GemmOps, GroupedGemmsWithEmptyGroupsMatchLoops) {
+  const std::vector<int64_t> rows{3, 0, 5, 1};
+  const int64_t total = 9, k = 4, n = 6, g = 4;
+  Tensor a = rnd({total, k}, 4);
+  Tensor bt = rnd({g, n, k}, 5);  // tb = kT
+  Tensor c = backend->zeros({total, n}, dt());
+  grouped_gemm(*backend, a, bt, Trans::kT, c, rows, 1.0, 0.0);
+  std::vector<double> av = to_doubles(*backend, a), bv = to_doubles(*backend, bt), want(total * n);
+  int64_t r0 = 0;
+  for (int64_t e = 0; e < g; ++e) {
+    for (int64_t r = r0; r < r0 + rows[e]; ++r) {
+      for (int64_t j = 0; j < n; ++j) {
+        double s = 0;
+        for (int64_t p = 0; p < k; ++p) s += av[r * k + p] * bv[(e * n + j) * k + p];
+        want[r * n + j] = s;
+      }
+    }
+    r0 += rows[e];
+  }
+  EXPECT_LT(rel_diff(to_doubles(*backend, c), want), tol());
+
+  // Weight gradient: dW[g] (k, n) = a[rows_g]^T dy[rows_g]; an empty group gets beta * dW.
+  Tensor dy = rnd({total, n}, 6);
+  Tensor dw = rnd({g, k, n}, 7);
+  std::vector<double> dyv = to_doubles(*backend, dy), dw0 = to_doubles(*backend, dw), want_dw(g * k * n);
+  r0 = 0;
+  for (int64_t e = 0; e < g; ++e) {
+    for (int64_t p = 0; p < k; ++p) {
+      for (int64_t j = 0; j < n; ++j) {
+        double s = 0;
+        for (int64_t r = r0; r < r0 + rows[e]; ++r) s += av[r * k + p] * dyv[r * n + j];
+        want_dw[(e * k + p) * n + j] = s + dw0[(e * k + p) * n + j];
+      }
+    }
+    r0 += rows[e];
+  }
+  grouped_gemm_tn(*backend, a, dy, dw, rows, 1.0, 1.0);
+  EXPECT_LT(rel_diff(to_doubles(*backend, dw), want_dw), tol());
+}
+
+MOE_CPU_OPS_DTYPES(GemmOps);
+
+TEST_F(CudaOps, GemmEveryTranspose) {
+  for (Trans ta : {Trans::kN, Trans::kT})
+    for (Trans tb : {Trans::kN, Trans::kT})
+      for (double beta : {0.0, 1.5}) {
+        compare("gemm", [&](Backend& b) {
+          const int64_t m = 37, n = 29, k = 45;
+          Tensor a = rnd(b, ta == Trans::kN ? Shape{m, k} : Shape{k, m}, 1);
+          Tensor bb = rnd(b, tb == Trans::kN ? Shape{k, n} : Shape{n, k}, 2);
+          Tensor c = rnd(b, {m, n}, 3);
+          gemm(b, a, ta, bb, tb, c, 0.5, beta);
+          return std::vector<Tensor>{c};
+        });
+      }
+}
+
+TEST_F(CudaOps, GroupedGemmsWithEmptyGroups) {
+  const std::vector<int64_t> rows{13, 0, 21, 1, 0, 9};
+  const int64_t total = 44, k = 24, n = 40, g = 6;
+  for (Trans tb : {Trans::kN, Trans::kT}) {
+    compare("grouped_gemm", [&](Backend& b) {
+      Tensor a = rnd(b, {total, k}, 4);
+      Tensor w = rnd(b, tb == Trans::kT ? Shape{g, n, k} : Shape{g, k, n}, 5);
+      Tensor c = rnd(b, {total, n}, 6);
+      grouped_gemm(b, a, w, tb, c, rows, 1.0, 0.5);
+      return std::vector<Tensor>{c};
+    });
+  }
+  compare("grouped_gemm_tn", [&](Backend& b) {
+    Tensor a = rnd(b, {total, k}, 7), x = rnd(b, {total, n}, 8);
+    Tensor c = rnd(b, {g, k, n}, 9);
+    grouped_gemm_tn(b, a, x, c, rows, 1.0, 1.0);
+    return std::vector<Tensor>{c};
+  });
+}
+
+TEST_F(CudaOps, Bf16GemmsWithinTheRoundingBound) {
+  // bf16 operands, bf16 output, fp32 accumulation, against the fp32 CPU product of the same values
+  const int64_t m = 64, n = 48, k = 256;
+  std::vector<double> want, got;
+  {
+    Tensor a = rnd(*cpu, {m, k}, 10), w = rnd(*cpu, {n, k}, 11), c = cpu->empty({m, n}, DType::kF32);
+    gemm(*cpu, a, Trans::kN, w, Trans::kT, c, 1.0, 0.0);
+    want = to_doubles(*cpu, c);
+  }
+  Tensor a = rnd(*gpu, {m, k}, 10), w = rnd(*gpu, {n, k}, 11);
+  Tensor a16 = gpu->empty({m, k}, DType::kBF16), w16 = gpu->empty({n, k}, DType::kBF16);
+  gpu->convert(a, a16);
+  gpu->convert(w, w16);
+  Tensor c16 = gpu->empty({m, n}, DType::kBF16);
+  gemm(*gpu, a16, Trans::kN, w16, Trans::kT, c16, 1.0, 0.0);
+  got = to_doubles(*gpu, c16);
+  EXPECT_LE(rel_diff(got, want), 1e-2);
+  EXPECT_GT(rel_diff(got, want), 0.0);  // it really ran in bf16
+
+  Tensor g16 = gpu->empty({1, n, k}, DType::kBF16), y16 = gpu->empty({m, n}, DType::kBF16);
+  gpu->convert(w, g16);
+  grouped_gemm(*gpu, a16, g16, Trans::kT, y16, {m}, 1.0, 0.0);
+  EXPECT_LE(rel_diff(to_doubles(*gpu, y16), want), 1e-2);
+}
+
+}  // namespace
+}  // namespace moe

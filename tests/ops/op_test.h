@@ -1,0 +1,120 @@
+// The harness of the op test tables (tests/ops/<family>_test.cc), in the style of ggml's test-backend-ops.
+//
+// Each family's table has CPU cases (suites without the Cuda prefix: the reference against loops,
+// formulas or finite differences, in F32 and F64) and CUDA cases (suites named Cuda*): each builds its
+// inputs on a backend from the same random streams, runs the op, and returns its outputs; compare() runs
+// it on both backends and checks every output with a per-op bound. ctest runs the table twice: label unit
+// runs the CPU cases, label cuda the CUDA ones, which skip with the reason when no device is usable.
+//
+// Bounds. F32: 1e-5 relative (max |gpu - cpu| / max |cpu|) for every op; index outputs must match
+// exactly. BF16 GEMMs against the F32 CPU product: operands rounded to 8 mantissa bits carry a relative
+// error of 2^-9 each, the product of two 2^-8, and a K-term fp32 sum of such products with random signs
+// keeps it near 2^-8 of the row norm: the bound is 1e-2 of the largest output.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tests/test_util.h"
+
+namespace moe::test {
+
+// A CPU case in F32 and F64 (the parameter), with the tolerance of each.
+class CpuOps : public ::testing::TestWithParam<DType> {
+ protected:
+  std::unique_ptr<Backend> backend = make_cpu_backend({});
+  DType dt() const { return GetParam(); }
+  double tol() const { return dt() == DType::kF64 ? 1e-13 : 1e-5; }
+  Tensor rnd(const Shape& s, uint64_t stream, double scale = 1.0) {
+    return random_tensor(*backend, s, dt(), stream, 0, scale);
+  }
+};
+
+inline std::string dtype_param_name(const ::testing::TestParamInfo<DType>& info) {
+  return info.param == DType::kF32 ? "f32" : "f64";
+}
+
+#define MOE_CPU_OPS_DTYPES(suite)                                                                  \
+  INSTANTIATE_TEST_SUITE_P(DTypes, suite, ::testing::Values(DType::kF32, DType::kF64), \
+                           ::moe::test::dtype_param_name)
+
+// One op case: builds inputs on `b`, runs the op, returns the outputs to compare.
+using OpCase = std::function<std::vector<Tensor>(Backend& b)>;
+
+class CudaOps : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda_unavailable_reason();
+    gpu = make_cuda_backend({});
+  }
+
+  // Runs `op` on both backends; every output must agree to `tol` (0 for I32: exactly).
+  void compare(const char* what, const OpCase& op, double tol = 1e-5) {
+    std::vector<Tensor> want = op(*cpu), got = op(*gpu);
+    ASSERT_EQ(want.size(), got.size()) << what;
+    for (size_t i = 0; i < want.size(); ++i) {
+      SCOPED_TRACE(std::string(what) + ", output " + std::to_string(i));
+      ASSERT_EQ(want[i].shape(), got[i].shape());
+      std::vector<double> w = to_doubles(*cpu, want[i]), g = to_doubles(*gpu, got[i]);
+      if (want[i].dtype() == DType::kI32) {
+        EXPECT_EQ(w, g);
+      } else {
+        EXPECT_LE(rel_diff(g, w), tol);
+      }
+    }
+  }
+
+  std::unique_ptr<Backend> cpu = make_cpu_backend({});
+  std::unique_ptr<Backend> gpu;
+};
+
+// F32 random values from test stream `stream`, the same on every backend.
+inline Tensor rnd(Backend& b, const Shape& s, uint64_t stream, double scale = 1.0) {
+  return random_tensor(b, s, DType::kF32, stream, 0, scale);
+}
+
+inline Tensor ints(Backend& b, const Shape& s, const std::vector<int32_t>& v) {
+  Tensor t = b.empty(s, DType::kI32);
+  b.copy_from_host(v.data(), t);
+  return t;
+}
+
+// Deterministic pseudo-random ids in [0, n).
+inline std::vector<int32_t> ids(int64_t count, int32_t n, uint32_t salt) {
+  std::vector<int32_t> v(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) v[i] = static_cast<int32_t>((i * 2654435761u + salt) % n);
+  return v;
+}
+
+// Central differences of a scalar function of one tensor's elements: d f / d x_i for every i, F64.
+inline std::vector<double> numeric_gradient(Backend& b, Tensor& x, const std::function<double()>& f,
+                                            double eps = 1e-6) {
+  std::vector<double> v = to_doubles(b, x), grad(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    double keep = v[i];
+    v[i] = keep + eps;
+    b.copy_from_host(v.data(), x);
+    double plus = f();
+    v[i] = keep - eps;
+    b.copy_from_host(v.data(), x);
+    double minus = f();
+    v[i] = keep;
+    b.copy_from_host(v.data(), x);
+    grad[i] = (plus - minus) / (2 * eps);
+  }
+  return grad;
+}
+
+// <a, b> over every element.
+inline double dot(Backend& backend, const Tensor& a, const Tensor& b) {
+  std::vector<double> av = to_doubles(backend, a), bv = to_doubles(backend, b);
+  double s = 0;
+  for (size_t i = 0; i < av.size(); ++i) s += av[i] * bv[i];
+  return s;
+}
+
+}  // namespace moe::test

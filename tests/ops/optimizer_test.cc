@@ -1,0 +1,58 @@
+// Optimizer family table: AdamW against its formula (CPU); AdamW and SGD on CUDA against the CPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "tests/ops/op_test.h"
+
+namespace moe {
+namespace {
+
+using test::CpuOps;
+using test::CudaOps;
+using test::ids;
+using test::ints;
+using test::random_tensor;
+using test::rel_diff;
+using test::rnd;
+
+class OptimizerOps : public CpuOps {};
+
+TEST_P(OptimizerOps, AdamWMatchesTheFormula) {
+  Tensor p = rnd({5}, 11), g = rnd({5}, 12);
+  Tensor m = backend->zeros({5}, dt()), v = backend->zeros({5}, dt());
+  std::vector<double> p0 = to_doubles(*backend, p), gv = to_doubles(*backend, g);
+  AdamArgs a;
+  a.lr = 0.1;
+  a.weight_decay = 0.2;
+  a.step = 1;
+  adamw_step(*backend, p, g, m, v, a);
+  std::vector<double> want(5);
+  for (int i = 0; i < 5; ++i) {
+    double mh = (1 - a.beta1) * gv[i] / (1 - a.beta1), vh = (1 - a.beta2) * gv[i] * gv[i] / (1 - a.beta2);
+    want[i] = p0[i] * (1 - a.lr * a.weight_decay) - a.lr * mh / (std::sqrt(vh) + a.eps);
+  }
+  EXPECT_LT(rel_diff(to_doubles(*backend, p), want), tol());
+}
+
+MOE_CPU_OPS_DTYPES(OptimizerOps);
+
+TEST_F(CudaOps, OptimizerSteps) {
+  compare("adamw", [](Backend& b) {
+    Tensor p = rnd(b, {300}, 48), g = rnd(b, {300}, 49), m = rnd(b, {300}, 50, 0.1);
+    Tensor v = b.zeros({300}, DType::kF32);
+    AdamArgs a;
+    a.lr = 1e-2;
+    a.weight_decay = 0.1;
+    for (a.step = 1; a.step <= 3; ++a.step) adamw_step(b, p, g, m, v, a);
+    return std::vector<Tensor>{p, m, v};
+  });
+  compare("sgd", [](Backend& b) {
+    Tensor p = rnd(b, {300}, 52), g = rnd(b, {300}, 53);
+    sgd_step(b, p, g, 0.1, 0.01);
+    return std::vector<Tensor>{p};
+  });
+}
+
+}  // namespace
+}  // namespace moe
