@@ -142,10 +142,14 @@ double dense_gemm_seconds(Backend& backend, DType dt, int64_t rows, int64_t hidd
 }
 
 // Direct evaluation of one token through one FFN expert (double precision).
+// y += scale * FFN_expert(x). Routed experts: w_gate, w_up (E, F, H), w_down (E, H, F). Fused shared
+// experts (fused = true): w_gate, w_up (n*F, H), w_down (H, n*F), expert e owning mid indices [eF, (e+1)F).
 void expert_ref(const std::vector<double>& wg, const std::vector<double>& wu, const std::vector<double>& wd,
                 size_t expert, int64_t mid, int64_t hidden, ExpertType type, const double* x, double scale,
-                std::vector<double>& y) {
+                std::vector<double>& y, bool fused = false, int64_t num_fused = 1) {
   size_t base = expert * static_cast<size_t>(mid * hidden);
+  const size_t down_base = fused ? expert * static_cast<size_t>(mid) : base;
+  const size_t down_row = static_cast<size_t>(fused ? mid * num_fused : mid);
   for (int64_t f = 0; f < mid; ++f) {
     double a = 0, b = 0;
     for (int64_t h = 0; h < hidden; ++h) {
@@ -156,7 +160,7 @@ void expert_ref(const std::vector<double>& wg, const std::vector<double>& wu, co
     if (type == ExpertType::kSwiGLU) act = a / (1 + std::exp(-a)) * b;
     else if (type == ExpertType::kRelu) act = b > 0 ? b : 0;
     else act = 0.5 * b * (1 + std::tanh(0.7978845608028654 * (b + 0.044715 * b * b * b)));
-    for (int64_t h = 0; h < hidden; ++h) y[h] += scale * act * wd[base + f * hidden + h];
+    for (int64_t h = 0; h < hidden; ++h) y[h] += scale * act * wd[down_base + h * down_row + f];
   }
 }
 
@@ -237,18 +241,18 @@ int run_layer_bench(const CommandLine& cl) {
           double processed = 0;
           for (double v : stats.tokens) processed += v;
           bool swiglu = c.moe.expert_type == ExpertType::kSwiGLU;
-          double flops = layer.experts().flops(1) * processed +
-                         (layer.shared() ? layer.shared()->flops(1) * tokens * world : 0.0);
+          double flops = 3.0 * layer.experts().forward_flops_per_row() * processed +
+                         (layer.shared() ? 3.0 * layer.shared()->forward_flops_per_row() * tokens * world : 0.0);
           double expert_rate = flops / world / layer_s;
           // dense rate: the same GEMMs on this rank's rows, as single dense GEMMs
           int64_t my_rows = 0;
           for (int64_t r : layer.dispatcher().expert_rows()) my_rows += r;
           double dense_s = dense_gemm_seconds(*backend, gemm_dt, my_rows, hidden, mid, swiglu, o.iters, o.warmup);
-          double dense_flops = layer.experts().flops(1) * my_rows;
+          double dense_flops = 3.0 * layer.experts().forward_flops_per_row() * my_rows;
           if (shared) {
             dense_s += dense_gemm_seconds(*backend, gemm_dt, tokens, hidden, shared * shared_ffn_hidden(c), swiglu,
                                           o.iters, o.warmup);
-            dense_flops += layer.shared()->flops(1) * tokens;
+            dense_flops += 3.0 * layer.shared()->forward_flops_per_row() * tokens;
           }
           std::vector<double> dense{dense_flops, dense_s};
           groups.world->all_reduce_sum(dense);
@@ -289,7 +293,8 @@ int run_layer_bench(const CommandLine& cl) {
             }
             if (shared) {
               for (int64_t e = 0; e < shared; ++e)
-                expert_ref(sg, su, sd, static_cast<size_t>(e), shared_ffn_hidden(c), hidden, c.moe.expert_type, xt, 1.0, ref);
+                expert_ref(sg, su, sd, static_cast<size_t>(e), shared_ffn_hidden(c), hidden, c.moe.expert_type, xt, 1.0,
+                           ref, /*fused=*/true, shared);
             }
             double err = 0, scale = 1e-30;
             for (int64_t h = 0; h < hidden; ++h) {

@@ -13,7 +13,9 @@ namespace moe {
 // had to wait for it; the part that ran beside other work is reported in `hidden_shared`, outside the sum,
 // and likewise for the gradient sums started during the backward (`hidden_allreduce`).
 struct PhaseTimes {
-  double router = 0;     // router GEMM, scores, top-k/capacity, loss statistics (with their all-reduce)
+  double attention = 0;  // attention sublayers (norm, projections, rotary, scores, softmax, output) forward
+  double dense = 0;      // dense FFN sublayers (norm and FFN) forward
+  double router = 0;     // MoE norm, router GEMM, scores, top-k/capacity, loss statistics (with their all-reduce)
   double dispatch = 0;   // permute, all-to-all to the experts, expert-major compaction
   double experts = 0;    // routed expert FFNs (forward)
   double combine = 0;    // un-compaction, all-to-all back, gate-weighted unpermute
@@ -21,12 +23,15 @@ struct PhaseTimes {
   double backward = 0;   // the whole backward pass
   double allreduce = 0;  // gradient reduction over world / dp groups: the part not hidden behind the backward
   double optimizer = 0;  // clipping, optimizer update, loss-free bias update
-  double other = 0;      // data, embedding, norms, head and loss forward, metrics
+  double other = 0;      // data, embedding, final norm, head and loss forward, metrics
 
   double hidden_shared = 0;     // shared expert time (forward and backward) that overlapped other work
   double hidden_allreduce = 0;  // gradient-sum time that overlapped the backward (stream-ordered comm)
 
-  double total() const { return router + dispatch + experts + combine + shared + backward + allreduce + optimizer + other; }
+  double total() const {
+    return attention + dense + router + dispatch + experts + combine + shared + backward + allreduce + optimizer +
+           other;
+  }
 };
 
 // Books the time between consecutive laps to phases, measured on the backend's streams (device events
@@ -64,7 +69,12 @@ class Timeline {
 
 struct StepContext {
   int64_t step = 0;            // 0-based step index; keys the per-step random streams
-  bool training = true;        // jitter and gumbel noise only in training
+  bool training = true;        // a backward follows: keep activations; noise (jitter, gumbel, random
+                               // routing, dropout) only in training
+  bool dropless = false;       // route without capacity, all local tokens in one group (sampling)
+  int64_t group_size = -1;     // tokens per capacity group: -1 moe.group_size, 0 all local tokens, > 0 this
+                               // many (evaluation routes each sequence as its own group)
+  int64_t seq_len = 0;         // tokens per sequence (the local tokens are whole sequences)
   int64_t token_offset = 0;    // global index of this rank's first token
   int64_t global_tokens = 0;   // tokens in the global batch: every loss is normalised by it
   Timeline* timeline = nullptr;  // where to book time; may be null

@@ -31,8 +31,8 @@ Tensor Dispatcher::exchange(Backend& backend, Communicator& ep, const Tensor& ro
   return out;
 }
 
-Tensor Dispatcher::dispatch(Backend& backend, Communicator& ep, const Tensor& x, const RouteState& route,
-                            int64_t capacity) {
+Tensor Dispatcher::dispatch(Backend& backend, Communicator& ep, const Tensor& x, const RouteState& route) {
+  const int64_t capacity = route.capacity();
   const int n_peers = ep.size();
   MOE_CHECK(num_experts_ % n_peers == 0, "dispatch: ", num_experts_, " experts over ", n_peers, " ranks");
   const int local = num_experts_ / n_peers;

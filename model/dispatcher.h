@@ -32,7 +32,7 @@ class Dispatcher {
       : num_experts_(num_experts), hidden_(hidden), compact_(compact) {}
 
   // Returns expert_in (N, H) for this rank's experts.
-  Tensor dispatch(Backend& backend, Communicator& ep, const Tensor& x, const RouteState& route, int64_t capacity);
+  Tensor dispatch(Backend& backend, Communicator& ep, const Tensor& x, const RouteState& route);
   // expert_out (N, H) -> y (T, H) += gate-weighted sum. Keeps what combine_backward needs.
   void combine(Backend& backend, Communicator& ep, const Tensor& expert_out, const RouteState& route, Tensor& y);
 

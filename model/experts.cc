@@ -1,42 +1,47 @@
 // Grouped expert FFN forward and backward.
 #include "model/experts.h"
 
+#include <cmath>
+
 #include "runtime/ops/elementwise.h"
 #include "runtime/ops/gemm.h"
 
-#include <cmath>
-
 namespace moe {
 
-FfnExperts::FfnExperts(ParamSet& params, const std::string& prefix, const Config& config, int num_experts,
-                       int ffn_hidden, ParamScope scope, bool fused, int64_t expert_offset)
-    : type_(config.moe.expert_type),
+FfnExperts::FfnExperts(ParamSet& params, const std::string& prefix, const Config& config, ExpertType type,
+                       int num_experts, int ffn_hidden, ParamScope scope, bool fused, int64_t expert_offset)
+    : type_(type),
       num_experts_(num_experts),
       ffn_hidden_(ffn_hidden),
       hidden_(config.model.hidden),
       fused_(fused),
       bf16_(config.runtime.precision == Precision::kBf16) {
-  auto add = [&](const char* name, double std) {
+  const int64_t h = hidden_, f = ffn_hidden_, n = num_experts_;
+  auto add = [&](const char* name, Shape shape, double std) {
     Param p;
     p.name = prefix + "." + name;
-    p.shape = {num_experts, ffn_hidden, config.model.hidden};
+    p.shape = std::move(shape);
     p.scope = scope;
     p.init_std = std;
     p.expert_offset = expert_offset;
     return params.add(p);
   };
-  double std = config.model.init_std;
-  if (type_ == ExpertType::kSwiGLU) w_gate_ = add("w_gate", std);
-  w_up_ = add("w_up", std);
-  w_down_ = add("w_down", std / std::sqrt(2.0 * config.model.layers));
+  const double std = config.model.init_std;
+  const Shape in = fused ? Shape{n * f, h} : Shape{n, f, h};
+  const Shape out = fused ? Shape{h, n * f} : Shape{n, h, f};
+  if (type_ == ExpertType::kSwiGLU) w_gate_ = add("w_gate", in, std);
+  w_up_ = add("w_up", in, std);
+  w_down_ = add("w_down", out, std / std::sqrt(2.0 * config.model.layers));
 }
 
 Tensor FfnExperts::weight(Param* p) const {
-  return fused_ ? p->value.reshape({1, int64_t{num_experts_} * ffn_hidden_, hidden_}) : p->value;
+  if (!fused_) return p->value;
+  return p->value.reshape({1, p->shape[0], p->shape[1]});
 }
 
 Tensor FfnExperts::grad(Param* p) const {
-  return fused_ ? p->grad.reshape({1, int64_t{num_experts_} * ffn_hidden_, hidden_}) : p->grad;
+  if (!fused_) return p->grad;
+  return p->grad.reshape({1, p->shape[0], p->shape[1]});
 }
 
 Tensor FfnExperts::compute_copy(Backend& backend, const Tensor& t) const {
@@ -49,71 +54,75 @@ Tensor FfnExperts::compute_copy(Backend& backend, const Tensor& t) const {
 void FfnExperts::accumulate_weight_grad(Backend& backend, const Tensor& a, const Tensor& b, Param* p) {
   Tensor g = grad(p);
   if (a.dtype() == g.dtype()) {
-    grouped_gemm_tn(backend, a, b, g, group_rows_, 1.0, 1.0);
+    grouped_gemm_tn(backend, a, b, g, saved_.group_rows, 1.0, 1.0);
     return;
   }
   Tensor tmp = backend.empty(g.shape(), a.dtype());
-  grouped_gemm_tn(backend, a, b, tmp, group_rows_, 1.0, 0.0);
+  grouped_gemm_tn(backend, a, b, tmp, saved_.group_rows, 1.0, 0.0);
   axpy(backend, 1.0, tmp, g);
 }
 
-double FfnExperts::flops(int64_t rows) const {
-  // forward: (2 or 3) GEMMs of 2 * rows * H * F; backward: twice that
-  int gemms = type_ == ExpertType::kSwiGLU ? 3 : 2;
-  double mid = fused_ ? double(num_experts_) * ffn_hidden_ : double(ffn_hidden_);
-  return 3.0 * gemms * 2.0 * double(rows) * hidden_ * mid;
+int64_t FfnExperts::params_per_expert() const {
+  const int64_t mid = fused_ ? int64_t{num_experts_} * ffn_hidden_ : ffn_hidden_;
+  return (type_ == ExpertType::kSwiGLU ? 3 : 2) * int64_t{hidden_} * mid;
 }
 
-Tensor FfnExperts::forward(Backend& backend, const Tensor& x, const std::vector<int64_t>& group_rows) {
-  const int64_t n = x.dim(0);
+double FfnExperts::forward_flops_per_row() const { return 2.0 * static_cast<double>(params_per_expert()); }
+
+Tensor FfnExperts::forward(Backend& backend, const Tensor& x_in, const std::vector<int64_t>& group_rows, bool save) {
+  const int64_t n = x_in.dim(0);
   const int64_t mid = fused_ ? int64_t{num_experts_} * ffn_hidden_ : ffn_hidden_;
-  x_ = compute_copy(backend, x);
-  const DType ct = x_.dtype();
-  group_rows_ = group_rows;
-  wg_ = w_gate_ ? compute_copy(backend, weight(w_gate_)) : Tensor();
-  wu_ = compute_copy(backend, weight(w_up_));
-  wd_ = compute_copy(backend, weight(w_down_));
-  a_ = backend.empty({n, mid}, ct);
-  h_ = backend.empty({n, mid}, ct);
+  Saved s;
+  s.x = compute_copy(backend, x_in);
+  const DType ct = s.x.dtype();
+  s.group_rows = group_rows;
+  s.w_gate = w_gate_ ? compute_copy(backend, weight(w_gate_)) : Tensor();
+  s.w_up = compute_copy(backend, weight(w_up_));
+  s.w_down = compute_copy(backend, weight(w_down_));
+  s.a = backend.empty({n, mid}, ct);  // (N, mid)
+  s.h = backend.empty({n, mid}, ct);  // (N, mid)
   if (type_ == ExpertType::kSwiGLU) {
-    b_ = backend.empty({n, mid}, ct);
-    grouped_gemm(backend, x_, wg_, Trans::kT, a_, group_rows, 1.0, 0.0);
-    grouped_gemm(backend, x_, wu_, Trans::kT, b_, group_rows, 1.0, 0.0);
-    swiglu_forward(backend, a_, b_, h_);
+    s.g = backend.empty({n, mid}, ct);
+    grouped_gemm(backend, s.x, s.w_gate, Trans::kT, s.a, group_rows, 1.0, 0.0);  // a = x W_gate^T
+    grouped_gemm(backend, s.x, s.w_up, Trans::kT, s.g, group_rows, 1.0, 0.0);    // g = x W_up^T
+    swiglu_forward(backend, s.a, s.g, s.h);
   } else {
-    grouped_gemm(backend, x_, wu_, Trans::kT, a_, group_rows, 1.0, 0.0);
-    activation_forward(backend, type_ == ExpertType::kGelu ? Activation::kGelu : Activation::kRelu, a_, h_);
+    grouped_gemm(backend, s.x, s.w_up, Trans::kT, s.a, group_rows, 1.0, 0.0);
+    activation_forward(backend, type_ == ExpertType::kGelu ? Activation::kGelu : Activation::kRelu, s.a, s.h);
   }
   Tensor y = backend.empty({n, hidden_}, ct);
-  grouped_gemm(backend, h_, wd_, Trans::kN, y, group_rows, 1.0, 0.0);
-  if (ct == x.dtype()) return y;
-  Tensor out = backend.empty({n, hidden_}, x.dtype());
+  grouped_gemm(backend, s.h, s.w_down, Trans::kT, y, group_rows, 1.0, 0.0);  // y = h W_down^T
+  if (save) saved_ = std::move(s);
+  if (ct == x_in.dtype()) return y;
+  Tensor out = backend.empty({n, hidden_}, x_in.dtype());
   backend.convert(y, out);
   return out;
 }
 
 Tensor FfnExperts::backward(Backend& backend, const Tensor& dy_in) {
+  const Saved& s = saved_;
   const int64_t n = dy_in.dim(0);
-  const int64_t mid = a_.dim(1);
+  const int64_t mid = s.a.dim(1);
   Tensor dy = compute_copy(backend, dy_in);
   const DType ct = dy.dtype();
   Tensor dh = backend.empty({n, mid}, ct);
-  grouped_gemm(backend, dy, wd_, Trans::kT, dh, group_rows_, 1.0, 0.0);  // dh = dy W_down^T
-  accumulate_weight_grad(backend, h_, dy, w_down_);                      // dW_down += h^T dy
+  grouped_gemm(backend, dy, s.w_down, Trans::kN, dh, s.group_rows, 1.0, 0.0);  // dh = dy W_down
+  accumulate_weight_grad(backend, dy, s.h, w_down_);                           // dW_down += dy^T h
   Tensor dx = backend.empty({n, hidden_}, ct);
   Tensor da = backend.empty({n, mid}, ct);
   if (type_ == ExpertType::kSwiGLU) {
-    Tensor db = backend.empty({n, mid}, ct);
-    swiglu_backward(backend, dh, a_, b_, da, db);
-    accumulate_weight_grad(backend, da, x_, w_gate_);  // dW_gate += da^T x
-    accumulate_weight_grad(backend, db, x_, w_up_);    // dW_up += db^T x
-    grouped_gemm(backend, da, wg_, Trans::kN, dx, group_rows_, 1.0, 0.0);
-    grouped_gemm(backend, db, wu_, Trans::kN, dx, group_rows_, 1.0, 1.0);
+    Tensor dg = backend.empty({n, mid}, ct);
+    swiglu_backward(backend, dh, s.a, s.g, da, dg);
+    accumulate_weight_grad(backend, da, s.x, w_gate_);  // dW_gate += da^T x
+    accumulate_weight_grad(backend, dg, s.x, w_up_);    // dW_up += dg^T x
+    grouped_gemm(backend, da, s.w_gate, Trans::kN, dx, s.group_rows, 1.0, 0.0);
+    grouped_gemm(backend, dg, s.w_up, Trans::kN, dx, s.group_rows, 1.0, 1.0);
   } else {
-    activation_backward(backend, type_ == ExpertType::kGelu ? Activation::kGelu : Activation::kRelu, dh, a_, da);
-    accumulate_weight_grad(backend, da, x_, w_up_);
-    grouped_gemm(backend, da, wu_, Trans::kN, dx, group_rows_, 1.0, 0.0);
+    activation_backward(backend, type_ == ExpertType::kGelu ? Activation::kGelu : Activation::kRelu, dh, s.a, da);
+    accumulate_weight_grad(backend, da, s.x, w_up_);
+    grouped_gemm(backend, da, s.w_up, Trans::kN, dx, s.group_rows, 1.0, 0.0);
   }
+  saved_ = Saved{};
   if (ct == dy_in.dtype()) return dx;
   Tensor out = backend.empty({n, hidden_}, dy_in.dtype());
   backend.convert(dx, out);

@@ -1,10 +1,13 @@
-// Expert FFNs computed as grouped GEMMs: the routed experts of this rank, and the shared experts.
+// Expert FFNs computed as grouped GEMMs: the routed experts of this rank, the shared experts, and the
+// dense FFN of a dense layer.
 //
 //   swiglu:    y = W_down( silu(W_gate x) * (W_up x) )
 //   gelu/relu: y = W_down( act(W_up x) )
-// Weights, per expert (no biases): w_gate, w_up (F, H) used as x W^T; w_down (F, H) used as h W.
-// Storing all three as (F, H) rows means n experts stacked, (n, F, H), are also one expert of mid size
-// n * F: that is how the shared experts run, as a single GEMM group whose output is the sum of theirs.
+// Weights are stored (out, in), no biases: W_gate, W_up (F, H) and W_down (H, F), applied as x W^T.
+// Routed experts stack theirs: (E_local, F, H) and (E_local, H, F), expert e of the rank being global
+// expert expert_offset + e. A fused set of n FFNs of mid size F (the shared experts) is one FFN of mid
+// size n*F: W_gate, W_up (n*F, H), W_down (H, n*F), FFN j owning mid rows / columns [jF, (j+1)F); its
+// output is the sum of theirs, computed as a single GEMM group.
 //
 // Precision bf16 (runtime.precision): the GEMMs take bf16 copies of the input and of the fp32 master
 // weights (made each forward) and accumulate in fp32; the activations between the GEMMs are stored in
@@ -23,22 +26,26 @@ namespace moe {
 
 class FfnExperts {
  public:
-  // num_experts expert weight sets of mid size ffn_hidden; `fused` runs them as one group (shared
-  // experts, every token through all of them). expert_offset: global index of expert 0 (routed only).
-  FfnExperts(ParamSet& params, const std::string& prefix, const Config& config, int num_experts, int ffn_hidden,
-             ParamScope scope, bool fused, int64_t expert_offset);
+  // num_experts weight sets of mid size ffn_hidden. `fused`: every token goes through all of them, run as
+  // one FFN of mid size num_experts * ffn_hidden (shared experts; a dense FFN is one fused expert).
+  // expert_offset: global index of expert 0 (routed only).
+  FfnExperts(ParamSet& params, const std::string& prefix, const Config& config, ExpertType type, int num_experts,
+             int ffn_hidden, ParamScope scope, bool fused, int64_t expert_offset);
 
-  // x (N, H), rows of group g = group_rows[g] consecutive rows -> y (N, H). Saves activations.
-  Tensor forward(Backend& backend, const Tensor& x, const std::vector<int64_t>& group_rows);
-  // dy (N, H) -> dx (N, H); accumulates weight gradients.
+  // x (N, H), rows of group g = group_rows[g] consecutive rows -> y (N, H). Saves activations when `save`.
+  Tensor forward(Backend& backend, const Tensor& x, const std::vector<int64_t>& group_rows, bool save = true);
+  // dy (N, H) -> dx (N, H); accumulates weight gradients. Releases the saved activations.
   Tensor backward(Backend& backend, const Tensor& dy);
 
   int num_experts() const { return num_experts_; }
-  // FLOPs of forward + backward for `rows` token rows (GEMMs only).
-  double flops(int64_t rows) const;
+  // Parameters of one expert (all of them for a fused set): 3 H F for swiglu, 2 H F otherwise.
+  int64_t params_per_expert() const;
+  // Forward FLOPs per token row through one expert (the fused set: through all of them).
+  double forward_flops_per_row() const;
+  Param* first_param() { return w_gate_ ? w_gate_ : w_up_; }
 
  private:
-  Tensor weight(Param* p) const;  // (groups, F', H) view
+  Tensor weight(Param* p) const;  // (groups, out, in) view
   Tensor grad(Param* p) const;    // the same view of the gradient
   // t in the compute dtype: t itself, or a converted copy.
   Tensor compute_copy(Backend& backend, const Tensor& t) const;
@@ -54,10 +61,14 @@ class FfnExperts {
   Param* w_gate_ = nullptr;  // swiglu only
   Param* w_up_;
   Param* w_down_;
-  // saved by forward (x_ and the weights in the compute dtype)
-  Tensor x_, a_, b_, h_;
-  Tensor wg_, wu_, wd_;
-  std::vector<int64_t> group_rows_;
+
+  // What the backward needs, in the compute dtype (F32, F64, or BF16).
+  struct Saved {
+    Tensor x;                  // (N, H) input
+    Tensor a, g, h;            // (N, mid) W_gate x (or W_up x), W_up x (swiglu), activation output
+    Tensor w_gate, w_up, w_down;  // the weights as used (bf16 copies in bf16)
+    std::vector<int64_t> group_rows;
+  } saved_;
 };
 
 }  // namespace moe

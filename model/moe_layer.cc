@@ -8,19 +8,20 @@ namespace moe {
 MoeLayer::MoeLayer(ParamSet& params, const std::string& prefix, const Config& config, int layer, int ep_size,
                    int ep_rank)
     : router_(params, prefix + ".router", config, layer),
-      experts_(params, prefix + ".experts", config, config.moe.num_experts / ep_size, expert_ffn_hidden(config),
-               ParamScope::kExpert, /*fused=*/false, int64_t{config.moe.num_experts / ep_size} * ep_rank),
+      experts_(params, prefix + ".experts", config, config.moe.expert_type, config.moe.num_experts / ep_size,
+               expert_ffn_hidden(config), ParamScope::kExpert, /*fused=*/false,
+               int64_t{config.moe.num_experts / ep_size} * ep_rank),
       dispatcher_(config.moe.num_experts, config.model.hidden, compact_dispatch(config)) {
   if (config.moe.num_shared_experts > 0) {
-    shared_ = std::make_unique<FfnExperts>(params, prefix + ".shared", config, config.moe.num_shared_experts,
-                                           shared_ffn_hidden(config), ParamScope::kReplicated, /*fused=*/true, 0);
+    shared_ = std::make_unique<FfnExperts>(params, prefix + ".shared", config, config.moe.expert_type,
+                                           config.moe.num_shared_experts, shared_ffn_hidden(config),
+                                           ParamScope::kReplicated, /*fused=*/true, 0);
   }
 }
 
 Tensor MoeLayer::forward(Backend& backend, ProcessGroups& groups, const Tensor& x, const StepContext& ctx) {
   ctx_ = ctx;
   const RouteState& route = router_.forward(backend, *groups.world, x, ctx);
-  capacity_ = router_.route_args().capacity;
   ctx.lap(&PhaseTimes::router);
 
   // Shared experts need no communication: on a device they run on the side stream while the tokens
@@ -29,14 +30,14 @@ Tensor MoeLayer::forward(Backend& backend, ProcessGroups& groups, const Tensor& 
   int side = -1;
   if (shared_) {
     side = side_begin(backend, ctx, &PhaseTimes::shared);
-    shared_y = shared_->forward(backend, x, {x.dim(0)});
+    shared_y = shared_->forward(backend, x, {x.dim(0)}, ctx.training);
     side_end(backend, ctx, side);
   }
 
-  Tensor expert_in = dispatcher_.dispatch(backend, *groups.ep, x, route, capacity_);
+  Tensor expert_in = dispatcher_.dispatch(backend, *groups.ep, x, route);
   ctx.lap(&PhaseTimes::dispatch);
 
-  Tensor expert_out = experts_.forward(backend, expert_in, dispatcher_.expert_rows());
+  Tensor expert_out = experts_.forward(backend, expert_in, dispatcher_.expert_rows(), ctx.training);
   ctx.lap(&PhaseTimes::experts);
 
   Tensor y = backend.zeros(x.shape(), x.dtype());
@@ -48,6 +49,7 @@ Tensor MoeLayer::forward(Backend& backend, ProcessGroups& groups, const Tensor& 
     axpy(backend, 1.0, shared_y, y);
     ctx.lap(&PhaseTimes::shared);
   }
+  if (!ctx.training) router_.release();
   return y;
 }
 
@@ -61,10 +63,8 @@ Tensor MoeLayer::backward(Backend& backend, ProcessGroups& groups, const Tensor&
     side_end(backend, ctx_, side);
   }
 
-  const RouteArgs& args = router_.route_args();
-  Tensor dgate = backend.empty({dy.dim(0), args.top_k}, dy.dtype());
-  // route() state lives in the router; the dispatcher reads the rows and gates from it
   const RouteState& route = router_.state();
+  Tensor dgate = backend.empty({dy.dim(0), route.top_k()}, dy.dtype());
   Tensor d_out = dispatcher_.combine_backward(backend, *groups.ep, dy, route, dgate);
   Tensor d_in = experts_.backward(backend, d_out);
   if (shared_) {

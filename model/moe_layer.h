@@ -21,7 +21,8 @@ class MoeLayer {
   // groups: the mesh (world for the router statistics, ep for dispatch). ep_rank picks the expert shard.
   MoeLayer(ParamSet& params, const std::string& prefix, const Config& config, int layer, int ep_size, int ep_rank);
 
-  // x (T, H) -> y (T, H). Books its phases to ctx's timeline; does not wait for the device.
+  // x (T, H) -> y (T, H). Books its phases to ctx's timeline; does not wait for the device. Keeps what
+  // the backward needs when ctx.training.
   Tensor forward(Backend& backend, ProcessGroups& groups, const Tensor& x, const StepContext& ctx);
   // dy (T, H) -> dx (T, H); accumulates every parameter gradient of the layer.
   Tensor backward(Backend& backend, ProcessGroups& groups, const Tensor& dy);
@@ -39,7 +40,6 @@ class MoeLayer {
   FfnExperts experts_;
   std::unique_ptr<FfnExperts> shared_;
   Dispatcher dispatcher_;
-  int64_t capacity_ = 0;
   StepContext ctx_;  // of the last forward: where the backward books its side-stream time
 };
 

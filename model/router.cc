@@ -16,7 +16,7 @@ Router::Router(ParamSet& params, const std::string& prefix, const Config& config
   w.init_std = config.model.init_std;
   weight_ = params.add(w);
   Param b;
-  b.name = prefix + ".bias";
+  b.name = prefix + ".balance_bias";
   b.shape = {config.moe.num_experts};
   b.init = ParamInit::kZeros;
   b.trainable = false;
@@ -41,61 +41,63 @@ const RouteState& Router::forward(Backend& backend, Communicator& world, const T
   const double t_global = static_cast<double>(ctx.global_tokens);
   MOE_CHECK(ctx.global_tokens > 0, "router: global token count not set");
 
-  const int64_t groups = moe_.group_size > 0 ? t_count / moe_.group_size : 1;
+  const int64_t group_size = ctx.dropless ? 0 : ctx.group_size >= 0 ? ctx.group_size : moe_.group_size;
+  const int64_t groups = group_size > 0 ? t_count / group_size : 1;
   MOE_CHECK(groups >= 1 && t_count % groups == 0, "router: ", t_count, " tokens do not split into groups of ",
-            moe_.group_size);
-  args_ = RouteArgs{};
-  args_.num_experts = e_count;
-  args_.top_k = k;
-  args_.num_groups = static_cast<int>(groups);
-  args_.capacity = capacity(t_count / groups);
-  args_.normalize = moe_.normalize_topk;
+            group_size);
+  RouteArgs args;
+  args.num_experts = e_count;
+  args.top_k = k;
+  args.num_groups = static_cast<int>(groups);
+  args.capacity = ctx.dropless ? 0 : capacity(t_count / groups);
+  args.normalize = moe_.normalize_topk;
   bool hard = moe_.router_grad == RouterGrad::kStraightThrough ||
               (moe_.router_grad == RouterGrad::kGumbel && moe_.gumbel_hard);
-  args_.gate_mode = hard ? GateMode::kHard : GateMode::kSoft;
-  args_.priority = moe_.priority;
-  args_.random_routing = moe_.random_routing && ctx.training;
-  args_.rng = RngStream{seed_, rng_stream(RngPurpose::kRandomRouting, static_cast<uint64_t>(ctx.step), layer_)};
-  args_.token_offset = ctx.token_offset;
-  token_offset_ = ctx.token_offset;
+  args.gate_mode = hard ? GateMode::kHard : GateMode::kSoft;
+  args.priority = moe_.priority;
+  args.random_routing = moe_.random_routing && ctx.training;
+  args.rng = RngStream{seed_, rng_stream(RngPurpose::kRandomRouting, static_cast<uint64_t>(ctx.step), layer_)};
+  args.token_offset = ctx.token_offset;
 
+  Saved s;
+  s.token_offset = ctx.token_offset;
   // logits (T, E) = x_in (T, H) W_r^T
-  jittered_ = ctx.training && moe_.router_jitter > 0;
-  if (jittered_) {
-    jitter_rng_ = RngStream{seed_, rng_stream(RngPurpose::kJitter, static_cast<uint64_t>(ctx.step), layer_)};
-    x_in_ = backend.empty(x.shape(), ft);
-    jitter(backend, x, moe_.router_jitter, jitter_rng_, ctx.token_offset, x_in_);
+  s.jittered = ctx.training && moe_.router_jitter > 0;
+  if (s.jittered) {
+    s.jitter_rng = RngStream{seed_, rng_stream(RngPurpose::kJitter, static_cast<uint64_t>(ctx.step), layer_)};
+    s.x_in = backend.empty(x.shape(), ft);
+    jitter(backend, x, moe_.router_jitter, s.jitter_rng, ctx.token_offset, s.x_in);
   } else {
-    x_in_ = x;
+    s.x_in = x;
   }
-  logits_ = backend.empty({t_count, e_count}, ft);
-  gemm(backend, x_in_, Trans::kN, weight_->value, Trans::kT, logits_, 1.0, 0.0);
-  probs_ = backend.empty({t_count, e_count}, ft);
-  router_probs(backend, moe_.score, logits_, probs_);
+  s.logits = backend.empty({t_count, e_count}, ft);
+  gemm(backend, s.x_in, Trans::kN, weight_->value, Trans::kT, s.logits, 1.0, 0.0);
+  s.probs = backend.empty({t_count, e_count}, ft);
+  router_probs(backend, moe_.score, s.logits, s.probs);
   if (moe_.router_grad == RouterGrad::kGumbel && ctx.training) {
-    sel_probs_ = backend.empty({t_count, e_count}, ft);
+    s.sel_probs = backend.empty({t_count, e_count}, ft);
     RngStream g{seed_, rng_stream(RngPurpose::kGumbel, static_cast<uint64_t>(ctx.step), layer_)};
-    gumbel_probs(backend, logits_, moe_.gumbel_tau, g, ctx.token_offset, sel_probs_);
+    gumbel_probs(backend, s.logits, moe_.gumbel_tau, g, ctx.token_offset, s.sel_probs);
   } else {
-    sel_probs_ = probs_;
+    s.sel_probs = s.probs;
   }
-  route(backend, args_, sel_probs_, bias_->value, state_);
+  route(backend, args, s.sel_probs, bias_->value, state_);
 
   // Statistics for the losses and the metrics, summed over the world in one all-reduce. They stay where
   // the backend keeps them: the forward never waits for the device.
   RouterStatsLayout layout{e_count};
   stats_ = backend.empty({layout.size()}, DType::kF64);
-  router_stats(backend, state_, probs_, stats_);
+  router_stats(backend, state_, s.probs, stats_);
   Tensor z_sum = stats_.rows(layout.z_sum(), layout.z_sum() + 1);
   if (moe_.z_loss_coef > 0) {
-    dlogits_z_ = backend.zeros({t_count, e_count}, ft);
-    z_loss(backend, logits_, moe_.z_loss_coef / t_global, dlogits_z_, z_sum);
+    s.dlogits_z = backend.zeros({t_count, e_count}, ft);
+    z_loss(backend, s.logits, moe_.z_loss_coef / t_global, s.dlogits_z, z_sum);
   } else {
-    dlogits_z_ = Tensor();
     backend.fill(z_sum, 0.0);
   }
   if (world.size() > 1) world.all_reduce_sum(stats_);
   global_tokens_ = t_global;
+  saved_ = std::move(s);
   return state_;
 }
 
@@ -120,21 +122,22 @@ RouterStats Router::read_stats(Backend& backend) {
 }
 
 void Router::backward(Backend& backend, const Tensor& dgate, Tensor& dx) {
-  const int64_t t_count = probs_.dim(0);
+  const Saved& s = saved_;
+  const int64_t t_count = s.probs.dim(0);
   const int e_count = moe_.num_experts;
-  const DType ft = probs_.dtype();
+  const DType ft = s.probs.dtype();
   Tensor dsel = backend.empty({t_count, e_count}, ft);
-  route_backward(backend, sel_probs_, state_, dgate, dsel);
+  route_backward(backend, s.sel_probs, state_, dgate, dsel);
 
   Tensor dlogits = backend.empty({t_count, e_count}, ft);
-  if (dlogits_z_.defined()) {
-    backend.copy(dlogits_z_, dlogits);
+  if (s.dlogits_z.defined()) {
+    backend.copy(s.dlogits_z, dlogits);
   } else {
     backend.fill(dlogits, 0.0);
   }
   Tensor dprobs = dsel;
-  if (sel_probs_.raw() != probs_.raw()) {  // gumbel: selection scores are softmax((u + g) / tau)
-    router_probs_backward(backend, ScoreFn::kSoftmax, dsel, sel_probs_, 1.0 / moe_.gumbel_tau, dlogits);
+  if (s.sel_probs.raw() != s.probs.raw()) {  // gumbel: selection scores are softmax((u + g) / tau)
+    router_probs_backward(backend, ScoreFn::kSoftmax, dsel, s.sel_probs, 1.0 / moe_.gumbel_tau, dlogits);
     dprobs = backend.zeros({t_count, e_count}, ft);
   }
   if (moe_.aux_loss_coef > 0) {
@@ -142,15 +145,16 @@ void Router::backward(Backend& backend, const Tensor& dgate, Tensor& dx) {
     const double t_global = global_tokens_;
     RouterStatsLayout layout{e_count};
     add_row_vector(backend, dprobs, stats_.rows(layout.choices(), layout.choices() + e_count),
-                           moe_.aux_loss_coef * e_count / (moe_.top_k * t_global * t_global));
+                   moe_.aux_loss_coef * e_count / (moe_.top_k * t_global * t_global));
   }
-  router_probs_backward(backend, moe_.score, dprobs, probs_, 1.0, dlogits);
+  router_probs_backward(backend, moe_.score, dprobs, s.probs, 1.0, dlogits);
 
-  gemm(backend, dlogits, Trans::kT, x_in_, Trans::kN, weight_->grad, 1.0, 1.0);  // dW_r (E, H) += dlogits^T x_in
-  Tensor dx_in = backend.empty({t_count, x_in_.dim(1)}, ft);
+  gemm(backend, dlogits, Trans::kT, s.x_in, Trans::kN, weight_->grad, 1.0, 1.0);  // dW_r (E, H) += dlogits^T x_in
+  Tensor dx_in = backend.empty({t_count, s.x_in.dim(1)}, ft);
   gemm(backend, dlogits, Trans::kN, weight_->value, Trans::kN, dx_in, 1.0, 0.0);  // (T, H)
-  if (jittered_) jitter(backend, dx_in, moe_.router_jitter, jitter_rng_, token_offset_, dx_in);
+  if (s.jittered) jitter(backend, dx_in, moe_.router_jitter, s.jitter_rng, s.token_offset, dx_in);
   axpy(backend, 1.0, dx_in, dx);
+  saved_ = Saved{};
 }
 
 void Router::update_bias(Backend& backend, double rate) {

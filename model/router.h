@@ -35,41 +35,48 @@ class Router {
  public:
   Router(ParamSet& params, const std::string& prefix, const Config& config, int layer);
 
-  // Routes x (T, H). The returned state describes the send buffer of the dispatcher. Does not wait for
-  // the device (except dropless routing, whose row count the host needs).
+  // Routes x (T, H). The returned state (top_k and capacity in its args) describes the send buffer of the
+  // dispatcher and stays valid until the next forward. Does not wait for the device (except dropless
+  // routing, whose row count the host needs). ctx.dropless routes without capacity, in one group.
   const RouteState& forward(Backend& backend, Communicator& world, const Tensor& x, const StepContext& ctx);
   // The global statistics and losses of the last forward (waits for the device).
   RouterStats read_stats(Backend& backend);
   // dgate (T, k): gradient of the gate values. Adds the router's input gradient to dx (T, H) and
-  // accumulates dW_r. Includes the aux and z-loss gradients.
+  // accumulates dW_r. Includes the aux and z-loss gradients. Releases the saved activations.
   void backward(Backend& backend, const Tensor& dgate, Tensor& dx);
+  // Drops what the backward would need (evaluation).
+  void release() { saved_ = Saved{}; }
 
   // Loss-free balancing: b_i += rate * sign(mean load - load_i) with the global loads of the last
   // read_stats().
   void update_bias(Backend& backend, double rate);
 
-  const RouteArgs& route_args() const { return args_; }
   const RouteState& state() const { return state_; }
   int64_t capacity(int64_t group_tokens) const;
   Param* weight() { return weight_; }
-  Param* bias() { return bias_; }
+  Param* balance_bias() { return bias_; }
 
  private:
   MoeConfig moe_;
   int layer_;
   uint64_t seed_;
-  Param* weight_;  // (E, H)
-  Param* bias_;    // (E) loss-free balancing bias; selection only
-  // saved by forward
-  RouteArgs args_;
-  RouteState state_;
-  Tensor x_in_, logits_, probs_, sel_probs_, dlogits_z_;
-  Tensor stats_;  // (RouterStatsLayout) F64, summed over the world
+  Param* weight_;  // (E, H) W_r
+  Param* bias_;    // (E) loss-free balancing bias ("balance_bias"): added to the scores for selection only
+  RouteState state_;  // of the last forward
+  Tensor stats_;      // (RouterStatsLayout) F64 of the last forward, summed over the world
   double global_tokens_ = 0;
   std::vector<double> last_load_;
-  int64_t token_offset_ = 0;
-  RngStream jitter_rng_;
-  bool jittered_ = false;
+  // What the backward needs.
+  struct Saved {
+    Tensor x_in;       // (T, H) router input (jittered in training when enabled)
+    Tensor logits;     // (T, E) u = x_in W_r^T
+    Tensor probs;      // (T, E) s = softmax(u) or sigmoid(u)
+    Tensor sel_probs;  // (T, E) selection scores (probs, or the Gumbel softmax)
+    Tensor dlogits_z;  // (T, E) z-loss gradient, or undefined
+    int64_t token_offset = 0;
+    RngStream jitter_rng;
+    bool jittered = false;
+  } saved_;
 };
 
 }  // namespace moe

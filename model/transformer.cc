@@ -1,4 +1,4 @@
-// Transformer forward/backward over byte tokens.
+// Transformer forward/backward.
 #include "model/transformer.h"
 
 #include "runtime/ops/elementwise.h"
@@ -7,6 +7,36 @@
 #include "runtime/ops/permute.h"
 
 namespace moe {
+
+ModelSize model_size(const Config& c) {
+  const int64_t h = c.model.hidden, v = c.model.vocab_size, d = head_dim(c);
+  const int64_t nh = c.model.heads, nkv = kv_heads(c);
+  const int64_t ffn_mats = c.moe.expert_type == ExpertType::kSwiGLU ? 3 : 2;
+  ModelSize s;
+  s.embedding_params = v * h * (c.model.tie_embeddings ? 1 : 2);
+  int64_t matmul_active = v * h;  // the head (E itself when tied)
+  int64_t total = s.embedding_params + h, active = s.embedding_params + h;  // + final norm
+  for (int l = 0; l < c.model.layers; ++l) {
+    const int64_t attn = 2 * nh * d * h + 2 * nkv * d * h;
+    int64_t ffn_total = 0, ffn_active = 0;
+    if (is_moe_layer(c, l)) {
+      const int64_t e = c.moe.num_experts, per_expert = ffn_mats * h * expert_ffn_hidden(c);
+      const int64_t shared = int64_t{c.moe.num_shared_experts} * ffn_mats * h * shared_ffn_hidden(c);
+      ffn_total = e * h + e * per_expert + shared;
+      ffn_active = e * h + int64_t{c.moe.top_k} * per_expert + shared;
+    } else {
+      ffn_total = ffn_active = 3 * h * dense_ffn_hidden(c);
+    }
+    total += 2 * h + attn + ffn_total;
+    active += 2 * h + attn + ffn_active;
+    matmul_active += attn + ffn_active;
+  }
+  s.total_params = total;
+  s.active_params = active;
+  const double attention = static_cast<double>(c.model.layers) * 4.0 * c.model.seq_len * nh * d;
+  s.flops_per_token = 3.0 * (2.0 * static_cast<double>(matmul_active) + attention);
+  return s;
+}
 
 Transformer::Transformer(const Config& config, Backend& backend, ProcessGroups& groups)
     : config_(config), backend_(backend), groups_(groups) {
@@ -28,86 +58,149 @@ Transformer::Transformer(const Config& config, Backend& backend, ProcessGroups& 
   };
   embedding_ = matrix("embedding", {v, h});
   for (int l = 0; l < config.model.layers; ++l) {
-    std::string prefix = "layers." + std::to_string(l);
-    blocks_.push_back(Block{norm(prefix + ".moe_norm"), {}, {}, {}});
-    moe_.push_back(std::make_unique<MoeLayer>(params_, prefix + ".moe", config, l, groups.ep_size(),
-                                              groups.ep->rank()));
+    const std::string prefix = "layers." + std::to_string(l);
+    Block b;
+    b.attn_norm = norm(prefix + ".attn_norm");
+    b.attention = std::make_unique<Attention>(params_, prefix + ".attn", config, l);
+    b.ffn_norm = norm(prefix + ".ffn_norm");
+    if (is_moe_layer(config, l)) {
+      b.moe = std::make_unique<MoeLayer>(params_, prefix + ".moe", config, l, groups.ep_size(), groups.ep->rank());
+    } else {
+      b.dense = std::make_unique<FfnExperts>(params_, prefix + ".ffn", config, ExpertType::kSwiGLU, 1,
+                                             dense_ffn_hidden(config), ParamScope::kReplicated, /*fused=*/true, 0);
+    }
+    blocks_.push_back(std::move(b));
   }
   final_norm_ = norm("final_norm");
-  head_ = matrix("head", {v, h});
+  if (!config.model.tie_embeddings) head_ = matrix("head", {v, h});
   params_.allocate(backend, config.runtime.dtype, config.train.seed);
-  reducer_ = std::make_unique<GradReducer>(params_, groups, kGradBucketBytes);
 }
 
-StepStats Transformer::forward_backward(const Tensor& inputs, const Tensor& targets, const StepContext& ctx) {
-  const int64_t t_count = inputs.numel(), h = config_.model.hidden, v = config_.model.vocab_size;
+std::vector<MoeLayer*> Transformer::moe_layers() {
+  std::vector<MoeLayer*> out;
+  for (Block& b : blocks_)
+    if (b.moe) out.push_back(b.moe.get());
+  return out;
+}
+
+Tensor Transformer::body(const Tensor& inputs, const StepContext& ctx) {
+  const int64_t t_count = inputs.numel(), h = config_.model.hidden;
   const DType ft = config_.runtime.dtype;
   const double eps = config_.model.norm_eps;
-  StepStats stats;
-  stats.layers.resize(blocks_.size());
-
-  // ---- forward
   Tensor x = backend_.empty({t_count, h}, ft);
   embedding_forward(backend_, inputs, embedding_->value, x);
-  for (size_t l = 0; l < blocks_.size(); ++l) {
-    Block& b = blocks_[l];
-    b.x = x;
-    b.normed = backend_.empty({t_count, h}, ft);
-    b.rstd = backend_.empty({t_count}, ft);
-    rmsnorm_forward(backend_, x, b.norm->value, eps, b.normed, b.rstd);
-    ctx.lap(&PhaseTimes::other);
-    Tensor y = moe_[l]->forward(backend_, groups_, b.normed, ctx);
+  ctx.lap(&PhaseTimes::other);
+  for (Block& b : blocks_) {
+    Block::Saved s;
+    s.x = x;
+    s.attn_in = backend_.empty({t_count, h}, ft);
+    s.rstd1 = backend_.empty({t_count}, ft);
+    rmsnorm_forward(backend_, x, b.attn_norm->value, eps, s.attn_in, s.rstd1);
+    Tensor a = b.attention->forward(backend_, s.attn_in, ctx);
+    s.x_mid = backend_.empty({t_count, h}, ft);
+    backend_.copy(x, s.x_mid);
+    axpy(backend_, 1.0, a, s.x_mid);
+    s.ffn_in = backend_.empty({t_count, h}, ft);
+    s.rstd2 = backend_.empty({t_count}, ft);
+    rmsnorm_forward(backend_, s.x_mid, b.ffn_norm->value, eps, s.ffn_in, s.rstd2);
+    ctx.lap(&PhaseTimes::attention);
+    Tensor f;
+    if (b.moe) {
+      f = b.moe->forward(backend_, groups_, s.ffn_in, ctx);
+    } else {
+      f = b.dense->forward(backend_, s.ffn_in, {t_count}, ctx.training);
+    }
     Tensor next = backend_.empty({t_count, h}, ft);
-    backend_.copy(x, next);
-    axpy(backend_, 1.0, y, next);
+    backend_.copy(s.x_mid, next);
+    axpy(backend_, 1.0, f, next);
+    ctx.lap(b.moe ? &PhaseTimes::combine : &PhaseTimes::dense);
     x = next;
+    if (ctx.training) b.saved = std::move(s);
   }
   Tensor xf = backend_.empty({t_count, h}, ft), rstd_f = backend_.empty({t_count}, ft);
   rmsnorm_forward(backend_, x, final_norm_->value, eps, xf, rstd_f);
-  Tensor logits = backend_.empty({t_count, v}, ft);
-  gemm(backend_, xf, Trans::kN, head_->value, Trans::kT, logits, 1.0, 0.0);  // (T, V)
-  Tensor dlogits = backend_.empty({t_count, v}, ft);
-  const double inv_tokens = 1.0 / static_cast<double>(ctx.global_tokens);
-  double ce_sum = cross_entropy(backend_, logits, targets, inv_tokens, dlogits);
-  std::vector<double> ce{ce_sum};
-  if (groups_.world->size() > 1) groups_.world->all_reduce_sum(ce);
-  stats.ce_loss = ce[0] * inv_tokens;
-  ctx.lap(&PhaseTimes::other);
+  if (ctx.training) {
+    saved_.x_last = x;
+    saved_.xf = xf;
+    saved_.rstd_f = rstd_f;
+  }
+  return xf;
+}
 
-  // ---- backward
-  gemm(backend_, dlogits, Trans::kT, xf, Trans::kN, head_->grad, 1.0, 1.0);  // dW_head (V, H) += dlogits^T xf
+double Transformer::forward(const Tensor& inputs, const Tensor& targets, const StepContext& ctx) {
+  const int64_t t_count = inputs.numel(), v = config_.model.vocab_size;
+  const DType ft = config_.runtime.dtype;
+  MOE_CHECK(ctx.global_tokens > 0 && ctx.seq_len > 0, "forward: global token count or sequence length not set");
+  saved_ = Saved{};
+  Tensor xf = body(inputs, ctx);
+  Tensor logits = backend_.empty({t_count, v}, ft);
+  gemm(backend_, xf, Trans::kN, head_weight(), Trans::kT, logits, 1.0, 0.0);  // (T, V)
+  const double inv_tokens = 1.0 / static_cast<double>(ctx.global_tokens);
+  Tensor dlogits = ctx.training ? backend_.empty({t_count, v}, ft) : Tensor();
+  std::vector<double> ce{cross_entropy(backend_, logits, targets, inv_tokens, dlogits)};
+  if (groups_.world->size() > 1) groups_.world->all_reduce_sum(ce);
+  ctx.lap(&PhaseTimes::other);
+  if (ctx.training) {
+    saved_.inputs = inputs;
+    saved_.dlogits = dlogits;
+    saved_.ctx = ctx;
+  }
+  return ce[0] * inv_tokens;
+}
+
+Tensor Transformer::logits(const Tensor& inputs, const StepContext& ctx) {
+  MOE_CHECK(!ctx.training, "logits() is for evaluation");
+  Tensor xf = body(inputs, ctx);
+  Tensor out = backend_.empty({inputs.numel(), int64_t{config_.model.vocab_size}}, config_.runtime.dtype);
+  gemm(backend_, xf, Trans::kN, head_weight(), Trans::kT, out, 1.0, 0.0);
+  return out;
+}
+
+void Transformer::backward(const std::function<void(const Param*)>& ready) {
+  Saved& s = saved_;
+  MOE_CHECK(s.dlogits.defined(), "backward() without a training forward()");
+  const int64_t t_count = s.inputs.numel(), h = config_.model.hidden;
+  const DType ft = config_.runtime.dtype;
+  // The head: dW (V, H) += dlogits^T xf (into the embedding's gradient when tied), dxf = dlogits W.
+  Param* head = head_ ? head_ : embedding_;
+  gemm(backend_, s.dlogits, Trans::kT, s.xf, Trans::kN, head->grad, 1.0, 1.0);
   Tensor dxf = backend_.empty({t_count, h}, ft);
-  gemm(backend_, dlogits, Trans::kN, head_->value, Trans::kN, dxf, 1.0, 0.0);
+  gemm(backend_, s.dlogits, Trans::kN, head_weight(), Trans::kN, dxf, 1.0, 0.0);
   Tensor dx = backend_.empty({t_count, h}, ft);
-  rmsnorm_backward(backend_, dxf, x, final_norm_->value, rstd_f, dx, final_norm_->grad);
-  reducer_->ready_from(final_norm_);
+  rmsnorm_backward(backend_, dxf, s.x_last, final_norm_->value, s.rstd_f, dx, final_norm_->grad);
+  ready(final_norm_);
   for (size_t l = blocks_.size(); l-- > 0;) {
     Block& b = blocks_[l];
-    Tensor dnormed = moe_[l]->backward(backend_, groups_, dx);
-    Tensor dxb = backend_.empty({t_count, h}, ft);
-    rmsnorm_backward(backend_, dnormed, b.x, b.norm->value, b.rstd, dxb, b.norm->grad);
-    axpy(backend_, 1.0, dxb, dx);  // residual: dx flows through unchanged, plus the branch
-    b = Block{b.norm, {}, {}, {}};
-    reducer_->ready_from(b.norm);  // the first parameter of block l
+    Block::Saved& bs = b.saved;
+    // dx is the gradient at the block output: it flows through both residuals unchanged, plus the branches.
+    Tensor dffn = b.moe ? b.moe->backward(backend_, groups_, dx) : b.dense->backward(backend_, dx);
+    Tensor dbranch = backend_.empty({t_count, h}, ft);
+    rmsnorm_backward(backend_, dffn, bs.x_mid, b.ffn_norm->value, bs.rstd2, dbranch, b.ffn_norm->grad);
+    axpy(backend_, 1.0, dbranch, dx);  // dx is now the gradient at x_mid
+    Tensor dattn = b.attention->backward(backend_, dx);
+    rmsnorm_backward(backend_, dattn, bs.x, b.attn_norm->value, bs.rstd1, dbranch, b.attn_norm->grad);
+    axpy(backend_, 1.0, dbranch, dx);  // the gradient at the block input
+    bs = Block::Saved{};
+    ready(b.attn_norm);  // the first parameter of block l
   }
-  embedding_backward(backend_, inputs, dx, embedding_->grad);
-  ctx.lap(&PhaseTimes::backward);
-  reducer_->finish();
-  ctx.lap(&PhaseTimes::allreduce);
+  embedding_backward(backend_, s.inputs, dx, embedding_->grad);
+  ready(embedding_);
+  s.ctx.lap(&PhaseTimes::backward);
+  saved_ = Saved{};
+}
 
-  // Statistics and losses: read back once the step's work is issued.
-  for (size_t l = 0; l < moe_.size(); ++l) {
-    stats.layers[l] = moe_[l]->read_stats(backend_);
-    stats.aux_loss += stats.layers[l].aux_loss;
-    stats.z_loss += stats.layers[l].z_loss;
+StepStats Transformer::read_stats() {
+  StepStats stats;
+  for (MoeLayer* m : moe_layers()) {
+    stats.layers.push_back(m->read_stats(backend_));
+    stats.aux_loss += stats.layers.back().aux_loss;
+    stats.z_loss += stats.layers.back().z_loss;
   }
-  stats.loss = stats.ce_loss + stats.aux_loss + stats.z_loss;
-  ctx.lap(&PhaseTimes::other);
   return stats;
 }
 
 void Transformer::update_balance_bias(double rate) {
-  for (auto& layer : moe_) layer->router().update_bias(backend_, rate);
+  for (MoeLayer* m : moe_layers()) m->router().update_bias(backend_, rate);
 }
 
 }  // namespace moe

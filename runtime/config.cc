@@ -144,17 +144,37 @@ std::vector<ConfigField> build_fields() {
                     "world is ep x dp with dp = ranks / ep."));
   // model
   f.push_back(field("model.hidden", &C::model, &ModelConfig::hidden, "Hidden size H of every token."));
-  f.push_back(field("model.layers", &C::model, &ModelConfig::layers, "Number of transformer blocks, each with one MoE FFN."));
+  f.push_back(field("model.layers", &C::model, &ModelConfig::layers, "Transformer blocks, each attention then an FFN (MoE or dense, see moe.num_experts)."));
   f.push_back(field("model.vocab_size", &C::model, &ModelConfig::vocab_size,
                     "Vocabulary size; 256 for byte tokens. Every token id in the data must be below it."));
   f.push_back(field("model.seq_len", &C::model, &ModelConfig::seq_len, "Tokens per training sequence."));
+  f.push_back(field("model.heads", &C::model, &ModelConfig::heads,
+                    "Attention query heads; model.hidden must be divisible by it (head size hidden / heads, even)."));
+  f.push_back(field("model.kv_heads", &C::model, &ModelConfig::kv_heads,
+                    "Key/value heads; must divide model.heads (grouped-query attention: heads / kv_heads query "
+                    "heads share one). 0: model.heads."));
+  f.push_back(field("model.rope_base", &C::model, &ModelConfig::rope_base,
+                    "Rotary position embedding base: dimension pair i of a head turns by position * base^(-2i / "
+                    "head size)."));
+  f.push_back(field("model.attn_dropout", &C::model, &ModelConfig::attn_dropout,
+                    "Dropout probability on the attention probabilities during training. 0: off."));
+  f.push_back(field("model.ffn_hidden", &C::model, &ModelConfig::ffn_hidden,
+                    "Mid size of the dense SwiGLU FFN layers. 0: round_up(8H/3, moe.multiple_of)."));
+  f.push_back(field("model.tie_embeddings", &C::model, &ModelConfig::tie_embeddings,
+                    "Use the token embedding (V, H) as the LM head too (no separate head tensor)."));
   f.push_back(field("model.norm_eps", &C::model, &ModelConfig::norm_eps, "RMSNorm epsilon."));
   f.push_back(field("model.init_std", &C::model, &ModelConfig::init_std,
                     "Standard deviation of the normal initialisation of weight matrices (output projections are "
                     "scaled by 1/sqrt(2 * layers))."));
   // moe
   f.push_back(field("moe.num_experts", &C::moe, &MoeConfig::num_experts,
-                    "Routed experts E per MoE layer; must be divisible by parallel.ep."));
+                    "Routed experts E per MoE layer; must be divisible by parallel.ep. 0: every layer is a dense "
+                    "SwiGLU FFN."));
+  f.push_back(field("moe.first_dense_layers", &C::moe, &MoeConfig::first_dense_layers,
+                    "The first this many layers have a dense FFN instead of MoE (DeepSeek)."));
+  f.push_back(field("moe.every", &C::moe, &MoeConfig::every,
+                    "After the first dense layers, every this-many-th layer is MoE (layer l is MoE when "
+                    "(l - first_dense_layers) % every == 0); the others are dense."));
   f.push_back(field("moe.top_k", &C::moe, &MoeConfig::top_k, "Experts each token is routed to (1 <= top_k <= num_experts)."));
   f.push_back(field("moe.capacity_factor", &C::moe, &MoeConfig::capacity_factor,
                     "GShard capacity per expert and group: C = ceil(top_k * group_size / num_experts * "
@@ -215,7 +235,7 @@ std::vector<ConfigField> build_fields() {
   f.push_back(field("train.steps", &C::train, &TrainConfig::steps, "Optimizer steps to run (the final step number)."));
   f.push_back(field("train.seed", &C::train, &TrainConfig::seed,
                     "Seed of every random stream: initialisation, synthetic data, jitter, gumbel noise, random "
-                    "routing."));
+                    "routing, attention dropout, the sample printed after training."));
   f.push_back(field("train.batch_size", &C::train, &TrainConfig::batch_size,
                     "Global batch in sequences per step, split evenly over the ranks."));
   f.push_back(choice("train.optimizer", &C::train, &TrainConfig::optimizer,
@@ -241,12 +261,29 @@ std::vector<ConfigField> build_fields() {
   f.push_back(field("train.resume", &C::train, &TrainConfig::resume,
                     "Resume from a checkpoint: 'auto' (the latest in checkpoint_dir, if any) or a step directory. "
                     "Empty: start fresh."));
+  f.push_back(field("train.eval_every", &C::train, &TrainConfig::eval_every,
+                    "Compute the validation loss every this many steps and after the last step (needs "
+                    "data.val_path). 0: never."));
+  f.push_back(field("train.eval_tokens", &C::train, &TrainConfig::eval_tokens,
+                    "Validation tokens per evaluation: the first eval_tokens / model.seq_len sequences of the "
+                    "validation file (at least one). 0: every sequence the file holds."));
+  f.push_back(field("train.sample_tokens", &C::train, &TrainConfig::sample_tokens,
+                    "After the last step, rank 0 reads the final checkpoint and prints this many sampled tokens "
+                    "(byte-level models). 0: no sample."));
+  f.push_back(field("train.sample_prompt", &C::train, &TrainConfig::sample_prompt,
+                    "Prompt of the sample printed after training."));
   // data
   f.push_back(choice("data.source", &C::data, &DataConfig::source,
                      {{"synthetic", DataSource::kSynthetic}, {"file", DataSource::kFile}},
-                     "synthetic: a deterministic Markov chain over the vocabulary, keyed by train.seed; file: a "
-                     "token file written by moe_data (data.path)."));
-  f.push_back(field("data.path", &C::data, &DataConfig::path, "Token file for data.source = file."));
+                     "synthetic: a deterministic Markov chain over the vocabulary, keyed by train.seed; file: "
+                     "the token file data.path."));
+  f.push_back(field("data.path", &C::data, &DataConfig::path,
+                    "Training token file for data.source = file: ours (MOETOK01, written by moe_data) or an "
+                    "llm.c shard (magic 20240520, uint16 tokens). Under a directory named brown it is prepared "
+                    "from the Brown corpus on first use by launch/moe run."));
+  f.push_back(field("data.val_path", &C::data, &DataConfig::val_path,
+                    "Validation token file (same formats) for train.eval_every, launch/moe eval and the "
+                    "baselines. Empty: no validation."));
   // runtime
   f.push_back(choice("runtime.device", &C::runtime, &RuntimeConfig::device,
                      {{"cpu", Device::kCpu}, {"cuda", Device::kCuda}},
@@ -376,6 +413,28 @@ int expert_ffn_hidden(const Config& c) {
   return ((f + m - 1) / m) * m;
 }
 
+int dense_ffn_hidden(const Config& c) {
+  if (c.model.ffn_hidden > 0) return c.model.ffn_hidden;
+  int m = std::max(1, c.moe.multiple_of);
+  int f = (8 * c.model.hidden + 2) / 3;  // ceil(8H/3)
+  return ((f + m - 1) / m) * m;
+}
+
+int head_dim(const Config& c) { return c.model.heads > 0 ? c.model.hidden / c.model.heads : 0; }
+
+int kv_heads(const Config& c) { return c.model.kv_heads > 0 ? c.model.kv_heads : c.model.heads; }
+
+bool is_moe_layer(const Config& c, int layer) {
+  const MoeConfig& m = c.moe;
+  return m.num_experts > 0 && layer >= m.first_dense_layers && (layer - m.first_dense_layers) % std::max(1, m.every) == 0;
+}
+
+int num_moe_layers(const Config& c) {
+  int n = 0;
+  for (int l = 0; l < c.model.layers; ++l) n += is_moe_layer(c, l);
+  return n;
+}
+
 int shared_ffn_hidden(const Config& c) {
   return c.moe.shared_ffn_hidden > 0 ? c.moe.shared_ffn_hidden : expert_ffn_hidden(c);
 }
@@ -401,17 +460,32 @@ void validate_config(const Config& c, int world) {
   need(c.model.layers >= 1, "model.layers", "must be >= 1");
   need(c.model.vocab_size >= 2 && c.model.vocab_size <= 65536, "model.vocab_size", "must be in [2, 65536]");
   need(c.model.seq_len >= 1, "model.seq_len", "must be >= 1");
+  need(c.model.heads >= 1, "model.heads", "must be >= 1");
+  need(c.model.hidden % c.model.heads == 0, "model.heads",
+       "must divide model.hidden (" + str(c.model.hidden) + " is not divisible by " + str(c.model.heads) + ")");
+  need(head_dim(c) % 2 == 0, "model.heads",
+       "the head size model.hidden / model.heads must be even for rotary embeddings (got " + str(head_dim(c)) + ")");
+  need(c.model.kv_heads >= 0, "model.kv_heads", "must be >= 0");
+  need(c.model.heads % kv_heads(c) == 0, "model.kv_heads",
+       "must divide model.heads (" + str(c.model.heads) + " heads, " + str(kv_heads(c)) + " kv heads)");
+  finite(c.model.rope_base, "model.rope_base");
+  need(c.model.rope_base > 1, "model.rope_base", "must be > 1");
+  finite(c.model.attn_dropout, "model.attn_dropout");
+  need(c.model.attn_dropout >= 0 && c.model.attn_dropout < 1, "model.attn_dropout", "must be in [0, 1)");
+  need(c.model.ffn_hidden >= 0, "model.ffn_hidden", "must be >= 0");
   finite(c.model.norm_eps, "model.norm_eps");
   need(c.model.norm_eps > 0, "model.norm_eps", "must be > 0");
   finite(c.model.init_std, "model.init_std");
   need(c.model.init_std >= 0, "model.init_std", "must be >= 0");
 
   const MoeConfig& m = c.moe;
-  need(m.num_experts >= 1, "moe.num_experts", "must be >= 1 (got " + str(m.num_experts) + ")");
+  need(m.num_experts >= 0, "moe.num_experts", "must be >= 0 (got " + str(m.num_experts) + "; 0 means dense)");
   need(m.num_experts % c.parallel.ep == 0, "moe.num_experts",
        "must be divisible by parallel.ep (" + str(m.num_experts) + " experts, ep = " + str(c.parallel.ep) + ")");
+  need(m.first_dense_layers >= 0, "moe.first_dense_layers", "must be >= 0");
+  need(m.every >= 1, "moe.every", "must be >= 1");
   need(m.top_k >= 1, "moe.top_k", "must be >= 1 (got " + str(m.top_k) + ")");
-  need(m.top_k <= m.num_experts, "moe.top_k",
+  need(m.num_experts == 0 || m.top_k <= m.num_experts, "moe.top_k",
        "must be <= moe.num_experts (got " + str(m.top_k) + " > " + str(m.num_experts) + ")");
   finite(m.capacity_factor, "moe.capacity_factor");
   need(m.min_capacity >= 0, "moe.min_capacity", "must be >= 0");
@@ -457,6 +531,14 @@ void validate_config(const Config& c, int world) {
   need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0");
   need(t.log_every >= 1, "train.log_every", "must be >= 1");
   need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0");
+  need(t.eval_every >= 0, "train.eval_every", "must be >= 0");
+  need(t.eval_tokens >= 0, "train.eval_tokens", "must be >= 0");
+  need(t.eval_every == 0 || !c.data.val_path.empty(), "train.eval_every", "needs data.val_path (a validation split)");
+  need(t.sample_tokens >= 0, "train.sample_tokens", "must be >= 0");
+  need(t.sample_tokens == 0 || !t.checkpoint_dir.empty(), "train.sample_tokens",
+       "needs train.checkpoint_dir (the sample is drawn from the final checkpoint)");
+  need(t.sample_tokens == 0 || c.model.vocab_size <= 256, "train.sample_tokens",
+       "text samples need a byte-level model (model.vocab_size <= 256)");
   need(t.resume.empty() || !t.checkpoint_dir.empty() || t.resume != "auto", "train.resume",
        "'auto' needs train.checkpoint_dir");
   need(c.data.source != DataSource::kFile || !c.data.path.empty(), "data.path", "is required when data.source = file");
@@ -473,6 +555,7 @@ void validate_config(const Config& c, int world) {
     // cuBLAS needs bf16 GEMM operands 16-byte aligned: rows of a multiple of 8 elements
     need(c.model.hidden % 8 == 0, "model.hidden", "must be a multiple of 8 with runtime.precision = bf16");
     need(expert_ffn_hidden(c) % 8 == 0, "moe.ffn_hidden", "must be a multiple of 8 with runtime.precision = bf16");
+    need(dense_ffn_hidden(c) % 8 == 0, "model.ffn_hidden", "must be a multiple of 8 with runtime.precision = bf16");
     need(shared_ffn_hidden(c) % 8 == 0, "moe.shared_ffn_hidden",
          "must be a multiple of 8 with runtime.precision = bf16");
   }

@@ -30,12 +30,20 @@ struct ModelConfig {
   int layers = 2;
   int vocab_size = 256;
   int seq_len = 64;
+  int heads = 4;
+  int kv_heads = 0;             // 0: heads (multi-head); fewer: grouped-query attention
+  double rope_base = 10000.0;
+  double attn_dropout = 0.0;
+  int ffn_hidden = 0;           // dense FFN layers; 0: round_up(8H/3, moe.multiple_of)
+  bool tie_embeddings = false;
   double norm_eps = 1e-5;
   double init_std = 0.02;
 };
 
 struct MoeConfig {
   int num_experts = 8;
+  int first_dense_layers = 0;
+  int every = 1;
   int top_k = 2;
   double capacity_factor = 1.25;
   int min_capacity = 4;
@@ -76,11 +84,16 @@ struct TrainConfig {
   std::string checkpoint_dir;
   int64_t checkpoint_every = 0;
   std::string resume;
+  int64_t eval_every = 0;
+  int64_t eval_tokens = 65536;
+  int64_t sample_tokens = 0;
+  std::string sample_prompt = "The ";
 };
 
 struct DataConfig {
   DataSource source = DataSource::kSynthetic;
   std::string path;
+  std::string val_path;
 };
 
 enum class Precision : uint8_t { kFp32, kBf16 };
@@ -130,6 +143,13 @@ void validate_config(const Config& config, int world_size);
 
 // Derived sizes.
 int expert_ffn_hidden(const Config& config);  // moe.ffn_hidden, or its default for the expert type
+int dense_ffn_hidden(const Config& config);   // model.ffn_hidden, or round_up(8H/3, moe.multiple_of)
+int head_dim(const Config& config);           // model.hidden / model.heads
+int kv_heads(const Config& config);           // model.kv_heads, or model.heads
+// Whether layer l's FFN is an MoE layer: moe.num_experts > 0, l >= moe.first_dense_layers and
+// (l - moe.first_dense_layers) % moe.every == 0. Otherwise it is a dense SwiGLU FFN.
+bool is_moe_layer(const Config& config, int layer);
+int num_moe_layers(const Config& config);
 int shared_ffn_hidden(const Config& config);  // moe.shared_ffn_hidden, or expert_ffn_hidden
 int64_t local_tokens(const Config& config, int world_size);  // tokens per rank per step
 bool compact_dispatch(const Config& config);  // runtime.dispatch_layout resolved for runtime.device

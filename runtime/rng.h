@@ -24,6 +24,8 @@ enum class RngPurpose : uint8_t {
   kSynthetic = 5,      // synthetic data tokens; a = sequence index
   kSyntheticTable = 6, // synthetic data transition table
   kTest = 7,           // test inputs
+  kAttnDropout = 8,    // attention-probability dropout; a = step, b = layer
+  kSample = 9,         // token sampling; a = 0
 };
 
 // Packs (purpose, a, b) into a 64-bit stream id: 8 bits purpose, 40 bits a, 16 bits b.

@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "comm/mpi/mpi_communicator.h"
+#include "train/grad_reduce.h"
 
 namespace moe::test {
 

@@ -18,13 +18,15 @@ namespace moe {
 namespace {
 
 constexpr const char* kFormat = "moe-checkpoint";
-constexpr int kVersion = 1;
+constexpr int kVersion = 2;  // 2: the transformer with attention (tensor names and layouts of docs/ARCHITECTURE.md)
 
 // Keys that fix the shapes and meaning of the stored tensors: they must match on resume.
-const char* const kStructuralKeys[] = {"model.hidden", "model.layers", "model.vocab_size", "moe.num_experts",
-                                       "moe.num_shared_experts", "moe.expert_type", "moe.ffn_hidden",
-                                       "moe.shared_ffn_hidden", "moe.multiple_of", "runtime.dtype",
-                                       "train.optimizer", "train.seed"};
+const char* const kStructuralKeys[] = {"model.hidden",       "model.layers",        "model.vocab_size",
+                                       "model.heads",        "model.kv_heads",      "model.ffn_hidden",
+                                       "model.tie_embeddings", "moe.num_experts",   "moe.first_dense_layers",
+                                       "moe.every",          "moe.num_shared_experts", "moe.expert_type",
+                                       "moe.ffn_hidden",     "moe.shared_ffn_hidden", "moe.multiple_of",
+                                       "runtime.dtype",      "train.optimizer",     "train.seed"};
 
 std::string rank_file(int rank) {
   char buf[64];
@@ -66,11 +68,13 @@ struct Slot {
 };
 
 // Every tensor this rank holds, in a fixed order: parameters (per expert for expert shards), then
-// optimizer moments under the same names.
-std::vector<Slot> slots(Transformer& model, Optimizer& optimizer) {
+// optimizer moments under the same names (none without an optimizer).
+std::vector<Slot> slots(Transformer& model, Optimizer* optimizer) {
   std::vector<Slot> out;
   std::map<Param*, std::pair<Tensor*, Tensor*>> moments;
-  for (auto& s : optimizer.state()) moments[s.param] = {s.m, s.v};
+  if (optimizer) {
+    for (auto& s : optimizer->state()) moments[s.param] = {s.m, s.v};
+  }
   auto add = [&](const std::string& prefix, Param* p, const Tensor& t) {
     if (p->scope == ParamScope::kExpert) {
       for (int64_t l = 0; l < p->shape[0]; ++l) {
@@ -116,7 +120,7 @@ std::string save_checkpoint(const std::string& checkpoint_dir, const TrainingSta
   Backend& backend = *model.backend();
   const bool writes_experts = groups.dp->rank() == 0;
   std::vector<TensorRecord> records;
-  for (const Slot& s : slots(model, optimizer)) {
+  for (const Slot& s : slots(model, &optimizer)) {
     if ((s.expert && writes_experts) || (!s.expert && world.rank() == 0)) {
       records.push_back(TensorRecord{s.name, to_host(backend, s.tensor)});
     }
@@ -181,7 +185,7 @@ std::string resolve_resume(const Config& config, Communicator& world) {
 }
 
 TrainingState load_checkpoint(const std::string& step_dir, const Config& config, Transformer& model,
-                              Optimizer& optimizer, ProcessGroups& groups) {
+                              Optimizer* optimizer, ProcessGroups& groups) {
   Communicator& world = *groups.world;
   std::string manifest_text;
   if (world.rank() == 0) {
@@ -195,7 +199,8 @@ TrainingState load_checkpoint(const std::string& step_dir, const Config& config,
     YAML::Node m = parse_json(manifest_text, path);
     try {
       if (m["format"].as<std::string>("") != kFormat || m["version"].as<int>(0) != kVersion) {
-        throw InputError(path, "not a moe-checkpoint version " + std::to_string(kVersion) + " manifest", "train.resume");
+        throw InputError(path, "not a moe-checkpoint version " + std::to_string(kVersion) + " manifest (version " +
+                                   m["version"].as<std::string>("?") + ")", "train.resume");
       }
       YAML::Node stored = m["config"];
       auto values = config_values(config);
@@ -245,9 +250,47 @@ TrainingState load_checkpoint(const std::string& step_dir, const Config& config,
   TrainingState state;
   state.step = m["step"].as<int64_t>();
   state.next_sequence = m["next_sequence"].as<int64_t>();
-  optimizer.set_steps_taken(m["optimizer_steps"].as<int64_t>());
+  if (optimizer) optimizer->set_steps_taken(m["optimizer_steps"].as<int64_t>());
   log_info("resumed from " + step_dir + " (step " + std::to_string(state.step) + ")");
   return state;
+}
+
+Config checkpoint_config(const std::string& step_dir, const std::vector<std::string>& overrides, Communicator& comm) {
+  std::string text, failure;
+  if (comm.rank() == 0) {
+    const std::string path = step_dir + "/manifest.json";
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) {
+      failure = step_dir + ": not a checkpoint: no manifest.json (an incomplete or wrong directory)";
+    } else {
+      text = read_file(path, "checkpoint manifest");
+    }
+  }
+  broadcast_string(comm, failure, 0);
+  if (!failure.empty()) {
+    InputError e(failure, "give a step directory (<checkpoint_dir>/step_NNNNNNNN)");
+    e.mark_collective();
+    throw e;
+  }
+  broadcast_string(comm, text, 0);
+  std::vector<std::string> values;
+  try {
+    YAML::Node m = parse_json(text, step_dir + "/manifest.json");
+    for (const auto& item : m["config"]) {
+      values.push_back(item.first.as<std::string>() + "=" + item.second.as<std::string>(""));
+    }
+  } catch (const YAML::Exception& e) {
+    InputError err(step_dir + "/manifest.json", "malformed manifest: " + e.msg);
+    err.mark_collective();
+    throw err;
+  }
+  values.insert(values.end(), overrides.begin(), overrides.end());
+  try {
+    return parse_config("", step_dir + "/manifest.json", values);
+  } catch (Error& e) {
+    e.mark_collective();
+    throw;
+  }
 }
 
 }  // namespace moe

@@ -34,8 +34,14 @@ std::string resolve_resume(const Config& config, Communicator& world);
 
 // Rank 0 checks the manifest (format, config compatibility) and every file (size, CRC-32) before any
 // rank reads; a problem throws InputError there while the others wait in a broadcast, so the job stops
-// with one message. Collective over the world.
+// with one message. Loads the optimizer state too unless `optimizer` is null (evaluation, sampling).
+// Collective over the model's world.
 TrainingState load_checkpoint(const std::string& step_dir, const Config& config, Transformer& model,
-                              Optimizer& optimizer, ProcessGroups& groups);
+                              Optimizer* optimizer, ProcessGroups& groups);
+
+// The configuration a checkpoint was written with (its manifest), then `overrides` ("section.key=value")
+// on top. Rank 0 of `comm` reads the manifest; throws InputError (key train.resume) when the directory
+// is not a checkpoint. Collective over comm.
+Config checkpoint_config(const std::string& step_dir, const std::vector<std::string>& overrides, Communicator& comm);
 
 }  // namespace moe

@@ -2,6 +2,7 @@
 #include "train/data.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -26,17 +27,6 @@ T load_le(const unsigned char* p) {
 template <typename T>
 void store_le(unsigned char* p, T v) {
   for (size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<unsigned char>(v >> (8 * i));
-}
-
-// Reads exactly n bytes at offset, or throws.
-void read_at(int fd, void* dst, size_t n, uint64_t offset, const std::string& path) {
-  char* out = static_cast<char*>(dst);
-  while (n > 0) {
-    ssize_t got = ::pread(fd, out, n, static_cast<off_t>(offset));
-    if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) throw InputError(path, got == 0 ? "unexpected end of file" : std::strerror(errno), "data.path");
-    out += got, n -= static_cast<size_t>(got), offset += static_cast<uint64_t>(got);
-  }
 }
 
 class SyntheticData final : public DataSet {
@@ -72,6 +62,7 @@ class SyntheticData final : public DataSet {
       std::copy(seq.begin() + 1, seq.end(), targets + s * seq_len);
     }
   }
+  int64_t num_tokens() const override { return 0; }
 
  private:
   uint64_t seed_;
@@ -79,71 +70,128 @@ class SyntheticData final : public DataSet {
   std::vector<int32_t> next_;
 };
 
+// A token file mapped read-only (ranks on one node share the page cache).
 class FileData final : public DataSet {
  public:
-  FileData(TokenFileInfo info, int vocab_size) : info_(std::move(info)), vocab_(vocab_size) {
-    fd_ = ::open(info_.path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd_ < 0) throw InputError(info_.path, std::strerror(errno), "data.path");
+  FileData(TokenFileInfo info, const std::string& key) : info_(std::move(info)) {
+    int fd = ::open(info_.path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw InputError(info_.path, std::strerror(errno), key);
+    bytes_ = info_.header_bytes + info_.num_tokens * info_.token_bytes;
+    void* p = ::mmap(nullptr, bytes_, PROT_READ, MAP_SHARED, fd, 0);
+    int err = errno;
+    ::close(fd);
+    if (p == MAP_FAILED) throw InputError(info_.path, std::string("cannot map: ") + std::strerror(err), key);
+    base_ = static_cast<const unsigned char*>(p);
   }
-  ~FileData() override {
-    if (fd_ >= 0) ::close(fd_);
+  ~FileData() override { ::munmap(const_cast<unsigned char*>(base_), bytes_); }
+
+  int32_t token(uint64_t i) const {
+    const unsigned char* p = base_ + info_.header_bytes + i * info_.token_bytes;
+    return info_.token_bytes == 1 ? p[0] : load_le<uint16_t>(p);
+  }
+  // The first token at or above vocab, as (position, value), or position N when there is none.
+  std::pair<uint64_t, int32_t> first_token_at_least(int32_t vocab) const {
+    for (uint64_t i = 0; i < info_.num_tokens; ++i) {
+      int32_t t = token(i);
+      if (t >= vocab) return {i, t};
+    }
+    return {info_.num_tokens, 0};
   }
 
   void sequences(int64_t first, int64_t count, int seq_len, int32_t* inputs, int32_t* targets) override {
     const uint64_t span = info_.num_tokens - static_cast<uint64_t>(seq_len);
-    std::vector<unsigned char> raw((static_cast<size_t>(seq_len) + 1) * info_.token_bytes);
     for (int64_t s = 0; s < count; ++s) {
-      uint64_t start = (static_cast<uint64_t>(first + s) * static_cast<uint64_t>(seq_len)) % span;
-      read_at(fd_, raw.data(), raw.size(), kTokenFileHeaderBytes + start * info_.token_bytes, info_.path);
+      const uint64_t start = (static_cast<uint64_t>(first + s) * static_cast<uint64_t>(seq_len)) % span;
       for (int i = 0; i <= seq_len; ++i) {
-        int32_t tok = info_.token_bytes == 1 ? raw[i] : load_le<uint16_t>(&raw[static_cast<size_t>(i) * 2]);
-        if (tok >= vocab_) {
-          throw InputError(info_.path, "token " + std::to_string(tok) + " at position " + std::to_string(start + i) +
-                                           " is outside model.vocab_size = " + std::to_string(vocab_), "data.path");
-        }
+        const int32_t tok = token(start + static_cast<uint64_t>(i));
         if (i < seq_len) inputs[s * seq_len + i] = tok;
         if (i > 0) targets[s * seq_len + i - 1] = tok;
       }
     }
   }
+  int64_t num_tokens() const override { return static_cast<int64_t>(info_.num_tokens); }
 
  private:
   TokenFileInfo info_;
-  int vocab_;
-  int fd_ = -1;
+  const unsigned char* base_ = nullptr;
+  size_t bytes_ = 0;
 };
+
+void write_atomic(const std::string& path, const std::vector<unsigned char>& out) {
+  std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw InputError(tmp, std::strerror(errno));
+  size_t done = 0;
+  while (done < out.size()) {
+    ssize_t n = ::write(fd, out.data() + done, out.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      int err = errno;
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      throw InputError(tmp, std::strerror(err));
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+    ::unlink(tmp.c_str());
+    throw InputError(tmp, std::strerror(errno));
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    int err = errno;
+    ::unlink(tmp.c_str());
+    throw InputError(path, std::strerror(err));
+  }
+}
 
 }  // namespace
 
-TokenFileInfo read_token_file_info(const std::string& path) {
+TokenFileInfo read_token_file_info(const std::string& path, const std::string& key) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw InputError(path, std::string("cannot open data file: ") + std::strerror(errno), "data.path");
+  if (fd < 0) throw InputError(path, std::string("cannot open token file: ") + std::strerror(errno), key);
   struct stat st {};
   ::fstat(fd, &st);
-  unsigned char header[kTokenFileHeaderBytes];
+  unsigned char header[kLlmcHeaderBytes] = {};
   ssize_t got = ::pread(fd, header, sizeof(header), 0);
   ::close(fd);
-  if (got != static_cast<ssize_t>(sizeof(header)) || std::memcmp(header, kMagic, 8) != 0) {
-    throw InputError(path, "not a token file (no MOETOK01 header); make one with moe_data", "data.path");
-  }
+  if (got < 0) got = 0;
   TokenFileInfo info;
   info.path = path;
-  uint32_t header_bytes = load_le<uint32_t>(header + 8);
-  info.token_bytes = load_le<uint32_t>(header + 12);
-  info.num_tokens = load_le<uint64_t>(header + 16);
-  info.vocab_size = load_le<uint32_t>(header + 24);
-  if (header_bytes != kTokenFileHeaderBytes || (info.token_bytes != 1 && info.token_bytes != 2)) {
-    throw InputError(path, "unsupported token file header (header size " + std::to_string(header_bytes) +
-                               ", bytes per token " + std::to_string(info.token_bytes) + ")",
-                     "data.path");
+  if (got >= static_cast<ssize_t>(kTokenFileHeaderBytes) && std::memcmp(header, kMagic, 8) == 0) {
+    info.format = TokenFormat::kMoe;
+    uint32_t header_bytes = load_le<uint32_t>(header + 8);
+    info.token_bytes = load_le<uint32_t>(header + 12);
+    info.num_tokens = load_le<uint64_t>(header + 16);
+    info.vocab_size = load_le<uint32_t>(header + 24);
+    info.header_bytes = kTokenFileHeaderBytes;
+    if (header_bytes != kTokenFileHeaderBytes || (info.token_bytes != 1 && info.token_bytes != 2)) {
+      throw InputError(path, "unsupported MOETOK01 header (header size " + std::to_string(header_bytes) +
+                                 ", bytes per token " + std::to_string(info.token_bytes) + ")", key);
+    }
+  } else if (got >= 12 && static_cast<int32_t>(load_le<uint32_t>(header)) == kLlmcMagic) {
+    if (got < static_cast<ssize_t>(kLlmcHeaderBytes)) {
+      throw InputError(path, "truncated llm.c header (" + std::to_string(got) + " of 1024 bytes)", key);
+    }
+    int32_t version = static_cast<int32_t>(load_le<uint32_t>(header + 4));
+    if (version != 1) {
+      throw InputError(path, "llm.c token file version " + std::to_string(version) +
+                                 " is not supported (version 1: uint16 tokens)", key);
+    }
+    info.format = TokenFormat::kLlmc;
+    info.token_bytes = 2;
+    info.num_tokens = load_le<uint32_t>(header + 8);
+    info.header_bytes = kLlmcHeaderBytes;
+  } else {
+    throw InputError(path, "not a token file (neither a MOETOK01 header nor the llm.c magic 20240520); make one "
+                           "with launch/moe data", key);
   }
-  uint64_t expected = kTokenFileHeaderBytes + info.num_tokens * info.token_bytes;
+  const uint64_t expected = info.header_bytes + info.num_tokens * info.token_bytes;
   if (static_cast<uint64_t>(st.st_size) < expected) {
     throw InputError(path,
                      "truncated: the header promises " + std::to_string(info.num_tokens) + " tokens (" +
                          std::to_string(expected) + " bytes) but the file has " + std::to_string(st.st_size) +
                          " bytes",
-                     "data.path");
+                     key);
   }
   return info;
 }
@@ -168,50 +216,61 @@ void write_token_file(const std::string& path, const std::vector<uint32_t>& toke
       store_le<uint16_t>(p, static_cast<uint16_t>(tokens[i]));
     }
   }
-  std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw InputError(tmp, std::strerror(errno));
-  size_t done = 0;
-  while (done < out.size()) {
-    ssize_t n = ::write(fd, out.data() + done, out.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      throw InputError(tmp, std::strerror(errno));
-    }
-    done += static_cast<size_t>(n);
+  write_atomic(path, out);
+}
+
+void write_llmc_file(const std::string& path, const std::vector<uint32_t>& tokens) {
+  std::vector<unsigned char> out(kLlmcHeaderBytes + tokens.size() * 2, 0);
+  store_le<uint32_t>(&out[0], static_cast<uint32_t>(kLlmcMagic));
+  store_le<uint32_t>(&out[4], 1);
+  store_le<uint32_t>(&out[8], static_cast<uint32_t>(tokens.size()));
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] > 0xFFFF) throw InputError(path, "token " + std::to_string(tokens[i]) + " does not fit uint16");
+    store_le<uint16_t>(&out[kLlmcHeaderBytes + i * 2], static_cast<uint16_t>(tokens[i]));
   }
-  ::fsync(fd);
-  ::close(fd);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    ::unlink(tmp.c_str());
-    throw InputError(path, std::strerror(errno));
-  }
+  write_atomic(path, out);
 }
 
 std::unique_ptr<DataSet> make_synthetic_data(uint64_t seed, int vocab_size) {
   return std::make_unique<SyntheticData>(seed, vocab_size);
 }
 
-std::unique_ptr<DataSet> make_file_data(const std::string& path, int vocab_size, int seq_len) {
-  TokenFileInfo info = read_token_file_info(path);
+std::unique_ptr<DataSet> make_file_data(const std::string& path, int vocab_size, int64_t min_tokens,
+                                        const std::string& key) {
+  TokenFileInfo info = read_token_file_info(path, key);
   if (info.vocab_size > static_cast<uint32_t>(vocab_size)) {
     throw InputError(path, "token file vocabulary is " + std::to_string(info.vocab_size) +
-                               ", larger than model.vocab_size = " + std::to_string(vocab_size), "data.path");
+                               ", larger than model.vocab_size = " + std::to_string(vocab_size), key);
   }
-  if (info.num_tokens < static_cast<uint64_t>(seq_len) + 1) {
-    throw InputError(path, "has " + std::to_string(info.num_tokens) + " tokens; one sequence needs model.seq_len + 1 = " +
-                               std::to_string(seq_len + 1), "data.path");
+  if (info.num_tokens < static_cast<uint64_t>(min_tokens)) {
+    throw InputError(path, "has " + std::to_string(info.num_tokens) + " tokens, fewer than the " +
+                               std::to_string(min_tokens) + " it needs (" +
+                               (key == "data.path" ? "one global batch: train.batch_size * model.seq_len + 1"
+                                                   : "one sequence: model.seq_len + 1") + ")", key);
   }
-  return std::make_unique<FileData>(std::move(info), vocab_size);
+  auto data = std::make_unique<FileData>(std::move(info), key);
+  auto [pos, value] = data->first_token_at_least(vocab_size);
+  if (pos < static_cast<uint64_t>(data->num_tokens())) {
+    throw InputError(path, "token " + std::to_string(value) + " at position " + std::to_string(pos) +
+                               " is outside model.vocab_size = " + std::to_string(vocab_size), key);
+  }
+  return data;
 }
 
-std::unique_ptr<DataSet> make_data(const Config& config) {
+std::unique_ptr<DataSet> make_train_data(const Config& config) {
   if (config.data.source == DataSource::kFile) {
-    return make_file_data(config.data.path, config.model.vocab_size, config.model.seq_len);
+    return make_file_data(config.data.path, config.model.vocab_size,
+                          int64_t{config.train.batch_size} * config.model.seq_len + 1, "data.path");
   }
   return make_synthetic_data(config.train.seed, config.model.vocab_size);
+}
+
+std::unique_ptr<DataSet> make_val_data(const Config& config) {
+  if (config.data.val_path.empty()) {
+    throw ConfigError("data.val_path", "no validation split: set data.val_path to a token file");
+  }
+  return make_file_data(config.data.val_path, config.model.vocab_size, int64_t{config.model.seq_len} + 1,
+                        "data.val_path");
 }
 
 }  // namespace moe

@@ -2,28 +2,63 @@
 #include "train/trainer.h"
 
 #include <algorithm>
-#include <chrono>
-#include <filesystem>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 
+#include "runtime/gemm_probe.h"
 #include "runtime/json.h"
 #include "runtime/log.h"
 
 namespace moe {
+namespace {
+
+std::string count_str(double n) {
+  char buf[32];
+  if (n >= 1e9) {
+    std::snprintf(buf, sizeof(buf), "%.2fB", n / 1e9);
+  } else if (n >= 1e6) {
+    std::snprintf(buf, sizeof(buf), "%.2fM", n / 1e6);
+  } else if (n >= 1e3) {
+    std::snprintf(buf, sizeof(buf), "%.1fK", n / 1e3);
+  } else {
+    std::snprintf(buf, sizeof(buf), "%.0f", n);
+  }
+  return buf;
+}
+
+}  // namespace
 
 Trainer::Trainer(const Config& config, Backend& backend, ProcessGroups& groups)
     : config_(config), backend_(backend), groups_(groups) {
-  validate_config(config_, groups.world->size());
-  // Rank 0 checks the data file first, so a missing or bad file is one message, not one per rank.
-  if (config_.data.source == DataSource::kFile && groups.world->rank() == 0) {
-    data_ = make_data(config_);
+  Communicator& world = *groups.world;
+  validate_config(config_, world.size());
+  // Rank 0 checks the data files first, so a missing or bad file is one message, not one per rank.
+  if (world.rank() == 0) {
+    data_ = make_train_data(config_);
+    if (!config_.data.val_path.empty()) val_ = make_val_data(config_);
   }
-  groups.world->barrier();
-  if (!data_) data_ = make_data(config_);
+  world.barrier();
+  if (!data_) data_ = make_train_data(config_);
+  if (!val_ && !config_.data.val_path.empty()) val_ = make_val_data(config_);
   model_ = std::make_unique<Transformer>(config_, backend, groups);
+  reducer_ = std::make_unique<GradReducer>(model_->params(), groups, kGradBucketBytes);
   optimizer_ = std::make_unique<Optimizer>(config_.train, backend, model_->params());
+
+  size_ = model_size(config_);
+  world.barrier();  // every rank probes at once: on a shared machine each measures its share
+  std::vector<double> rate{dense_gemm_rate(backend, config_.runtime.dtype)};
+  world.all_reduce_sum(rate);
+  dense_rate_ = rate[0];
+  log_info("model: " + count_str(static_cast<double>(size_.total_params)) + " parameters, " +
+           count_str(static_cast<double>(size_.active_params)) + " active per token (" +
+           count_str(static_cast<double>(size_.embedding_params)) + " in embeddings), " +
+           std::to_string(num_moe_layers(config_)) + " of " + std::to_string(config_.model.layers) +
+           " layers MoE; " + count_str(size_.flops_per_token) + "FLOP per token (training)");
+  log_info("dense GEMM rate: " + count_str(dense_rate_) + "FLOP/s over " + std::to_string(world.size()) +
+           " ranks (" + backend.name() + ", " + dtype_name(config_.runtime.dtype) + "), the MFU denominator");
 }
 
 Trainer::~Trainer() {
@@ -49,15 +84,23 @@ StepRecord Trainer::train_step() {
   model_->params().zero_grads(backend_);
   timeline.lap(&r.times.other);
 
-  // ---- forward + backward
+  // ---- forward, backward (gradient sums start as blocks finish), the rest of the sums
   StepContext ctx;
   ctx.step = state_.step;
   ctx.training = true;
+  ctx.seq_len = seq_len;
   ctx.token_offset = rank * tokens;
   ctx.global_tokens = int64_t{config_.train.batch_size} * seq_len;
   ctx.times = &r.times;
   ctx.timeline = &timeline;
-  r.stats = model_->forward_backward(d_inputs, d_targets, ctx);
+  const double ce = model_->forward(d_inputs, d_targets, ctx);
+  model_->backward([this](const Param* first) { reducer_->ready_from(first); });
+  reducer_->finish();
+  timeline.lap(&r.times.allreduce);
+  r.stats = model_->read_stats();
+  r.stats.ce_loss = ce;
+  r.stats.loss = ce + r.stats.aux_loss + r.stats.z_loss;
+  timeline.lap(&r.times.other);
   if (!std::isfinite(r.stats.loss)) {
     // The loss is global, so every rank stops here together: one line, a clean exit.
     Error e(ErrorKind::kInput, "training diverged: loss is " + format_double(r.stats.loss) + " at step " +
@@ -66,7 +109,7 @@ StepRecord Trainer::train_step() {
     throw e;
   }
 
-  // ---- gradients (already reduced by forward_backward): clip, update
+  // ---- gradients (reduced): clip, update
   r.lr = learning_rate(config_.train, state_.step);
   r.grad_norm = global_grad_norm(model_->params(), backend_, groups_);
   clip_gradients(model_->params(), backend_, r.grad_norm, config_.train.grad_clip);
@@ -74,7 +117,7 @@ StepRecord Trainer::train_step() {
   if (config_.moe.bias_update_rate > 0) model_->update_balance_bias(config_.moe.bias_update_rate);
   timeline.lap(&r.times.optimizer);
   timeline.resolve(r.times);
-  r.times.hidden_allreduce = std::max(0.0, model_->take_gradient_sum_seconds() - r.times.allreduce);
+  r.times.hidden_allreduce = std::max(0.0, reducer_->take_sum_seconds() - r.times.allreduce);
 
   ++state_.step;
   state_.next_sequence += config_.train.batch_size;
@@ -93,7 +136,13 @@ StepRecord Trainer::train_step() {
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   r.times.other += std::max(0.0, seconds - r.times.total());  // whatever no phase claimed (bookkeeping above)
   r.tokens_per_s = static_cast<double>(ctx.global_tokens) / std::max(seconds, 1e-12);
+  r.mfu = dense_rate_ > 0 ? r.tokens_per_s * size_.flops_per_token / dense_rate_ : 0.0;
   return r;
+}
+
+EvalResult Trainer::evaluate() {
+  MOE_CHECK(val_ != nullptr, "evaluate() without data.val_path");
+  return moe::evaluate(*model_, *val_, config_, state_.step);
 }
 
 std::string Trainer::metrics_line(const StepRecord& r) const {
@@ -102,9 +151,14 @@ std::string Trainer::metrics_line(const StepRecord& r) const {
   j.field("step", r.step).field("loss", r.stats.loss).field("ce", r.stats.ce_loss);
   j.field("aux", r.stats.aux_loss).field("z", r.stats.z_loss).field("lr", r.lr).field("grad_norm", r.grad_norm);
   j.field("dropped_frac", r.dropped_frac).field("max_mean_load", r.max_mean_load);
-  j.field("tokens_per_s", r.tokens_per_s);
+  j.field("tokens_per_s", r.tokens_per_s).field("mfu", r.mfu);
+  if (r.eval) {
+    j.field("val_loss", r.eval->loss).field("val_bits_per_token", r.eval->bits_per_token);
+    if (r.eval->byte_level) j.field("val_bpb", r.eval->bits_per_token);
+  }
   const PhaseTimes& t = r.times;
   j.key("time_s").begin_object();
+  j.field("attention", t.attention).field("dense", t.dense);
   j.field("router", t.router).field("dispatch", t.dispatch).field("experts", t.experts).field("combine", t.combine);
   j.field("shared", t.shared).field("backward", t.backward).field("optimizer", t.optimizer);
   j.field("allreduce", t.allreduce).field("other", t.other).field("total", t.total());
@@ -135,6 +189,12 @@ void Trainer::report(const StepRecord& r, double elapsed, int64_t first_step) {
   }
   recent_step_times_.push_back(r.times.total());
   if (recent_step_times_.size() > 20) recent_step_times_.erase(recent_step_times_.begin());
+  if (r.eval) {
+    char line[160];
+    std::snprintf(line, sizeof(line), "eval step %lld | val loss %.4f | %.4f bits/%s", static_cast<long long>(r.step),
+                  r.eval->loss, r.eval->bits_per_token, r.eval->byte_level ? "byte" : "token");
+    log_info(line);
+  }
   if (r.step % config_.train.log_every != 0 && r.step != config_.train.steps && r.step != first_step + 1) return;
   double avg = 0;
   for (double t : recent_step_times_) avg += t;
@@ -142,11 +202,11 @@ void Trainer::report(const StepRecord& r, double elapsed, int64_t first_step) {
   char line[512];
   int width = static_cast<int>(std::to_string(config_.train.steps).size());
   std::snprintf(line, sizeof(line),
-                "step %*lld/%lld | loss %.4f | aux %.4f | z %.4f | %8.0f tok/s | drop %5.2f%% | load max/mean %.2f | "
-                "lr %.2e | %s elapsed | ETA %s",
+                "step %*lld/%lld | loss %.4f | aux %.4f | z %.4f | %8.0f tok/s | MFU %4.1f%% | drop %5.2f%% | "
+                "load max/mean %.2f | lr %.2e | %s elapsed | ETA %s",
                 width, static_cast<long long>(r.step), static_cast<long long>(config_.train.steps), r.stats.loss,
-                r.stats.aux_loss, r.stats.z_loss, r.tokens_per_s, 100.0 * r.dropped_frac, r.max_mean_load, r.lr,
-                format_duration(elapsed).c_str(),
+                r.stats.aux_loss, r.stats.z_loss, r.tokens_per_s, 100.0 * r.mfu, 100.0 * r.dropped_frac,
+                r.max_mean_load, r.lr, format_duration(elapsed).c_str(),
                 format_duration(avg * static_cast<double>(config_.train.steps - r.step)).c_str());
   log_info(line);
 }
@@ -172,28 +232,55 @@ std::vector<StepRecord> Trainer::run() {
                        "train.metrics_path");
     }
   }
+  if (config_.train.eval_every > 0 && state_.step < config_.train.steps) {
+    Baselines base;
+    if (world.rank() == 0) base = ngram_baselines(*data_, *val_, config_);
+    std::vector<double> b{base.unigram, base.bigram};
+    world.broadcast(b.data(), 2, DType::kF64, 0);
+    const int64_t n = num_eval_sequences(config_, val_->num_tokens());
+    char line[200];
+    std::snprintf(line, sizeof(line), "validation: %lld tokens; baselines (bits/%s): unigram %.4f, bigram %.4f",
+                  static_cast<long long>(n * config_.model.seq_len), config_.model.vocab_size <= 256 ? "byte" : "token",
+                  b[0] / std::log(2.0), b[1] / std::log(2.0));
+    log_info(line);
+  }
   std::vector<StepRecord> records;
   const int64_t first = state_.step;
   auto t0 = std::chrono::steady_clock::now();
   while (state_.step < config_.train.steps) {
     StepRecord r = train_step();
+    const bool last = state_.step == config_.train.steps;
+    if (config_.train.eval_every > 0 && (last || state_.step % config_.train.eval_every == 0)) r.eval = evaluate();
     double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     report(r, elapsed, first);
     records.push_back(std::move(r));
-    bool last = state_.step == config_.train.steps;
     bool periodic = config_.train.checkpoint_every > 0 && state_.step % config_.train.checkpoint_every == 0;
     if (!config_.train.checkpoint_dir.empty() && (last || periodic)) save(config_.train.checkpoint_dir);
   }
+  if (config_.train.sample_tokens > 0 && !last_checkpoint_.empty()) print_sample();
   return records;
 }
 
+void Trainer::print_sample() {
+  // Rank 0 alone reads the final checkpoint into a one-rank model (every expert local) and samples; the
+  // others wait.
+  Communicator& world = *groups_.world;
+  if (world.rank() == 0) {
+    std::string text = sample_from_checkpoint(backend_, last_checkpoint_, config_.train.sample_prompt,
+                                              config_.train.sample_tokens, 0.8, 0, config_.train.seed);
+    log_info("sample (" + std::to_string(config_.train.sample_tokens) + " tokens, temperature 0.8, seed " +
+             std::to_string(config_.train.seed) + "):\n" + config_.train.sample_prompt + text);
+  }
+  world.barrier();
+}
+
 void Trainer::save(const std::string& dir) {
-  std::string path = save_checkpoint(dir, state_, config_, *model_, *optimizer_, groups_);
-  log_info("checkpoint: " + path);
+  last_checkpoint_ = save_checkpoint(dir, state_, config_, *model_, *optimizer_, groups_);
+  log_info("checkpoint: " + last_checkpoint_);
 }
 
 void Trainer::load(const std::string& step_dir) {
-  state_ = load_checkpoint(step_dir, config_, *model_, *optimizer_, groups_);
+  state_ = load_checkpoint(step_dir, config_, *model_, optimizer_.get(), groups_);
 }
 
 }  // namespace moe

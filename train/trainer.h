@@ -1,15 +1,18 @@
-// The training loop: data -> forward/backward -> gradient reduction -> clipping -> optimizer ->
-// loss-free bias update, with progress lines, JSON metrics and checkpoints.
+// The training loop: data -> forward -> backward (gradient sums started as blocks finish) -> clipping ->
+// optimizer -> loss-free bias update, with progress lines, JSON metrics, evaluation and checkpoints.
 #pragma once
 
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "model/transformer.h"
 #include "train/checkpoint.h"
 #include "train/data.h"
+#include "train/evaluate.h"
+#include "train/grad_reduce.h"
 #include "train/optimizer.h"
 
 namespace moe {
@@ -20,9 +23,11 @@ struct StepRecord {
   StepStats stats;
   double lr = 0;
   double grad_norm = 0;
-  double dropped_frac = 0;   // capacity-dropped assignments / all assignments, all layers
-  double max_mean_load = 0;  // max over layers of max_i load_i / mean load (before capacity)
+  double dropped_frac = 0;   // capacity-dropped assignments / all assignments, all MoE layers
+  double max_mean_load = 0;  // max over MoE layers of max_i load_i / mean load (before capacity)
   double tokens_per_s = 0;
+  double mfu = 0;            // model FLOP utilisation: achieved FLOP/s / the measured dense GEMM rate
+  std::optional<EvalResult> eval;  // the validation loss, on evaluation steps
   PhaseTimes times;
 };
 
@@ -31,29 +36,37 @@ class Trainer {
   Trainer(const Config& config, Backend& backend, ProcessGroups& groups);
   ~Trainer();
 
-  // Resumes if configured, trains to train.steps, writes checkpoints and metrics. Returns the records
-  // of the steps it ran.
+  // Resumes if configured, trains to train.steps, evaluates, writes checkpoints and metrics. Returns the
+  // records of the steps it ran.
   std::vector<StepRecord> run();
   StepRecord train_step();
+  // The validation loss of the model as it is (collective).
+  EvalResult evaluate();
 
   void save(const std::string& dir);
   void load(const std::string& step_dir);
   int64_t step() const { return state_.step; }
   Transformer& model() { return *model_; }
+  const ModelSize& size() const { return size_; }
 
  private:
   void report(const StepRecord& r, double elapsed, int64_t first_step);
   std::string metrics_line(const StepRecord& r) const;
+  void print_sample();
 
   Config config_;
   Backend& backend_;
   ProcessGroups& groups_;
   std::unique_ptr<Transformer> model_;
+  std::unique_ptr<GradReducer> reducer_;
   std::unique_ptr<Optimizer> optimizer_;
-  std::unique_ptr<DataSet> data_;
+  std::unique_ptr<DataSet> data_, val_;
   TrainingState state_;
+  ModelSize size_;
+  double dense_rate_ = 0;  // FLOP/s of dense GEMMs, summed over the ranks (measured at start-up)
   std::FILE* metrics_ = nullptr;
   std::vector<double> recent_step_times_;
+  std::string last_checkpoint_;
 };
 
 }  // namespace moe

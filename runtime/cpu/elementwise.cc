@@ -101,4 +101,19 @@ void activation_backward(Backend& backend, Activation act, const Tensor& dh, con
   });
 }
 
+void dropout(Backend&, const Tensor& x, double p, const RngStream& rng, int64_t offset, Tensor& out) {
+  MOE_CHECK(x.numel() == out.numel(), "dropout: ", x.str(), " -> ", out.str());
+  same_dtype(x, out, "dropout");
+  const double keep_scale = 1.0 / (1.0 - p);
+  dispatch_float(x.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* px = x.data<T>();
+    T* po = out.data<T>();
+    const T s = static_cast<T>(keep_scale);
+    for (int64_t i = 0, n = x.numel(); i < n; ++i) {
+      po[i] = rng.uniform(static_cast<uint64_t>(offset + i)) >= p ? px[i] * s : T(0);
+    }
+  });
+}
+
 }  // namespace moe::cpu

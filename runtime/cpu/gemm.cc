@@ -96,4 +96,25 @@ void grouped_gemm_tn(Backend&, const Tensor& a, const Tensor& b, Tensor& c, cons
   });
 }
 
+void batched_gemm(Backend&, const Tensor& a, Trans ta, const Tensor& w, Trans tw, Tensor& c, double alpha,
+                  double beta) {
+  MOE_CHECK(a.rank() == 3 && w.rank() == 3 && c.rank() == 3, "batched_gemm needs 3-D tensors: ", a.str(), w.str(),
+            c.str());
+  same_dtype(a, w, "batched_gemm");
+  same_dtype(a, c, "batched_gemm");
+  const bool at = ta == Trans::kT, wt = tw == Trans::kT;
+  const int64_t batch = a.dim(0);
+  const int64_t m = at ? a.dim(2) : a.dim(1), k = at ? a.dim(1) : a.dim(2);
+  const int64_t kw = wt ? w.dim(2) : w.dim(1), n = wt ? w.dim(1) : w.dim(2);
+  MOE_CHECK(w.dim(0) == batch && c.dim(0) == batch && k == kw && c.dim(1) == m && c.dim(2) == n,
+            "batched_gemm shapes: ", a.str(), at ? "^T" : "", " x ", w.str(), wt ? "^T" : "", " -> ", c.str());
+  dispatch_float(a.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t i = 0; i < batch; ++i) {
+      blas_gemm<T>(at, wt, m, n, k, alpha, a.data<T>() + i * a.dim(1) * a.dim(2), a.dim(2),
+                   w.data<T>() + i * w.dim(1) * w.dim(2), w.dim(2), beta, c.data<T>() + i * m * n, n);
+    }
+  });
+}
+
 }  // namespace moe::cpu

@@ -50,7 +50,8 @@ void rmsnorm_backward(Backend&, const Tensor& dy, const Tensor& x, const Tensor&
 
 double cross_entropy(Backend&, const Tensor& logits, const Tensor& targets, double grad_scale, Tensor& dlogits) {
   int64_t t_count = logits.dim(0), v = logits.dim(1);
-  check_shape(dlogits, logits.shape(), "cross_entropy dlogits");
+  const bool grad = dlogits.defined();
+  if (grad) check_shape(dlogits, logits.shape(), "cross_entropy dlogits");
   MOE_CHECK(targets.numel() == t_count, "cross_entropy: ", targets.numel(), " targets for ", t_count, " rows");
   double total = 0;
   const int32_t* pt = targets.data<int32_t>();
@@ -58,11 +59,12 @@ double cross_entropy(Backend&, const Tensor& logits, const Tensor& targets, doub
     using T = decltype(tag);
     for (int64_t t = 0; t < t_count; ++t) {
       const T* pl = logits.data<T>() + t * v;
-      T* pd = dlogits.data<T>() + t * v;
       MOE_CHECK(pt[t] >= 0 && pt[t] < v, "target ", pt[t], " outside vocabulary of ", v);
-      softmax_row(pl, pd, v);
       T lse = logsumexp_row(pl, v);
       total += static_cast<double>(lse - pl[pt[t]]);
+      if (!grad) continue;
+      T* pd = dlogits.data<T>() + t * v;
+      softmax_row(pl, pd, v);
       T s = static_cast<T>(grad_scale);
       for (int64_t j = 0; j < v; ++j) pd[j] *= s;
       pd[pt[t]] -= s;

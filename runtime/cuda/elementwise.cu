@@ -87,6 +87,11 @@ __global__ void activation_backward_kernel(Activation act, FloatIn dh, FloatIn a
   }
 }
 
+__global__ void dropout_kernel(FloatIn x, FloatOut out, int64_t n, double p, float keep_scale, RngStream rng,
+                               int64_t offset) {
+  GRID_STRIDE_LOOP(i, n) out.set(i, rng.uniform(static_cast<uint64_t>(offset + i)) >= p ? x[i] * keep_scale : 0.f);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------
@@ -196,6 +201,13 @@ void activation_backward(Backend& backend, Activation act, const Tensor& dh, con
             da.str());
   launch_elementwise(ctx, a.numel(), activation_backward_kernel, act, float_in(dh, "activation dh"),
                      float_in(a, "activation a"), float_out(da, "activation da"), a.numel());
+}
+
+void dropout(Backend& backend, const Tensor& x, double p, const RngStream& rng, int64_t offset, Tensor& out) {
+  Context& ctx = context(backend);
+  MOE_CHECK(x.numel() == out.numel(), "dropout: ", x.str(), " -> ", out.str());
+  launch_elementwise(ctx, x.numel(), dropout_kernel, float_in(x, "dropout x"), float_out(out, "dropout out"),
+                     x.numel(), p, static_cast<float>(1.0 / (1.0 - p)), rng, offset);
 }
 
 }  // namespace moe::cuda

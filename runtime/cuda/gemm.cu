@@ -208,4 +208,28 @@ void grouped_gemm_tn(Backend& backend, const Tensor& a, const Tensor& b, Tensor&
   run_grouped(ctx, CUBLAS_OP_N, CUBLAS_OP_T, problems, types, alpha, beta);
 }
 
+void batched_gemm(Backend& backend, const Tensor& a, Trans ta, const Tensor& w, Trans tw, Tensor& c, double alpha,
+                  double beta) {
+  Context& ctx = context(backend);
+  MOE_CHECK(a.rank() == 3 && w.rank() == 3 && c.rank() == 3, "batched_gemm needs 3-D tensors: ", a.str(), w.str(),
+            c.str());
+  const GemmTypes types = gemm_types(a, w, c, false, "batched_gemm");
+  const bool at = ta == Trans::kT, wt = tw == Trans::kT;
+  const int64_t batch = a.dim(0);
+  const int64_t m = at ? a.dim(2) : a.dim(1), k = at ? a.dim(1) : a.dim(2);
+  const int64_t kw = wt ? w.dim(2) : w.dim(1), n = wt ? w.dim(1) : w.dim(2);
+  MOE_CHECK(w.dim(0) == batch && c.dim(0) == batch && k == kw && c.dim(1) == m && c.dim(2) == n,
+            "batched_gemm shapes: ", a.str(), at ? "^T" : "", " x ", w.str(), wt ? "^T" : "", " -> ", c.str());
+  if (batch == 0 || m == 0 || n == 0) return;
+  if (k == 0) return scale_by_beta(backend, ctx, c, beta);
+  // Per batch entry, column-major C^T (n, m) = op(w)^T (n, k) op(a)^T (k, m), as in gemm().
+  const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
+  MOE_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      ctx.cublas, blas_op(tw), blas_op(ta), to_int(n, "batched_gemm n"), to_int(m, "batched_gemm m"),
+      to_int(k, "batched_gemm k"), &alpha_f, w.raw(), types.ab, to_int(w.dim(2), "batched_gemm ldw"),
+      w.dim(1) * w.dim(2), a.raw(), types.ab, to_int(a.dim(2), "batched_gemm lda"), a.dim(1) * a.dim(2), &beta_f,
+      c.raw(), types.c, to_int(n, "batched_gemm ldc"), m * n, to_int(batch, "batched_gemm batch"),
+      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 }  // namespace moe::cuda

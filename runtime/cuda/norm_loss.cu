@@ -66,9 +66,11 @@ __global__ void cross_entropy_kernel(FloatIn logits, const int32_t* targets, flo
   stat = block_reduce(stat, SoftmaxMerge{}, SoftmaxStat{-INFINITY, 0.f});
   const float inv = 1.f / stat.sum;
   const int64_t target = targets[row];
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-    float p = expf(logits[base + j] - stat.max) * inv * scale;
-    dlogits.set(base + j, j == target ? p - scale : p);
+  if (dlogits.ptr) {
+    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+      float p = expf(logits[base + j] - stat.max) * inv * scale;
+      dlogits.set(base + j, j == target ? p - scale : p);
+    }
   }
   if (threadIdx.x == 0) {
     if (target >= 0 && target < vocab) {
@@ -131,10 +133,11 @@ double cross_entropy(Backend& backend, const Tensor& logits, const Tensor& targe
   Context& ctx = context(backend);
   MOE_CHECK(logits.rank() == 2, "cross_entropy logits must be 2-D: ", logits.str());
   const int64_t rows = logits.dim(0), vocab = logits.dim(1);
-  check_shape(dlogits, logits.shape(), "cross_entropy dlogits");
+  const bool grad = dlogits.defined();
+  if (grad) check_shape(dlogits, logits.shape(), "cross_entropy dlogits");
   MOE_CHECK(targets.numel() == rows, "cross_entropy: ", targets.numel(), " targets for ", rows, " rows");
   const FloatIn in = float_in(logits, "cross_entropy logits");
-  const FloatOut out = float_out(dlogits, "cross_entropy dlogits");
+  const FloatOut out = grad ? float_out(dlogits, "cross_entropy dlogits") : FloatOut{nullptr, false};
   const int32_t* pt = i32_in(targets, "cross_entropy targets");
   if (rows == 0) return 0.0;
   MOE_CHECK(vocab > 0, "cross_entropy: empty vocabulary in ", logits.str());

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "runtime/ops/op.h"
+#include "runtime/rng.h"
 
 namespace moe {
 
@@ -27,5 +28,11 @@ MOE_OP(void, activation_forward, (Backend& b, Activation act, const Tensor& a, T
 // da = dh * act'(a), overwritten
 MOE_OP(void, activation_backward, (Backend& b, Activation act, const Tensor& dh, const Tensor& a, Tensor& da),
        (b, act, dh, a, da))
+
+// Inverted dropout: out[i] = x[i] / (1 - p) when rng.uniform(offset + i) >= p, else 0 (out may be x).
+// Element i of a tensor whose slice starts at global element `offset` draws the same number on any rank,
+// and applying the op with the same arguments to a gradient gives its backward.
+MOE_OP(void, dropout, (Backend& b, const Tensor& x, double p, const RngStream& rng, int64_t offset, Tensor& out),
+       (b, x, p, rng, offset, out))
 
 }  // namespace moe

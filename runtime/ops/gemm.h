@@ -33,4 +33,10 @@ MOE_OP(void, grouped_gemm_tn,
         double beta),
        (b, a, x, c, group_rows, alpha, beta))
 
+// c[i] (M, N) = alpha * op(a[i]) op(w[i]) + beta * c[i] for every i < batch; a, w, c are 3-D (batch, rows,
+// cols), each matrix contiguous and row-major.
+MOE_OP(void, batched_gemm,
+       (Backend& b, const Tensor& a, Trans ta, const Tensor& w, Trans tw, Tensor& c, double alpha, double beta),
+       (b, a, ta, w, tw, c, alpha, beta))
+
 }  // namespace moe

@@ -17,8 +17,8 @@ MOE_OP(void, rmsnorm_backward,
        (Backend& b, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw),
        (b, dy, x, w, rstd, dx, dw))
 // Returns sum over rows of -log softmax(logits)[target] (waits for the device); dlogits (T, V) =
-// grad_scale * (softmax - onehot(target)), overwritten. targets (T) I32; a target outside [0, V) is an
-// InternalError.
+// grad_scale * (softmax - onehot(target)), overwritten, or nothing when dlogits is undefined (evaluation).
+// targets (T) I32; a target outside [0, V) is an InternalError.
 MOE_OP(double, cross_entropy,
        (Backend& b, const Tensor& logits, const Tensor& targets, double grad_scale, Tensor& dlogits),
        (b, logits, targets, grad_scale, dlogits))

@@ -72,7 +72,7 @@ void run_case(const Case& c, int ep, bool compact) {
   Dispatcher dispatcher(experts, static_cast<int>(h), compact);
   const int64_t first_expert = static_cast<int64_t>(experts / ep) * groups.ep->rank();
 
-  Tensor expert_in = dispatcher.dispatch(*backend, *groups.ep, x, route, c.capacity);
+  Tensor expert_in = dispatcher.dispatch(*backend, *groups.ep, x, route);
   int64_t received = 0;
   for (int64_t n : dispatcher.expert_rows()) received += n;
   EXPECT_EQ(received, expert_in.dim(0));
@@ -158,7 +158,7 @@ TEST(DispatchRoundTripExact, NormalisedGatesGiveBackTheInputItself) {
   moe::route(*backend, args, probs, Tensor(), route);
   Tensor x = test::random_tensor(*backend, {t, h}, DType::kF64, 31, rank * t * h);
   Dispatcher d(experts, static_cast<int>(h), /*compact=*/true);
-  Tensor in = d.dispatch(*backend, *groups.ep, x, route, 0);
+  Tensor in = d.dispatch(*backend, *groups.ep, x, route);
   Tensor y = backend->zeros({t, h}, DType::kF64);
   d.combine(*backend, *groups.ep, in, route, y);
   std::vector<double> xv = to_doubles(*backend, x), yv = to_doubles(*backend, y);

@@ -4,6 +4,7 @@
 
 #include "comm/mpi/mpi_communicator.h"
 #include "tests/test_util.h"
+#include "train/grad_reduce.h"
 
 namespace moe {
 namespace {

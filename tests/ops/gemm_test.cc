@@ -85,6 +85,31 @@ TEST_P(GemmOps, GroupedGemmsWithEmptyGroupsMatchLoops) {
   EXPECT_LT(rel_diff(to_doubles(*backend, dw), want_dw), tol());
 }
 
+TEST_P(GemmOps, BatchedGemmsMatchLoops) {
+  const int64_t batch = 3, m = 4, n = 5, k = 6;
+  for (Trans ta : {Trans::kN, Trans::kT})
+    for (Trans tw : {Trans::kN, Trans::kT}) {
+      Tensor a = rnd(ta == Trans::kN ? Shape{batch, m, k} : Shape{batch, k, m}, 20);
+      Tensor w = rnd(tw == Trans::kN ? Shape{batch, k, n} : Shape{batch, n, k}, 21);
+      Tensor c = rnd({batch, m, n}, 22);
+      std::vector<double> av = to_doubles(*backend, a), wv = to_doubles(*backend, w), cv = to_doubles(*backend, c);
+      std::vector<double> want(cv.size());
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < n; ++j) {
+            double s = 0;
+            for (int64_t p = 0; p < k; ++p) {
+              double x = ta == Trans::kN ? av[(b * m + i) * k + p] : av[(b * k + p) * m + i];
+              double y = tw == Trans::kN ? wv[(b * k + p) * n + j] : wv[(b * n + j) * k + p];
+              s += x * y;
+            }
+            want[(b * m + i) * n + j] = 2.0 * s - 0.5 * cv[(b * m + i) * n + j];
+          }
+      batched_gemm(*backend, a, ta, w, tw, c, 2.0, -0.5);
+      EXPECT_LT(rel_diff(to_doubles(*backend, c), want), tol());
+    }
+}
+
 MOE_CPU_OPS_DTYPES(GemmOps);
 
 TEST_F(CudaOps, GemmEveryTranspose) {
@@ -100,6 +125,20 @@ TEST_F(CudaOps, GemmEveryTranspose) {
           return std::vector<Tensor>{c};
         });
       }
+}
+
+TEST_F(CudaOps, BatchedGemmEveryTranspose) {
+  for (Trans ta : {Trans::kN, Trans::kT})
+    for (Trans tw : {Trans::kN, Trans::kT}) {
+      compare("batched_gemm", [&](Backend& b) {
+        const int64_t batch = 5, m = 33, n = 17, k = 24;
+        Tensor a = rnd(b, ta == Trans::kN ? Shape{batch, m, k} : Shape{batch, k, m}, 23);
+        Tensor w = rnd(b, tw == Trans::kN ? Shape{batch, k, n} : Shape{batch, n, k}, 24);
+        Tensor c = rnd(b, {batch, m, n}, 25);
+        batched_gemm(b, a, ta, w, tw, c, 1.0, 0.5);
+        return std::vector<Tensor>{c};
+      });
+    }
 }
 
 TEST_F(CudaOps, GroupedGemmsWithEmptyGroups) {

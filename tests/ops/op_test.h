@@ -90,31 +90,4 @@ inline std::vector<int32_t> ids(int64_t count, int32_t n, uint32_t salt) {
   return v;
 }
 
-// Central differences of a scalar function of one tensor's elements: d f / d x_i for every i, F64.
-inline std::vector<double> numeric_gradient(Backend& b, Tensor& x, const std::function<double()>& f,
-                                            double eps = 1e-6) {
-  std::vector<double> v = to_doubles(b, x), grad(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    double keep = v[i];
-    v[i] = keep + eps;
-    b.copy_from_host(v.data(), x);
-    double plus = f();
-    v[i] = keep - eps;
-    b.copy_from_host(v.data(), x);
-    double minus = f();
-    v[i] = keep;
-    b.copy_from_host(v.data(), x);
-    grad[i] = (plus - minus) / (2 * eps);
-  }
-  return grad;
-}
-
-// <a, b> over every element.
-inline double dot(Backend& backend, const Tensor& a, const Tensor& b) {
-  std::vector<double> av = to_doubles(backend, a), bv = to_doubles(backend, b);
-  double s = 0;
-  for (size_t i = 0; i < av.size(); ++i) s += av[i] * bv[i];
-  return s;
-}
-
 }  // namespace moe::test

@@ -5,8 +5,11 @@
 // ~1e-9 in F64 away from the routing decision boundaries, which random inputs do not hit.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <memory>
 
+#include "model/attention.h"
+#include "model/transformer.h"
 #include "tests/test_util.h"
 
 namespace moe {
@@ -195,6 +198,128 @@ TEST(LayerGradCheckAll, BatchPriorityTop3Gelu) {
   LayerGradCheck g(c, 15);
   EXPECT_EQ(g.run(), 1 + 2);
 }
+
+// Central differences of f() with respect to every element of `value` against `analytic`.
+void expect_gradient(Backend& backend, const std::string& what, Tensor& value, const std::vector<double>& analytic,
+                     const std::function<double()>& f) {
+  std::vector<double> v = to_doubles(backend, value);
+  ASSERT_EQ(v.size(), analytic.size()) << what;
+  const double eps = 1e-6;
+  double worst = 0, scale = 1e-3;
+  for (size_t i = 0; i < v.size(); ++i) {
+    const double keep = v[i];
+    v[i] = keep + eps;
+    backend.copy_from_host(v.data(), value);
+    const double plus = f();
+    v[i] = keep - eps;
+    backend.copy_from_host(v.data(), value);
+    const double minus = f();
+    v[i] = keep;
+    backend.copy_from_host(v.data(), value);
+    worst = std::max(worst, std::abs((plus - minus) / (2 * eps) - analytic[i]));
+    scale = std::max(scale, std::abs(analytic[i]));
+  }
+  EXPECT_LT(worst / scale, 1e-6) << what << ": max |numeric - analytic| = " << worst << ", scale " << scale;
+}
+
+struct AttentionCase {
+  const char* name;
+  int heads, kv_heads;
+  double dropout;
+};
+
+void PrintTo(const AttentionCase& c, std::ostream* os) { *os << c.name; }
+
+class AttentionGradCheck : public ::testing::TestWithParam<AttentionCase> {};
+
+// L = <y, r> for the attention sublayer alone: dx and every weight gradient against central differences.
+TEST_P(AttentionGradCheck, InputAndWeights) {
+  Config c = test::small_config(4, 2, 8);
+  c.runtime.dtype = DType::kF64;
+  c.model.heads = GetParam().heads;
+  c.model.kv_heads = GetParam().kv_heads;
+  c.model.attn_dropout = GetParam().dropout;
+  c.model.seq_len = 5;
+  auto backend = make_cpu_backend({});
+  ParamSet params;
+  Attention attn(params, "attn", c, 0);
+  params.allocate(*backend, DType::kF64, 7);
+  const int64_t t = 10, h = c.model.hidden;
+  Tensor x = test::random_tensor(*backend, {t, h}, DType::kF64, 11);
+  Tensor r = test::random_tensor(*backend, {t, h}, DType::kF64, 12);
+  StepContext ctx;
+  ctx.step = 3;
+  ctx.seq_len = 5;
+  ctx.token_offset = 15;  // the third and fourth sequences of a global batch: dropout draws there
+  auto objective = [&] { return test::dot(*backend, attn.forward(*backend, x, ctx), r); };
+  params.zero_grads(*backend);
+  objective();
+  Tensor dx = attn.backward(*backend, r);
+  expect_gradient(*backend, "dx", x, to_doubles(*backend, dx), objective);
+  for (Param* p : params.trainable()) expect_gradient(*backend, p->name, p->value, to_doubles(*backend, p->grad), objective);
+}
+
+INSTANTIATE_TEST_SUITE_P(Heads, AttentionGradCheck,
+                         ::testing::Values(AttentionCase{"multi_head", 2, 0, 0.0},
+                                           AttentionCase{"grouped_query", 4, 2, 0.0},
+                                           AttentionCase{"single_kv_head_dropout", 4, 1, 0.3}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+// The whole model: embedding, blocks of attention + dense FFN and attention + MoE FFN (shared experts,
+// capacity drops), final norm, head (tied or not), cross-entropy + aux + z. Every parameter's gradient
+// against central differences of the loss.
+class ModelGradCheck : public ::testing::TestWithParam<bool> {};
+
+TEST_P(ModelGradCheck, EveryParameter) {
+  Config c = base(4, 2);
+  c.runtime.dtype = DType::kF64;
+  c.model.vocab_size = 11;
+  c.model.layers = 2;
+  c.model.heads = 2;
+  c.model.seq_len = 4;
+  c.model.ffn_hidden = 6;
+  c.model.tie_embeddings = GetParam();
+  c.moe.first_dense_layers = 1;
+  c.moe.capacity_factor = 1.0;
+  c.moe.min_capacity = 1;
+  c.moe.num_shared_experts = 1;
+  c.moe.aux_loss_coef = 0.1;
+  c.moe.z_loss_coef = 0.05;
+  c.train.batch_size = 3;
+  auto backend = make_cpu_backend({});
+  ProcessGroups groups = test::self_groups();
+  Transformer model(c, *backend, groups);
+  const int64_t t = c.train.batch_size * c.model.seq_len;
+  std::vector<int32_t> ids(static_cast<size_t>(t)), next(static_cast<size_t>(t));
+  for (int64_t i = 0; i < t; ++i) ids[i] = static_cast<int32_t>((i * 7 + 3) % 11), next[i] = static_cast<int32_t>((i * 5 + 1) % 11);
+  Tensor inputs = host_tensor({t}, DType::kI32), targets = host_tensor({t}, DType::kI32);
+  std::copy(ids.begin(), ids.end(), inputs.data<int32_t>());
+  std::copy(next.begin(), next.end(), targets.data<int32_t>());
+  StepContext ctx;
+  ctx.seq_len = c.model.seq_len;
+  ctx.global_tokens = t;
+  auto loss = [&] {
+    double ce = model.forward(inputs, targets, ctx);
+    StepStats s = model.read_stats();
+    return ce + s.aux_loss + s.z_loss;
+  };
+  model.params().zero_grads(*backend);
+  loss();
+  int ready_calls = 0;
+  model.backward([&](const Param*) { ++ready_calls; });
+  EXPECT_EQ(ready_calls, c.model.layers + 2);  // head, each block, embedding
+  EXPECT_EQ(model.moe_layers().size(), 1u);
+  int checked = 0;
+  for (Param* p : model.params().trainable()) {
+    expect_gradient(*backend, p->name, p->value, to_doubles(*backend, p->grad), loss);
+    ++checked;
+  }
+  EXPECT_EQ(model.params().find("head") == nullptr, GetParam());
+  EXPECT_GT(checked, 15);
+}
+
+INSTANTIATE_TEST_SUITE_P(Head, ModelGradCheck, ::testing::Bool(),
+                         [](const auto& info) { return std::string(info.param ? "tied" : "untied"); });
 
 }  // namespace
 }  // namespace moe
