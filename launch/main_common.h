@@ -28,9 +28,10 @@ struct CommandLine {
 // Splits argv: "--section.key=value" and "--section.key value" are overrides, other "--x" are flags.
 CommandLine parse_command_line(int argc, char** argv, int first);
 
-// Rank 0 reads the YAML file and broadcasts it; every rank parses and validates the same text, so a
-// configuration error is raised by every rank together (marked collective).
-Config load_config(const CommandLine& cl, Communicator& world, ConfigSources* sources);
+// Rank 0 reads the YAML file and broadcasts it; every rank parses and (unless told not to) validates the
+// same text for a run on world.size() ranks, so a configuration error is raised by every rank together
+// (marked collective).
+Config load_config(const CommandLine& cl, Communicator& world, ConfigSources* sources, bool validate = true);
 
 // The op backend of runtime.device: the CPU, or CUDA device (local rank mod visible devices). Collective
 // over `world`: when any rank cannot get its device, every rank throws the same (collective) error.

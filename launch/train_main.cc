@@ -1,8 +1,10 @@
 // moe_train: trains the MoE transformer described by a YAML config, one process per rank under mpirun.
 //
 //   mpirun -np 8 build/moe_train configs/quickstart.yaml [--section.key=value ...]
-//   build/moe_train --help | --config-reference | CONFIG --print-config
+//   build/moe_train --help | --config-reference | CONFIG --print-config | CONFIG --get=KEY[,KEY...]
+#include <algorithm>
 #include <cstdio>
+#include <sstream>
 
 #include "comm/mpi/mpi_communicator.h"
 #include "launch/main_common.h"
@@ -17,20 +19,23 @@ namespace {
 const char* kUsage =
     "usage: mpirun -np N moe_train [CONFIG.yaml] [--section.key=value ...]\n"
     "       moe_train --help | --config-reference\n"
-    "       moe_train [CONFIG.yaml] [overrides] --print-config\n\n"
+    "       moe_train [CONFIG.yaml] [overrides] --print-config\n"
+    "       moe_train [CONFIG.yaml] [overrides] --get=KEY[,KEY...]\n\n"
     "Trains an expert-parallel MoE transformer. Options:\n"
     "  --print-config       print the resolved configuration and exit\n"
+    "  --get=KEY[,KEY...]   print the resolved value of each key, one per line, and exit\n"
     "  --config-reference   print docs/CONFIG.md (generated from the configuration table) and exit\n\n"
     "Configuration keys (YAML section.key, or --section.key=value):\n";
 
 int train(const CommandLine& cl) {
   auto world = make_mpi_world();
-  ConfigSources sources;
-  Config config = load_config(cl, *world, &sources);
   bool print_only = false;
+  std::string get;
   for (const auto& f : cl.flags) {
     if (f == "print-config") {
       print_only = true;
+    } else if (f.rfind("get=", 0) == 0) {
+      get = f.substr(4);
     } else {
       Error e(ErrorKind::kConfig, "unknown option --" + f + " (see --help)");
       e.mark_collective();
@@ -41,6 +46,24 @@ int train(const CommandLine& cl) {
     Error e(ErrorKind::kConfig, "unexpected argument '" + cl.positional[0] + "' (one config file at most)");
     e.mark_collective();
     throw e;
+  }
+  ConfigSources sources;
+  // --get answers for the file as written, whatever the number of ranks it is asked from.
+  Config config = load_config(cl, *world, &sources, /*validate=*/get.empty());
+  if (!get.empty()) {  // one value per line, for scripts (launch/moe)
+    auto values = config_values(config);
+    std::stringstream keys(get);
+    std::string key;
+    while (std::getline(keys, key, ',')) {
+      auto it = std::find_if(values.begin(), values.end(), [&](const auto& kv) { return kv.first == key; });
+      if (it == values.end()) {
+        ConfigError e(key, "unknown key");
+        e.mark_collective();
+        throw e;
+      }
+      log_info(it->second);
+    }
+    return 0;
   }
   log_info("moe_train: " + std::to_string(world->size()) + " ranks, ep " + std::to_string(config.parallel.ep) +
            " x dp " + std::to_string(world->size() / config.parallel.ep) + ", " +

@@ -7,6 +7,7 @@
 #include <cstdio>
 
 #include "comm/mpi/mpi_communicator.h"
+#include "runtime/log.h"
 
 namespace {
 
@@ -34,6 +35,7 @@ int main(int argc, char** argv) {
   testing::InitGoogleTest(&argc, argv);
   moe::mpi_init(&argc, &argv);
   int rank = moe::mpi_world_rank();
+  moe::log_set_rank(rank, moe::mpi_world_size());  // progress lines from rank 0 only
   // An exception escaping a test on one rank would leave the others waiting in a collective: let it
   // terminate the process instead, which makes mpirun stop the whole job.
   if (moe::mpi_world_size() > 1) GTEST_FLAG_SET(catch_exceptions, false);

@@ -251,7 +251,7 @@ TrainingState load_checkpoint(const std::string& step_dir, const Config& config,
   state.step = m["step"].as<int64_t>();
   state.next_sequence = m["next_sequence"].as<int64_t>();
   if (optimizer) optimizer->set_steps_taken(m["optimizer_steps"].as<int64_t>());
-  log_info("resumed from " + step_dir + " (step " + std::to_string(state.step) + ")");
+  if (optimizer) log_info("resumed from " + step_dir + " (step " + std::to_string(state.step) + ")");
   return state;
 }
 
@@ -291,6 +291,30 @@ Config checkpoint_config(const std::string& step_dir, const std::vector<std::str
     e.mark_collective();
     throw;
   }
+}
+
+std::string resolve_step_dir(const std::string& path, Communicator& comm) {
+  std::string dir, failure;
+  if (comm.rank() == 0) {
+    struct stat st {};
+    if (::stat((path + "/manifest.json").c_str(), &st) == 0) {
+      dir = path;
+    } else if (::stat((path + "/latest").c_str(), &st) == 0) {
+      std::string name = read_file(path + "/latest", "latest checkpoint pointer");
+      while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+      dir = path + "/" + name;
+    } else {
+      failure = path + ": not a checkpoint (no manifest.json) nor a checkpoint directory (no latest)";
+    }
+  }
+  broadcast_string(comm, failure, 0);
+  if (!failure.empty()) {
+    InputError e(failure, "give a step directory or a train.checkpoint_dir", "train.resume");
+    e.mark_collective();
+    throw e;
+  }
+  broadcast_string(comm, dir, 0);
+  return dir;
 }
 
 }  // namespace moe

@@ -39,6 +39,11 @@ std::string resolve_resume(const Config& config, Communicator& world);
 TrainingState load_checkpoint(const std::string& step_dir, const Config& config, Transformer& model,
                               Optimizer* optimizer, ProcessGroups& groups);
 
+// A step directory from `path`: path itself when it holds a manifest, else the step its `latest` file
+// names (a checkpoint directory). Rank 0 of comm looks; throws InputError (key train.resume) when
+// neither. Collective over comm.
+std::string resolve_step_dir(const std::string& path, Communicator& comm);
+
 // The configuration a checkpoint was written with (its manifest), then `overrides` ("section.key=value")
 // on top. Rank 0 of `comm` reads the manifest; throws InputError (key train.resume) when the directory
 // is not a checkpoint. Collective over comm.

@@ -243,10 +243,12 @@ std::unique_ptr<DataSet> make_file_data(const std::string& path, int vocab_size,
                                ", larger than model.vocab_size = " + std::to_string(vocab_size), key);
   }
   if (info.num_tokens < static_cast<uint64_t>(min_tokens)) {
-    throw InputError(path, "has " + std::to_string(info.num_tokens) + " tokens, fewer than the " +
+    throw InputError(path, std::string(key == "data.val_path" ? "empty validation split: " : "") + "has " +
+                               std::to_string(info.num_tokens) + " tokens, fewer than the " +
                                std::to_string(min_tokens) + " it needs (" +
-                               (key == "data.path" ? "one global batch: train.batch_size * model.seq_len + 1"
-                                                   : "one sequence: model.seq_len + 1") + ")", key);
+                               (key == "data.val_path" ? "one sequence: model.seq_len + 1"
+                                                       : "one global batch: train.batch_size * model.seq_len + 1") +
+                               ")", key);
   }
   auto data = std::make_unique<FileData>(std::move(info), key);
   auto [pos, value] = data->first_token_at_least(vocab_size);

