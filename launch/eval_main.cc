@@ -95,12 +95,6 @@ int eval_main(const CommandLine& cl) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--help" || a == "-h") {
-      std::printf("%s", kUsage);
-      return 0;
-    }
-  }
+  if (print_usage_if_asked(argc, argv, kUsage)) return 0;
   return run_job(argc, argv, "moe_eval", [&] { return eval_main(parse_command_line(argc, argv, 1)); });
 }

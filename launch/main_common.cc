@@ -149,6 +149,17 @@ ProcessGroups make_groups(const Config& config, Backend& backend, std::unique_pt
   return make_process_groups(std::move(world), config.parallel.ep);
 }
 
+bool print_usage_if_asked(int argc, char** argv, const char* usage) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--help" || a == "-h") {
+      std::printf("%s", usage);
+      return true;
+    }
+  }
+  return false;
+}
+
 std::string config_help() {
   std::ostringstream out;
   Config defaults;

@@ -39,6 +39,9 @@ std::unique_ptr<Backend> make_backend(const Config& config, Communicator& world)
 // The ep x dp mesh over `world` (MPI), or over NCCL wrapping it when runtime.comm resolves to nccl.
 ProcessGroups make_groups(const Config& config, Backend& backend, std::unique_ptr<Communicator> world);
 
+// Prints `usage` and returns true when argv asks for --help (or -h); main() then returns 0.
+bool print_usage_if_asked(int argc, char** argv, const char* usage);
+
 // Usage text listing every configuration key, its type and default.
 std::string config_help();
 

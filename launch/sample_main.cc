@@ -109,12 +109,6 @@ int sample_main(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--help" || a == "-h") {
-      std::printf("%s", kUsage);
-      return 0;
-    }
-  }
+  if (print_usage_if_asked(argc, argv, kUsage)) return 0;
   return run_job(argc, argv, "moe_sample", [&] { return sample_main(argc, argv); });
 }

@@ -269,7 +269,7 @@ std::vector<ConfigField> build_fields() {
                     "validation file (at least one). 0: every sequence the file holds."));
   f.push_back(field("train.sample_tokens", &C::train, &TrainConfig::sample_tokens,
                     "After the last step, rank 0 reads the final checkpoint and prints this many sampled tokens "
-                    "(byte-level models). 0: no sample."));
+                    "(byte-level models; none when train.checkpoint_dir is empty). 0: no sample."));
   f.push_back(field("train.sample_prompt", &C::train, &TrainConfig::sample_prompt,
                     "Prompt of the sample printed after training."));
   // data
@@ -535,8 +535,6 @@ void validate_config(const Config& c, int world) {
   need(t.eval_tokens >= 0, "train.eval_tokens", "must be >= 0");
   need(t.eval_every == 0 || !c.data.val_path.empty(), "train.eval_every", "needs data.val_path (a validation split)");
   need(t.sample_tokens >= 0, "train.sample_tokens", "must be >= 0");
-  need(t.sample_tokens == 0 || !t.checkpoint_dir.empty(), "train.sample_tokens",
-       "needs train.checkpoint_dir (the sample is drawn from the final checkpoint)");
   need(t.sample_tokens == 0 || c.model.vocab_size <= 256, "train.sample_tokens",
        "text samples need a byte-level model (model.vocab_size <= 256)");
   need(t.resume.empty() || !t.checkpoint_dir.empty() || t.resume != "auto", "train.resume",

@@ -5,8 +5,9 @@
 
 namespace moe {
 
-// FLOP/s of square n x n x n GEMMs (2 n^3 FLOPs each) in `dtype` on `backend`: one warm-up, then
-// repetitions until `seconds` have passed (at least three). n = 0 picks 256 on the CPU, 4096 on a GPU.
-double dense_gemm_rate(Backend& backend, DType dtype, int64_t n = 0, double seconds = 0.2);
+// The probe's square size: 256 on the CPU, 4096 on a GPU.
+int64_t gemm_probe_size(const Backend& backend);
+// Seconds that `reps` n x n x n GEMMs (2 n^3 FLOPs each) in `dtype` take on `backend`, after one warm-up.
+double dense_gemm_seconds(Backend& backend, DType dtype, int64_t n, int reps);
 
 }  // namespace moe

@@ -29,6 +29,33 @@ std::string count_str(double n) {
   return buf;
 }
 
+// 1234567 -> "1,234,567"
+std::string grouped(int64_t n) {
+  std::string digits = std::to_string(n), out;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return out;
+}
+
+// The dense GEMM rate of the whole job: every rank runs the same number of GEMMs at the same time (so on
+// a shared machine each gets its share), and the rate is their FLOPs over the slowest rank's time.
+double measure_dense_rate(Backend& backend, DType dtype, Communicator& world) {
+  const int64_t n = gemm_probe_size(backend);
+  auto slowest = [&](double seconds) {
+    std::vector<double> all(static_cast<size_t>(world.size()));
+    world.all_gather(&seconds, all.data(), 1, DType::kF64);
+    return *std::max_element(all.begin(), all.end());
+  };
+  world.barrier();
+  const double three = slowest(dense_gemm_seconds(backend, dtype, n, 3));  // calibration
+  const int reps = std::max(3, static_cast<int>(0.3 / std::max(three / 3, 1e-6)));
+  world.barrier();
+  const double seconds = slowest(dense_gemm_seconds(backend, dtype, n, reps));
+  return static_cast<double>(world.size()) * reps * 2.0 * static_cast<double>(n) * n * n / seconds;
+}
+
 }  // namespace
 
 Trainer::Trainer(const Config& config, Backend& backend, ProcessGroups& groups)
@@ -48,13 +75,9 @@ Trainer::Trainer(const Config& config, Backend& backend, ProcessGroups& groups)
   optimizer_ = std::make_unique<Optimizer>(config_.train, backend, model_->params());
 
   size_ = model_size(config_);
-  world.barrier();  // every rank probes at once: on a shared machine each measures its share
-  std::vector<double> rate{dense_gemm_rate(backend, config_.runtime.dtype)};
-  world.all_reduce_sum(rate);
-  dense_rate_ = rate[0];
-  log_info("model: " + count_str(static_cast<double>(size_.total_params)) + " parameters, " +
-           count_str(static_cast<double>(size_.active_params)) + " active per token (" +
-           count_str(static_cast<double>(size_.embedding_params)) + " in embeddings), " +
+  dense_rate_ = measure_dense_rate(backend, config_.runtime.dtype, world);
+  log_info("model: " + grouped(size_.total_params) + " parameters, " + grouped(size_.active_params) +
+           " active per token (" + grouped(size_.embedding_params) + " in embeddings), " +
            std::to_string(num_moe_layers(config_)) + " of " + std::to_string(config_.model.layers) +
            " layers MoE; " + count_str(size_.flops_per_token) + "FLOP per token (training)");
   log_info("dense GEMM rate: " + count_str(dense_rate_) + "FLOP/s over " + std::to_string(world.size()) +
@@ -257,7 +280,13 @@ std::vector<StepRecord> Trainer::run() {
     bool periodic = config_.train.checkpoint_every > 0 && state_.step % config_.train.checkpoint_every == 0;
     if (!config_.train.checkpoint_dir.empty() && (last || periodic)) save(config_.train.checkpoint_dir);
   }
-  if (config_.train.sample_tokens > 0 && !last_checkpoint_.empty()) print_sample();
+  if (config_.train.sample_tokens > 0) {
+    if (!last_checkpoint_.empty()) {
+      print_sample();
+    } else if (!records.empty()) {
+      log_info("no sample: it is drawn from the final checkpoint, and train.checkpoint_dir is empty");
+    }
+  }
   return records;
 }
 

@@ -11,11 +11,6 @@
 namespace moe {
 namespace {
 
-using test::CpuOps;
-using test::CudaOps;
-using test::rel_diff;
-using test::rnd;
-
 // cos/sin tables (positions, d/2) of the rotary embedding with base 10000, as the model builds them.
 std::pair<Tensor, Tensor> rope_tables(Backend& b, int64_t positions, int64_t d, DType dt) {
   Tensor c = host_tensor({positions, d / 2}, DType::kF64), s = host_tensor({positions, d / 2}, DType::kF64);

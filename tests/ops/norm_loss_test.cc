@@ -9,14 +9,6 @@
 namespace moe {
 namespace {
 
-using test::CpuOps;
-using test::CudaOps;
-using test::ids;
-using test::ints;
-using test::random_tensor;
-using test::rel_diff;
-using test::rnd;
-
 class NormLossOps : public CpuOps {};
 
 TEST_P(NormLossOps, RmsNormBackwardIsTheDerivativeOfTheForward) {

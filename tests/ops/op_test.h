@@ -91,3 +91,14 @@ inline std::vector<int32_t> ids(int64_t count, int32_t n, uint32_t salt) {
 }
 
 }  // namespace moe::test
+
+namespace moe {
+// The tables use the harness unqualified.
+using test::CpuOps;
+using test::CudaOps;
+using test::ids;
+using test::ints;
+using test::random_tensor;
+using test::rel_diff;
+using test::rnd;
+}  // namespace moe

@@ -8,14 +8,6 @@
 namespace moe {
 namespace {
 
-using test::CpuOps;
-using test::CudaOps;
-using test::ids;
-using test::ints;
-using test::random_tensor;
-using test::rel_diff;
-using test::rnd;
-
 class OptimizerOps : public CpuOps {};
 
 TEST_P(OptimizerOps, AdamWMatchesTheFormula) {

@@ -11,14 +11,6 @@
 namespace moe {
 namespace {
 
-using test::CpuOps;
-using test::CudaOps;
-using test::ids;
-using test::ints;
-using test::random_tensor;
-using test::rel_diff;
-using test::rnd;
-
 class GateTest : public ::testing::Test {
  protected:
   std::unique_ptr<Backend> backend = make_cpu_backend({});

@@ -15,6 +15,20 @@
 namespace moe {
 namespace {
 
+// Central differences (eps 1e-6) of f() with respect to every element of `value` against `analytic`: the
+// worst difference relative to the largest analytic entry (at least 1e-3) must stay below 1e-6.
+void expect_gradient(Backend& backend, const std::string& what, Tensor& value, const std::vector<double>& analytic,
+                     const std::function<double()>& f) {
+  const std::vector<double> numeric = test::numeric_gradient(backend, value, f);
+  ASSERT_EQ(numeric.size(), analytic.size()) << what;
+  double worst = 0, scale = 1e-3;
+  for (size_t i = 0; i < numeric.size(); ++i) {
+    worst = std::max(worst, std::abs(numeric[i] - analytic[i]));
+    scale = std::max(scale, std::abs(analytic[i]));
+  }
+  EXPECT_LT(worst / scale, 1e-6) << what << ": max |numeric - analytic| = " << worst << ", scale " << scale;
+}
+
 class LayerGradCheck {
  public:
   LayerGradCheck(const Config& config, int64_t tokens, double r_scale = 1.0)
@@ -39,25 +53,7 @@ class LayerGradCheck {
 
   // Compares the analytic gradient of every element of `value` with central differences.
   void check(const std::string& what, Tensor& value, const std::vector<double>& analytic) {
-    std::vector<double> v = to_doubles(*backend_, value);
-    ASSERT_EQ(v.size(), analytic.size()) << what;
-    const double eps = 1e-6;
-    double worst = 0, scale = 1e-3;
-    for (size_t i = 0; i < v.size(); ++i) {
-      double keep = v[i];
-      v[i] = keep + eps;
-      backend_->copy_from_host(v.data(), value);
-      double plus = objective();
-      v[i] = keep - eps;
-      backend_->copy_from_host(v.data(), value);
-      double minus = objective();
-      v[i] = keep;
-      backend_->copy_from_host(v.data(), value);
-      double numeric = (plus - minus) / (2 * eps);
-      worst = std::max(worst, std::abs(numeric - analytic[i]));
-      scale = std::max(scale, std::abs(analytic[i]));
-    }
-    EXPECT_LT(worst / scale, 1e-6) << what << ": max |numeric - analytic| = " << worst << ", scale " << scale;
+    expect_gradient(*backend_, what, value, analytic, [this] { return objective(); });
   }
 
   // Runs forward+backward once, then checks dx and the gradient of every parameter whose name contains
@@ -197,29 +193,6 @@ TEST(LayerGradCheckAll, BatchPriorityTop3Gelu) {
   c.moe.z_loss_coef = 0.05;
   LayerGradCheck g(c, 15);
   EXPECT_EQ(g.run(), 1 + 2);
-}
-
-// Central differences of f() with respect to every element of `value` against `analytic`.
-void expect_gradient(Backend& backend, const std::string& what, Tensor& value, const std::vector<double>& analytic,
-                     const std::function<double()>& f) {
-  std::vector<double> v = to_doubles(backend, value);
-  ASSERT_EQ(v.size(), analytic.size()) << what;
-  const double eps = 1e-6;
-  double worst = 0, scale = 1e-3;
-  for (size_t i = 0; i < v.size(); ++i) {
-    const double keep = v[i];
-    v[i] = keep + eps;
-    backend.copy_from_host(v.data(), value);
-    const double plus = f();
-    v[i] = keep - eps;
-    backend.copy_from_host(v.data(), value);
-    const double minus = f();
-    v[i] = keep;
-    backend.copy_from_host(v.data(), value);
-    worst = std::max(worst, std::abs((plus - minus) / (2 * eps) - analytic[i]));
-    scale = std::max(scale, std::abs(analytic[i]));
-  }
-  EXPECT_LT(worst / scale, 1e-6) << what << ": max |numeric - analytic| = " << worst << ", scale " << scale;
 }
 
 struct AttentionCase {
