@@ -82,14 +82,10 @@ int data_main(int argc, char** argv) {
       throw InputError(args[1], "not a byte-level token file (decode prints bytes; this file has " +
                                     std::to_string(info.token_bytes) + "-byte tokens)");
     }
-    auto data = make_file_data(args[1], 256, 1, "");
-    std::vector<int32_t> in(static_cast<size_t>(data->num_tokens())), tg(in.size());
-    if (data->num_tokens() > 1) {
-      data->sequences(0, 1, static_cast<int>(data->num_tokens() - 1), in.data(), tg.data());
-      in.back() = tg.back();
-    }
-    std::string bytes;
-    for (int32_t t : in) bytes.push_back(static_cast<char>(t));
+    auto data = make_file_data(args[1], 256, 0, "");
+    std::vector<int32_t> tokens(static_cast<size_t>(data->num_tokens()));
+    data->tokens(0, data->num_tokens(), tokens.data());
+    std::string bytes(tokens.begin(), tokens.end());
     std::fwrite(bytes.data(), 1, bytes.size(), stdout);
     return 0;
   }

@@ -177,13 +177,13 @@ std::vector<ConfigField> build_fields() {
                     "(l - first_dense_layers) % every == 0); the others are dense."));
   f.push_back(field("moe.top_k", &C::moe, &MoeConfig::top_k, "Experts each token is routed to (1 <= top_k <= num_experts)."));
   f.push_back(field("moe.capacity_factor", &C::moe, &MoeConfig::capacity_factor,
-                    "GShard capacity per expert and group: C = ceil(top_k * group_size / num_experts * "
-                    "capacity_factor). A value <= 0 means dropless: every assignment is sent, with variable-size "
-                    "exchanges."));
+                    "GShard capacity per expert and capacity group of G tokens: C = min(G, max(min_capacity, "
+                    "ceil(top_k * G * capacity_factor / num_experts))), at least 1. A value <= 0 means "
+                    "dropless: every assignment is sent, with variable-size exchanges."));
   f.push_back(field("moe.min_capacity", &C::moe, &MoeConfig::min_capacity,
                     "Lower bound on the capacity C (capped at group_size, which no expert can exceed)."));
   f.push_back(field("moe.group_size", &C::moe, &MoeConfig::group_size,
-                    "Tokens per capacity group S; must divide the tokens of a rank. 0: all tokens of a rank form "
+                    "Tokens per capacity group G; must divide the tokens of a rank. 0: all tokens of a rank form "
                     "one group. Fixing it makes results independent of the number of ranks."));
   f.push_back(field("moe.num_shared_experts", &C::moe, &MoeConfig::num_shared_experts,
                     "DeepSeekMoE shared experts: see every local token, are replicated on every rank, never cross "
@@ -537,6 +537,11 @@ void validate_config(const Config& c, int world) {
   need(t.sample_tokens >= 0, "train.sample_tokens", "must be >= 0");
   need(t.sample_tokens == 0 || c.model.vocab_size <= 256, "train.sample_tokens",
        "text samples need a byte-level model (model.vocab_size <= 256)");
+  need(t.sample_tokens == 0 || !t.sample_prompt.empty(), "train.sample_prompt", "must not be empty");
+  for (unsigned char byte : t.sample_prompt) {
+    need(t.sample_tokens == 0 || byte < c.model.vocab_size, "train.sample_prompt",
+         "byte " + str(int{byte}) + " is outside model.vocab_size = " + str(c.model.vocab_size));
+  }
   need(t.resume.empty() || !t.checkpoint_dir.empty() || t.resume != "auto", "train.resume",
        "'auto' needs train.checkpoint_dir");
   need(c.data.source != DataSource::kFile || !c.data.path.empty(), "data.path", "is required when data.source = file");

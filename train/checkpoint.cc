@@ -26,7 +26,8 @@ const char* const kStructuralKeys[] = {"model.hidden",       "model.layers",    
                                        "model.tie_embeddings", "moe.num_experts",   "moe.first_dense_layers",
                                        "moe.every",          "moe.num_shared_experts", "moe.expert_type",
                                        "moe.ffn_hidden",     "moe.shared_ffn_hidden", "moe.multiple_of",
-                                       "runtime.dtype",      "train.optimizer",     "train.seed"};
+                                       "model.rope_base",    "model.norm_eps",      "runtime.dtype",
+                                       "train.optimizer",    "train.seed"};
 
 std::string rank_file(int rank) {
   char buf[64];

@@ -63,6 +63,7 @@ class SyntheticData final : public DataSet {
     }
   }
   int64_t num_tokens() const override { return 0; }
+  void tokens(int64_t, int64_t, int32_t*) override { MOE_CHECK(false, "the synthetic data has no token file"); }
 
  private:
   uint64_t seed_;
@@ -110,6 +111,11 @@ class FileData final : public DataSet {
     }
   }
   int64_t num_tokens() const override { return static_cast<int64_t>(info_.num_tokens); }
+  void tokens(int64_t first, int64_t count, int32_t* out) override {
+    MOE_CHECK(first >= 0 && count >= 0 && static_cast<uint64_t>(first + count) <= info_.num_tokens, "tokens [",
+              first, ", ", first + count, ") of ", info_.num_tokens);
+    for (int64_t i = 0; i < count; ++i) out[i] = token(static_cast<uint64_t>(first + i));
+  }
 
  private:
   TokenFileInfo info_;

@@ -60,6 +60,8 @@ class DataSet {
   virtual void sequences(int64_t first, int64_t count, int seq_len, int32_t* inputs, int32_t* targets) = 0;
   // Tokens in the file (0 for the synthetic source, which is endless).
   virtual int64_t num_tokens() const = 0;
+  // out (count) = tokens [first, first + count) of the file (first + count <= num_tokens()).
+  virtual void tokens(int64_t first, int64_t count, int32_t* out) = 0;
 };
 
 // A Markov chain over the vocabulary: each token has four likely successors (weights 8:4:2:1) plus a

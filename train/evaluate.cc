@@ -67,31 +67,32 @@ EvalResult evaluate(Transformer& model, DataSet& val, const Config& config, int6
 
 Baselines ngram_baselines(DataSet& train, DataSet& val, const Config& config) {
   const int64_t v = config.model.vocab_size, s = config.model.seq_len;
-  const int64_t n_train = train.num_tokens();
-  MOE_CHECK(n_train >= 2, "baselines need a training file");
-  // Counts over the training file, read as sequences of 1 token (a pair per "sequence").
+  const int64_t n_train = std::min<int64_t>(train.num_tokens(), kBaselineTokens);
+  MOE_CHECK(n_train >= 2, "baselines need a training file of at least 2 tokens");
+  // Counts over the (first kBaselineTokens) training tokens: unigrams, and bigrams in a dense V x V table
+  // for small vocabularies or a hash map of the pairs seen otherwise.
   std::vector<double> uni(static_cast<size_t>(v), 0.0);
-  std::unordered_map<uint64_t, double> bi;
-  const bool dense = v <= 4096;
-  std::vector<double> bi_dense(dense ? static_cast<size_t>(v * v) : 0, 0.0);
-  // Pair i is tokens (i, i + 1): "sequence" i of length 1, which never wraps for i < N - 1.
-  for (int64_t i = 0; i + 1 < n_train; ++i) {
-    int32_t a, b;
-    train.sequences(i, 1, 1, &a, &b);
-    if (i == 0) uni[a] += 1;  // the first token, which is nobody's target
-    uni[b] += 1;
-    if (dense) {
-      bi_dense[static_cast<size_t>(a) * v + b] += 1;
-    } else {
-      bi[static_cast<uint64_t>(a) * static_cast<uint64_t>(v) + b] += 1;
+  const bool dense = v <= 1024;
+  std::vector<uint32_t> bi_dense(dense ? static_cast<size_t>(v * v) : 0, 0);
+  std::unordered_map<uint64_t, uint32_t> bi;
+  constexpr int64_t kChunk = int64_t{1} << 16;
+  std::vector<int32_t> buf(static_cast<size_t>(kChunk + 1));
+  for (int64_t first = 0; first < n_train; first += kChunk) {
+    const int64_t count = std::min(kChunk + 1, n_train - first);  // one token of overlap: the last pair
+    train.tokens(first, count, buf.data());
+    for (int64_t i = 0; i < std::min(kChunk, count); ++i) uni[buf[i]] += 1;
+    for (int64_t i = 0; i + 1 < count; ++i) {
+      if (dense) {
+        ++bi_dense[static_cast<size_t>(buf[i]) * v + buf[i + 1]];
+      } else {
+        ++bi[static_cast<uint64_t>(buf[i]) * static_cast<uint64_t>(v) + buf[i + 1]];
+      }
     }
   }
-  std::vector<double> ctx_count(uni);  // c(a) as a context: every token but the last
-  {
-    int32_t x, last;
-    train.sequences(n_train - 2, 1, 1, &x, &last);
-    ctx_count[last] -= 1;
-  }
+  std::vector<double> ctx_count(uni);  // c(a) as a context: every counted token but the last
+  int32_t last = 0;
+  train.tokens(n_train - 1, 1, &last);
+  ctx_count[last] -= 1;
   const int64_t n = num_eval_sequences(config, val.num_tokens());
   std::vector<int32_t> in(static_cast<size_t>(s)), tg(static_cast<size_t>(s));
   double uni_nll = 0, bi_nll = 0;
@@ -119,7 +120,13 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
   Backend& backend = *model.backend();
   const Config& config = model.config();
   const int64_t max_len = config.model.seq_len, v = config.model.vocab_size;
-  MOE_CHECK(!prompt.empty(), "generate: empty prompt");
+  if (prompt.empty()) throw ConfigError("", "the prompt is empty; give at least one token");
+  for (int32_t t : prompt) {
+    if (t < 0 || t >= v) {
+      throw ConfigError("model.vocab_size", "prompt token " + std::to_string(t) + " is outside the vocabulary of " +
+                                                std::to_string(v));
+    }
+  }
   RngStream rng{seed, rng_stream(RngPurpose::kSample, 0)};
   std::vector<int32_t> text = prompt, out;
   for (int64_t i = 0; i < tokens; ++i) {
@@ -167,7 +174,6 @@ std::string sample_from_checkpoint(Backend& backend, const std::string& step_dir
     throw ConfigError("model.vocab_size", "text samples need a byte-level model (vocab_size <= 256), this one has " +
                                               std::to_string(config.model.vocab_size));
   }
-  if (prompt.empty()) throw ConfigError("", "the prompt is empty; give at least one byte");
   Transformer model(config, backend, self);
   load_checkpoint(step_dir, config, model, nullptr, self);
   return tokens_to_bytes(generate(model, bytes_to_tokens(prompt), tokens, temperature, top_k, seed));

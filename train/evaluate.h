@@ -32,17 +32,19 @@ EvalResult evaluate(Transformer& model, DataSet& val, const Config& config, int6
 // data.val_path when not even one fits).
 int64_t num_eval_sequences(const Config& config, int64_t val_tokens);
 
-// Add-one (Laplace) smoothed n-gram models fitted on every token of the training file, scored on the
-// evaluation set's targets (the bigram's context is the token before each target):
+// Add-one (Laplace) smoothed n-gram models fitted on the training file, scored on the evaluation set's
+// targets (the bigram's context is the token before each target):
 //   unigram P(b) = (c(b) + 1) / (N + V),   bigram P(b | a) = (c(a, b) + 1) / (c(a) + V)
-// where c counts the training file's tokens (N of them) and its N - 1 adjacent pairs.
+// where c counts the first N = min(file tokens, kBaselineTokens) tokens of the training file and their
+// N - 1 adjacent pairs (c(a) as a context: every one of the N but the last).
+constexpr int64_t kBaselineTokens = int64_t{1} << 26;
 struct Baselines {
   double unigram = 0;  // nats per token
   double bigram = 0;
 };
 Baselines ngram_baselines(DataSet& train, DataSet& val, const Config& config);
 
-// Generates `tokens` tokens after `prompt` (token ids), one at a time from the logits of the last
+// Generates `tokens` tokens after `prompt` (token ids, each below model.vocab_size: else ConfigError), one at a time from the logits of the last
 // position over the last model.seq_len tokens (dropless routing, no noise): temperature <= 0 is greedy;
 // top_k > 0 keeps the k most likely tokens. Draw i uses Philox (seed, kSample) at index i, so the same
 // seed gives the same tokens. Collective over the model's world (every rank must pass the same prompt).

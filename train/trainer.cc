@@ -256,16 +256,21 @@ std::vector<StepRecord> Trainer::run() {
     }
   }
   if (config_.train.eval_every > 0 && state_.step < config_.train.steps) {
-    Baselines base;
-    if (world.rank() == 0) base = ngram_baselines(*data_, *val_, config_);
-    std::vector<double> b{base.unigram, base.bigram};
-    world.broadcast(b.data(), 2, DType::kF64, 0);
     const int64_t n = num_eval_sequences(config_, val_->num_tokens());
     char line[200];
-    std::snprintf(line, sizeof(line), "validation: %lld tokens; baselines (bits/%s): unigram %.4f, bigram %.4f",
-                  static_cast<long long>(n * config_.model.seq_len), config_.model.vocab_size <= 256 ? "byte" : "token",
-                  b[0] / std::log(2.0), b[1] / std::log(2.0));
-    log_info(line);
+    std::snprintf(line, sizeof(line), "validation: %lld tokens",
+                  static_cast<long long>(n * config_.model.seq_len));
+    std::string text = line;
+    if (config_.data.source == DataSource::kFile) {  // n-gram baselines of the training file
+      Baselines base;
+      if (world.rank() == 0) base = ngram_baselines(*data_, *val_, config_);
+      std::vector<double> b{base.unigram, base.bigram};
+      world.broadcast(b.data(), 2, DType::kF64, 0);
+      std::snprintf(line, sizeof(line), "; baselines (bits/%s): unigram %.4f, bigram %.4f",
+                    config_.model.vocab_size <= 256 ? "byte" : "token", b[0] / std::log(2.0), b[1] / std::log(2.0));
+      text += line;
+    }
+    log_info(text);
   }
   std::vector<StepRecord> records;
   const int64_t first = state_.step;
@@ -294,11 +299,17 @@ void Trainer::print_sample() {
   // Rank 0 alone reads the final checkpoint into a one-rank model (every expert local) and samples; the
   // others wait.
   Communicator& world = *groups_.world;
+  // The sample is a courtesy after a finished run: a failure (out of memory for the one-rank model, say)
+  // is a warning, not a failed job.
   if (world.rank() == 0) {
-    std::string text = sample_from_checkpoint(backend_, last_checkpoint_, config_.train.sample_prompt,
-                                              config_.train.sample_tokens, 0.8, 0, config_.train.seed);
-    log_info("sample (" + std::to_string(config_.train.sample_tokens) + " tokens, temperature 0.8, seed " +
-             std::to_string(config_.train.seed) + "):\n" + config_.train.sample_prompt + text);
+    try {
+      std::string text = sample_from_checkpoint(backend_, last_checkpoint_, config_.train.sample_prompt,
+                                                config_.train.sample_tokens, 0.8, 0, config_.train.seed);
+      log_info("sample (" + std::to_string(config_.train.sample_tokens) + " tokens, temperature 0.8, seed " +
+               std::to_string(config_.train.seed) + "):\n" + config_.train.sample_prompt + text);
+    } catch (const std::exception& e) {
+      log_warn(std::string("no sample: ") + e.what());
+    }
   }
   world.barrier();
 }

@@ -83,6 +83,8 @@ void grouped_gemm_tn(Backend&, const Tensor& a, const Tensor& b, Tensor& c, cons
   MOE_CHECK(a.dim(0) == b.dim(0) && c.dim(0) == static_cast<int64_t>(group_rows.size()) && c.dim(1) == p &&
                 c.dim(2) == q,
             "grouped_gemm_tn shapes: ", a.str(), "^T x ", b.str(), " -> ", c.str());
+  const int64_t total = std::accumulate(group_rows.begin(), group_rows.end(), int64_t{0});
+  MOE_CHECK(total == a.dim(0), "grouped_gemm_tn: group rows sum to ", total, ", a has ", a.dim(0));
   dispatch_float(a.dtype(), [&](auto tag) {
     using T = decltype(tag);
     int64_t row = 0;
@@ -92,7 +94,6 @@ void grouped_gemm_tn(Backend&, const Tensor& a, const Tensor& b, Tensor& c, cons
                    c.data<T>() + g * p * q, q);
       row += m;
     }
-    MOE_CHECK(row == a.dim(0), "grouped_gemm_tn: group rows sum to ", row, ", a has ", a.dim(0));
   });
 }
 

@@ -187,6 +187,7 @@ TEST(Training, MixedModelMatchesOneProcessInEveryLayout) {
     Config c = mixed_model(dtype);
     c.data.val_path = val;
     c.train.eval_tokens = 0;
+    c.train.eval_every = 2;  // evaluation inside run() too, with synthetic training data (no baselines)
     Config one = c;
     one.parallel.ep = 1;
     ProcessGroups self = test::self_groups();

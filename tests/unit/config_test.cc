@@ -92,6 +92,18 @@ TEST(Config, CrossFieldRulesNameTheKey) {
   EXPECT_EQ(invalid({"train.batch_size=6"}, 4), "train.batch_size");
   EXPECT_EQ(invalid({"moe.group_size=7"}, 1), "moe.group_size");
   EXPECT_EQ(invalid({"data.source=file"}, 1), "data.path");
+  // the transformer, evaluation and sampling
+  EXPECT_EQ(invalid({"model.heads=3"}, 1), "model.heads");                        // 64 / 3
+  EXPECT_EQ(invalid({"model.heads=64"}, 1), "model.heads");                       // odd head size 1
+  EXPECT_EQ(invalid({"model.kv_heads=3"}, 1), "model.kv_heads");                  // does not divide 4
+  EXPECT_EQ(invalid({"model.attn_dropout=1"}, 1), "model.attn_dropout");
+  EXPECT_EQ(invalid({"moe.every=0"}, 1), "moe.every");
+  EXPECT_EQ(invalid({"moe.num_experts=0", "moe.top_k=3"}, 1), "");                // dense: top_k unused
+  EXPECT_EQ(invalid({"train.eval_every=10"}, 1), "train.eval_every");             // no validation file
+  EXPECT_EQ(invalid({"train.sample_tokens=10", "train.sample_prompt="}, 1), "train.sample_prompt");
+  EXPECT_EQ(invalid({"train.sample_tokens=10", "model.vocab_size=50257"}, 1), "train.sample_tokens");
+  EXPECT_EQ(invalid({"train.sample_tokens=10", "model.vocab_size=100", "train.sample_prompt=zebra"}, 1),
+            "train.sample_prompt");                                               // 'z' = 122 >= 100
 }
 
 TEST(Config, ReferenceDocumentIsGeneratedFromTheTable) {
