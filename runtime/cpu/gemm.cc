@@ -33,17 +33,13 @@ template void blas_gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, c
                                 int64_t, double, double*, int64_t);
 
 void gemm(Backend&, const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c, double alpha, double beta) {
-  MOE_CHECK(a.rank() == 2 && b.rank() == 2 && c.rank() == 2, "gemm needs 2-D tensors: ", a.str(), b.str(), c.str());
+  const GemmDims d = gemm_dims("gemm", a, ta, b, tb, c);
   same_dtype(a, b, "gemm");
   same_dtype(a, c, "gemm");
-  bool at = ta == Trans::kT, bt = tb == Trans::kT;
-  int64_t m = at ? a.dim(1) : a.dim(0), k = at ? a.dim(0) : a.dim(1);
-  int64_t kb = bt ? b.dim(1) : b.dim(0), n = bt ? b.dim(0) : b.dim(1);
-  MOE_CHECK(k == kb && c.dim(0) == m && c.dim(1) == n, "gemm shapes: ", a.str(), at ? "^T" : "", " x ", b.str(),
-            bt ? "^T" : "", " -> ", c.str());
   dispatch_float(a.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    blas_gemm<T>(at, bt, m, n, k, alpha, a.data<T>(), a.dim(1), b.data<T>(), b.dim(1), beta, c.data<T>(), n);
+    blas_gemm<T>(ta == Trans::kT, tb == Trans::kT, d.m, d.n, d.k, alpha, a.data<T>(), a.dim(1), b.data<T>(), b.dim(1),
+                 beta, c.data<T>(), d.n);
   });
 }
 
@@ -99,21 +95,14 @@ void grouped_gemm_tn(Backend&, const Tensor& a, const Tensor& b, Tensor& c, cons
 
 void batched_gemm(Backend&, const Tensor& a, Trans ta, const Tensor& w, Trans tw, Tensor& c, double alpha,
                   double beta) {
-  MOE_CHECK(a.rank() == 3 && w.rank() == 3 && c.rank() == 3, "batched_gemm needs 3-D tensors: ", a.str(), w.str(),
-            c.str());
+  const GemmDims d = gemm_dims("batched_gemm", a, ta, w, tw, c);
   same_dtype(a, w, "batched_gemm");
   same_dtype(a, c, "batched_gemm");
-  const bool at = ta == Trans::kT, wt = tw == Trans::kT;
-  const int64_t batch = a.dim(0);
-  const int64_t m = at ? a.dim(2) : a.dim(1), k = at ? a.dim(1) : a.dim(2);
-  const int64_t kw = wt ? w.dim(2) : w.dim(1), n = wt ? w.dim(1) : w.dim(2);
-  MOE_CHECK(w.dim(0) == batch && c.dim(0) == batch && k == kw && c.dim(1) == m && c.dim(2) == n,
-            "batched_gemm shapes: ", a.str(), at ? "^T" : "", " x ", w.str(), wt ? "^T" : "", " -> ", c.str());
   dispatch_float(a.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    for (int64_t i = 0; i < batch; ++i) {
-      blas_gemm<T>(at, wt, m, n, k, alpha, a.data<T>() + i * a.dim(1) * a.dim(2), a.dim(2),
-                   w.data<T>() + i * w.dim(1) * w.dim(2), w.dim(2), beta, c.data<T>() + i * m * n, n);
+    for (int64_t i = 0; i < d.batch; ++i) {
+      blas_gemm<T>(ta == Trans::kT, tw == Trans::kT, d.m, d.n, d.k, alpha, a.data<T>() + i * a.dim(1) * a.dim(2),
+                   a.dim(2), w.data<T>() + i * w.dim(1) * w.dim(2), w.dim(2), beta, c.data<T>() + i * d.m * d.n, d.n);
     }
   });
 }

@@ -115,13 +115,9 @@ void check_group_rows(const std::vector<int64_t>& group_rows, int64_t rows, cons
 void gemm(Backend& backend, const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c, double alpha,
           double beta) {
   Context& ctx = context(backend);
-  MOE_CHECK(a.rank() == 2 && b.rank() == 2 && c.rank() == 2, "gemm needs 2-D tensors: ", a.str(), b.str(), c.str());
+  const GemmDims d = gemm_dims("gemm", a, ta, b, tb, c);
   const GemmTypes types = gemm_types(a, b, c, false, "gemm");
-  const bool at = ta == Trans::kT, bt = tb == Trans::kT;
-  const int64_t m = at ? a.dim(1) : a.dim(0), k = at ? a.dim(0) : a.dim(1);
-  const int64_t kb = bt ? b.dim(1) : b.dim(0), n = bt ? b.dim(0) : b.dim(1);
-  MOE_CHECK(k == kb && c.dim(0) == m && c.dim(1) == n, "gemm shapes: ", a.str(), at ? "^T" : "", " x ", b.str(),
-            bt ? "^T" : "", " -> ", c.str());
+  const int64_t m = d.m, n = d.n, k = d.k;
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_by_beta(backend, ctx, c, beta);
   // Column-major C^T (n, m) = op(b)^T (n, k) op(a)^T (k, m); a row-major matrix is its own transpose
@@ -211,15 +207,9 @@ void grouped_gemm_tn(Backend& backend, const Tensor& a, const Tensor& b, Tensor&
 void batched_gemm(Backend& backend, const Tensor& a, Trans ta, const Tensor& w, Trans tw, Tensor& c, double alpha,
                   double beta) {
   Context& ctx = context(backend);
-  MOE_CHECK(a.rank() == 3 && w.rank() == 3 && c.rank() == 3, "batched_gemm needs 3-D tensors: ", a.str(), w.str(),
-            c.str());
+  const GemmDims d = gemm_dims("batched_gemm", a, ta, w, tw, c);
   const GemmTypes types = gemm_types(a, w, c, false, "batched_gemm");
-  const bool at = ta == Trans::kT, wt = tw == Trans::kT;
-  const int64_t batch = a.dim(0);
-  const int64_t m = at ? a.dim(2) : a.dim(1), k = at ? a.dim(1) : a.dim(2);
-  const int64_t kw = wt ? w.dim(2) : w.dim(1), n = wt ? w.dim(1) : w.dim(2);
-  MOE_CHECK(w.dim(0) == batch && c.dim(0) == batch && k == kw && c.dim(1) == m && c.dim(2) == n,
-            "batched_gemm shapes: ", a.str(), at ? "^T" : "", " x ", w.str(), wt ? "^T" : "", " -> ", c.str());
+  const int64_t batch = d.batch, m = d.m, n = d.n, k = d.k;
   if (batch == 0 || m == 0 || n == 0) return;
   if (k == 0) return scale_by_beta(backend, ctx, c, beta);
   // Per batch entry, column-major C^T (n, m) = op(w)^T (n, k) op(a)^T (k, m), as in gemm().

@@ -12,6 +12,27 @@ namespace moe {
 
 enum class Trans : uint8_t { kN, kT };
 
+// Problem sizes of gemm (2-D operands, batch 1) or batched_gemm (3-D operands, batch = leading dimension):
+// op(a) (m, k), op(w) (k, n), c (m, n). Throws InternalError naming `op` when the shapes do not fit.
+struct GemmDims {
+  int64_t batch = 1, m = 0, n = 0, k = 0;
+};
+inline GemmDims gemm_dims(const char* op, const Tensor& a, Trans ta, const Tensor& w, Trans tw, const Tensor& c) {
+  const int r = a.rank();
+  MOE_CHECK((r == 2 || r == 3) && w.rank() == r && c.rank() == r, op, " needs ", r == 3 ? "3" : "2",
+            "-D tensors: ", a.str(), w.str(), c.str());
+  const bool at = ta == Trans::kT, wt = tw == Trans::kT;
+  GemmDims d;
+  d.batch = r == 3 ? a.dim(0) : 1;
+  d.m = at ? a.dim(-1) : a.dim(-2);
+  d.k = at ? a.dim(-2) : a.dim(-1);
+  d.n = wt ? w.dim(-2) : w.dim(-1);
+  const int64_t kw = wt ? w.dim(-1) : w.dim(-2);
+  MOE_CHECK(d.k == kw && c.dim(-2) == d.m && c.dim(-1) == d.n && (r == 2 || (w.dim(0) == d.batch && c.dim(0) == d.batch)),
+            op, " shapes: ", a.str(), at ? "^T" : "", " x ", w.str(), wt ? "^T" : "", " -> ", c.str());
+  return d;
+}
+
 // c (M, N) = alpha * op(a) op(b) + beta * c, with op(a) (M, K) and op(b) (K, N). K = 0 gives
 // c = beta * c exactly (0 when beta = 0).
 MOE_OP(void, gemm,
