@@ -1,10 +1,36 @@
 // Communicator helpers and the expert-parallel x data-parallel mesh.
 #include "comm/communicator.h"
 
+#include <algorithm>
 #include <cstring>
+
+#include "comm/mpi/mpi_communicator.h"
 #include "runtime/error.h"
 
 namespace moe {
+
+namespace {
+std::string& where_storage() {
+  static std::string where = "start-up";
+  return where;
+}
+}  // namespace
+
+void set_comm_where(const std::string& where) { where_storage() = where; }
+const std::string& comm_where() { return where_storage(); }
+
+bool Communicator::past_deadline(double waited) const {
+  if (timeout_s_ <= 0) return false;
+  static const double stagger = 0.25 * std::min(mpi_world_rank(), 8);
+  return waited > timeout_s_ + stagger;
+}
+
+void Communicator::fail_deadline(const char* op, double waited) const {
+  throw CommError(detail::concat(name(), " ", op, " on the ", label_, " group (", size(), " ranks) waited ",
+                                 static_cast<int>(waited), " s for its peers during ", comm_where(), " (rank ", rank(),
+                                 " of the group): a rank is stuck or dead"),
+                  "runtime.comm_timeout_s");
+}
 
 void check_all_to_all_v_layout(int ranks, const std::vector<size_t>& send_counts,
                                const std::vector<size_t>& send_offsets, const std::vector<size_t>& recv_counts,
@@ -34,6 +60,9 @@ ProcessGroups make_process_groups(std::unique_ptr<Communicator> world, int ep) {
   groups.ep = world->split(/*color=*/r / ep, /*key=*/r % ep);
   groups.dp = world->split(/*color=*/r % ep, /*key=*/r / ep);
   groups.world = std::move(world);
+  groups.world->set_label("world");
+  groups.ep->set_label("ep");
+  groups.dp->set_label("dp");
   MOE_CHECK(groups.ep->size() == ep && groups.ep->rank() == r % ep, "ep group of rank ", r);
   MOE_CHECK(groups.dp->size() == n / ep && groups.dp->rank() == r / ep, "dp group of rank ", r);
   return groups;

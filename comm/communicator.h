@@ -3,6 +3,9 @@
 // Buffers are raw pointers plus element counts and a dtype, so one interface serves host memory (MPI)
 // and device memory (NCCL). Every call is collective over the group: all its ranks must make
 // the same calls in the same order. Failures throw CommError naming the call, file:line and the rank.
+// Every collective has a deadline (runtime.comm_timeout_s): a rank that waits longer for its peers gives
+// up with a CommError naming the operation, the group and what the job was doing (comm_where()), so a
+// dead or stuck peer stops the job instead of hanging it.
 #pragma once
 
 #include <cstddef>
@@ -14,6 +17,14 @@
 #include "runtime/tensor.h"
 
 namespace moe {
+
+// Seconds a collective waits for its peers before giving up, until the configuration says otherwise.
+constexpr double kDefaultCommTimeout = 300;
+
+// What the job is doing, for the error line of a collective that times out ("step 12", "checkpoint of
+// step 12"); set by the trainer, "start-up" before.
+void set_comm_where(const std::string& where);
+const std::string& comm_where();
 
 class Communicator {
  public:
@@ -44,14 +55,33 @@ class Communicator {
   virtual void broadcast(void* buf, size_t count, DType dtype, int root) = 0;
   virtual void barrier() = 0;
 
-  // A sub-communicator of the ranks passing the same color, ordered by key. Collective.
+  // A sub-communicator of the ranks passing the same color, ordered by key; it inherits the timeout.
+  // Collective.
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+
+  // The group's name in error lines ("world", "ep", "dp"), set by make_process_groups.
+  void set_label(std::string label) { label_ = std::move(label); }
+  const std::string& label() const { return label_; }
+  // The deadline of every collective, in seconds; 0 waits forever.
+  virtual void set_timeout(double seconds) { timeout_s_ = seconds; }
+  double timeout() const { return timeout_s_; }
 
   // ---- typed conveniences over host vectors
   void all_reduce_sum(std::vector<double>& values) {
     all_reduce_sum(values.data(), values.data(), values.size(), DType::kF64);
   }
   void all_reduce_sum(Tensor& t) { all_reduce_sum(t.raw(), t.raw(), static_cast<size_t>(t.numel()), t.dtype()); }
+
+ protected:
+  // Whether a collective that has waited `waited` seconds is past the deadline. Ranks give up in world
+  // rank order, 0.25 s apart (up to 2 s), so that the first one's MPI_Abort usually stops the others
+  // before they print: one error line.
+  bool past_deadline(double waited) const;
+  // The CommError of a collective `op` that has waited `waited` seconds past the deadline.
+  [[noreturn]] void fail_deadline(const char* op, double waited) const;
+
+  std::string label_ = "world";
+  double timeout_s_ = kDefaultCommTimeout;
 };
 
 // The 2-D mesh of ranks, created once at start-up and passed to whoever communicates.
@@ -77,7 +107,8 @@ void check_all_to_all_v_layout(int ranks, const std::vector<size_t>& send_counts
 // Sends root's string to every rank of the group (length, then bytes). Collective.
 void broadcast_string(Communicator& comm, std::string& s, int root);
 
-// Splits `world` into the mesh. Throws ConfigError (key parallel.ep) when ep does not divide the world.
+// Splits `world` into the mesh (labelled "world", "ep", "dp"). Throws ConfigError (key parallel.ep) when ep
+// does not divide the world.
 ProcessGroups make_process_groups(std::unique_ptr<Communicator> world, int ep);
 
 }  // namespace moe

@@ -136,6 +136,7 @@ std::unique_ptr<Backend> make_backend(const Config& config, Communicator& world)
 }
 
 ProcessGroups make_groups(const Config& config, Backend& backend, std::unique_ptr<Communicator> world) {
+  world->set_timeout(config.runtime.comm_timeout_s);  // the groups split from it inherit the deadline
   if (use_nccl(config)) {
     if (backend.device() != Device::kCuda) throw ConfigError("runtime.comm", "nccl needs runtime.device = cuda");
     world = make_nccl_communicator(std::move(world), backend.native_stream(), config.runtime.comm_timeout_s);

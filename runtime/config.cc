@@ -304,8 +304,9 @@ std::vector<ConfigField> build_fields() {
                      "memory only, nccl device memory only). Host values (counts, loss sums, strings) always go "
                      "over MPI."));
   f.push_back(field("runtime.comm_timeout_s", &C::runtime, &RuntimeConfig::comm_timeout_s,
-                    "Seconds a rank waits for an NCCL collective before every rank aborts with an error "
-                    "(a dead or stuck peer). 0: wait forever."));
+                    "Seconds a rank waits for its peers in any collective (MPI or NCCL) before the job aborts "
+                    "with one line naming the operation, the group and the step (a dead or stuck peer). 0: wait "
+                    "forever."));
   f.push_back(choice("runtime.dispatch_layout", &C::runtime, &RuntimeConfig::dispatch_layout,
                      {{"auto", DispatchLayout::kAuto}, {"compact", DispatchLayout::kCompact},
                       {"padded", DispatchLayout::kPadded}},

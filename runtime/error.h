@@ -52,7 +52,7 @@ class InputError : public Error {
 
 class CommError : public Error {
  public:
-  explicit CommError(const std::string& message) : Error(ErrorKind::kComm, message) {}
+  explicit CommError(const std::string& message, std::string key = "") : Error(ErrorKind::kComm, message, std::move(key)) {}
 };
 
 class InternalError : public Error {

@@ -94,8 +94,8 @@ StepRecord Trainer::train_step() {
   const int64_t local_seqs = config_.train.batch_size / world;
   const int64_t tokens = local_seqs * seq_len;
   StepRecord r;
-  Timeline timeline(backend_);
   auto t_start = std::chrono::steady_clock::now();
+  Timeline timeline(backend_);
 
   // ---- data: this rank's slice of the global batch
   Tensor inputs = host_tensor({tokens}, DType::kI32), targets = host_tensor({tokens}, DType::kI32);
@@ -156,9 +156,8 @@ StepRecord Trainer::train_step() {
     if (mean > 0) r.max_mean_load = std::max(r.max_mean_load, mx / mean);
   }
   r.dropped_frac = assignments > 0 ? dropped / assignments : 0;
-  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-  r.times.other += std::max(0.0, seconds - r.times.total());  // whatever no phase claimed (bookkeeping above)
-  r.tokens_per_s = static_cast<double>(ctx.global_tokens) / std::max(seconds, 1e-12);
+  r.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  r.tokens_per_s = static_cast<double>(ctx.global_tokens) / std::max(r.wall_s, 1e-12);
   r.mfu = dense_rate_ > 0 ? r.tokens_per_s * size_.flops_per_token / dense_rate_ : 0.0;
   return r;
 }
@@ -184,7 +183,7 @@ std::string Trainer::metrics_line(const StepRecord& r) const {
   j.field("attention", t.attention).field("dense", t.dense);
   j.field("router", t.router).field("dispatch", t.dispatch).field("experts", t.experts).field("combine", t.combine);
   j.field("shared", t.shared).field("backward", t.backward).field("optimizer", t.optimizer);
-  j.field("allreduce", t.allreduce).field("other", t.other).field("total", t.total());
+  j.field("allreduce", t.allreduce).field("other", t.other).field("total", t.total()).field("wall", r.wall_s);
   j.field("hidden_shared", t.hidden_shared).field("hidden_allreduce", t.hidden_allreduce);
   j.end_object();
   j.key("layers").begin_array();
@@ -210,7 +209,7 @@ void Trainer::report(const StepRecord& r, double elapsed, int64_t first_step) {
                        "train.metrics_path");
     }
   }
-  recent_step_times_.push_back(r.times.total());
+  recent_step_times_.push_back(r.wall_s);
   if (recent_step_times_.size() > 20) recent_step_times_.erase(recent_step_times_.begin());
   if (r.eval) {
     char line[160];
@@ -276,9 +275,13 @@ std::vector<StepRecord> Trainer::run() {
   const int64_t first = state_.step;
   auto t0 = std::chrono::steady_clock::now();
   while (state_.step < config_.train.steps) {
+    set_comm_where("step " + std::to_string(state_.step + 1));
     StepRecord r = train_step();
     const bool last = state_.step == config_.train.steps;
-    if (config_.train.eval_every > 0 && (last || state_.step % config_.train.eval_every == 0)) r.eval = evaluate();
+    if (config_.train.eval_every > 0 && (last || state_.step % config_.train.eval_every == 0)) {
+      set_comm_where("the evaluation after step " + std::to_string(state_.step));
+      r.eval = evaluate();
+    }
     double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     report(r, elapsed, first);
     records.push_back(std::move(r));
@@ -296,6 +299,7 @@ std::vector<StepRecord> Trainer::run() {
 }
 
 void Trainer::print_sample() {
+  set_comm_where("the sample after training");
   // Rank 0 alone reads the final checkpoint into a one-rank model (every expert local) and samples; the
   // others wait.
   Communicator& world = *groups_.world;
@@ -315,6 +319,7 @@ void Trainer::print_sample() {
 }
 
 void Trainer::save(const std::string& dir) {
+  set_comm_where("the checkpoint of step " + std::to_string(state_.step));
   last_checkpoint_ = save_checkpoint(dir, state_, config_, *model_, *optimizer_, groups_);
   log_info("checkpoint: " + last_checkpoint_);
 }

@@ -25,7 +25,8 @@ struct StepRecord {
   double grad_norm = 0;
   double dropped_frac = 0;   // capacity-dropped assignments / all assignments, all MoE layers
   double max_mean_load = 0;  // max over MoE layers of max_i load_i / mean load (before capacity)
-  double tokens_per_s = 0;
+  double tokens_per_s = 0;   // global tokens / wall_s
+  double wall_s = 0;         // the step on the host clock, start to end
   double mfu = 0;            // model FLOP utilisation: achieved FLOP/s / the measured dense GEMM rate
   std::optional<EvalResult> eval;  // the validation loss, on evaluation steps
   PhaseTimes times;

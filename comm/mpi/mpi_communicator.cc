@@ -2,14 +2,20 @@
 //
 // Every communicator is a duplicate of its parent with MPI_ERRORS_RETURN, so a failed call comes back
 // as a CommError (statement, file:line, rank) instead of MPI's default abort without context.
+// Collectives are the non-blocking MPI-3 ones, completed by a test loop that yields the core between
+// tests (ranks may outnumber cores), polls the device watchdogs, and gives up at the deadline.
 #include "comm/mpi/mpi_communicator.h"
 
 #include <mpi.h>
 
+#include <sched.h>
+
+#include <chrono>
 #include <climits>
 #include <cstdlib>
 #include <string>
 
+#include "runtime/device_wait.h"
 #include "runtime/error.h"
 
 namespace moe {
@@ -80,8 +86,10 @@ class MpiCommunicator final : public Communicator {
 
   void all_to_all(const void* send, void* recv, size_t count, DType dtype) override {
     to_int(count * static_cast<size_t>(size_), "all_to_all");
-    MOE_MPI_CHECK(MPI_Alltoall(send, static_cast<int>(count), mpi_type(dtype), recv, static_cast<int>(count),
-                               mpi_type(dtype), comm_));
+    MPI_Request req;
+    MOE_MPI_CHECK(MPI_Ialltoall(send, static_cast<int>(count), mpi_type(dtype), recv, static_cast<int>(count),
+                                mpi_type(dtype), comm_, &req));
+    wait(req, "all_to_all");
   }
 
   void all_to_all_v(const void* send, const std::vector<size_t>& send_counts, const std::vector<size_t>& send_offsets,
@@ -90,8 +98,10 @@ class MpiCommunicator final : public Communicator {
     check_all_to_all_v_layout(size_, send_counts, send_offsets, recv_counts, recv_offsets);
     auto sc = to_ints(send_counts, "all_to_all_v"), so = to_ints(send_offsets, "all_to_all_v");
     auto rc = to_ints(recv_counts, "all_to_all_v"), ro = to_ints(recv_offsets, "all_to_all_v");
-    MOE_MPI_CHECK(MPI_Alltoallv(send, sc.data(), so.data(), mpi_type(dtype), recv, rc.data(), ro.data(),
-                                mpi_type(dtype), comm_));
+    MPI_Request req;
+    MOE_MPI_CHECK(MPI_Ialltoallv(send, sc.data(), so.data(), mpi_type(dtype), recv, rc.data(), ro.data(),
+                                 mpi_type(dtype), comm_, &req));
+    wait(req, "all_to_all_v");
   }
 
   void all_reduce_sum(const void* send, void* recv, size_t count, DType dtype) override {
@@ -100,33 +110,61 @@ class MpiCommunicator final : public Communicator {
     for (size_t done = 0; done < count; done += kChunk) {
       int n = static_cast<int>(std::min(kChunk, count - done));
       const void* s = send == recv ? MPI_IN_PLACE : static_cast<const char*>(send) + done * elem;
-      MOE_MPI_CHECK(MPI_Allreduce(s, static_cast<char*>(recv) + done * elem, n, mpi_type(dtype), MPI_SUM, comm_));
+      MPI_Request req;
+      MOE_MPI_CHECK(
+          MPI_Iallreduce(s, static_cast<char*>(recv) + done * elem, n, mpi_type(dtype), MPI_SUM, comm_, &req));
+      wait(req, "all_reduce_sum");
     }
   }
 
   void all_gather(const void* send, void* recv, size_t count, DType dtype) override {
     to_int(count * static_cast<size_t>(size_), "all_gather");
-    MOE_MPI_CHECK(MPI_Allgather(send, static_cast<int>(count), mpi_type(dtype), recv, static_cast<int>(count),
-                                mpi_type(dtype), comm_));
+    MPI_Request req;
+    MOE_MPI_CHECK(MPI_Iallgather(send, static_cast<int>(count), mpi_type(dtype), recv, static_cast<int>(count),
+                                 mpi_type(dtype), comm_, &req));
+    wait(req, "all_gather");
   }
 
   void broadcast(void* buf, size_t count, DType dtype, int root) override {
     size_t elem = dtype_size(dtype);
     for (size_t done = 0; done < count; done += kChunk) {
       int n = static_cast<int>(std::min(kChunk, count - done));
-      MOE_MPI_CHECK(MPI_Bcast(static_cast<char*>(buf) + done * elem, n, mpi_type(dtype), root, comm_));
+      MPI_Request req;
+      MOE_MPI_CHECK(MPI_Ibcast(static_cast<char*>(buf) + done * elem, n, mpi_type(dtype), root, comm_, &req));
+      wait(req, "broadcast");
     }
   }
 
-  void barrier() override { MOE_MPI_CHECK(MPI_Barrier(comm_)); }
+  void barrier() override {
+    MPI_Request req;
+    MOE_MPI_CHECK(MPI_Ibarrier(comm_, &req));
+    wait(req, "barrier");
+  }
 
   std::unique_ptr<Communicator> split(int color, int key) override {
     MPI_Comm sub = MPI_COMM_NULL;
     MOE_MPI_CHECK(MPI_Comm_split(comm_, color, key, &sub));
-    return std::make_unique<MpiCommunicator>(sub, true);
+    auto child = std::make_unique<MpiCommunicator>(sub, true);
+    child->set_timeout(timeout_s_);
+    return child;
   }
 
  private:
+  // Completes a non-blocking collective: tests it, yielding the core in between, until it is done or
+  // the deadline passes.
+  void wait(MPI_Request& req, const char* op) {
+    const auto start = std::chrono::steady_clock::now();
+    for (;;) {
+      int done = 0;
+      MOE_MPI_CHECK(MPI_Test(&req, &done, MPI_STATUS_IGNORE));
+      if (done) return;
+      const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      poll_waiters(waited);
+      if (past_deadline(waited)) fail_deadline(op, waited);
+      sched_yield();
+    }
+  }
+
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1;
 };

@@ -88,7 +88,9 @@ class NcclCommunicator final : public Communicator {
  public:
   // Collective over `host`: creates the NCCL communicator of the same ranks.
   NcclCommunicator(std::unique_ptr<Communicator> host, cudaStream_t compute, double timeout_s)
-      : host_(std::move(host)), compute_(compute), timeout_s_(timeout_s), rank_(host_->rank()), size_(host_->size()) {
+      : host_(std::move(host)), compute_(compute), rank_(host_->rank()), size_(host_->size()) {
+    set_timeout(timeout_s);
+    label_ = host_->label();
     ncclUniqueId id{};
     if (rank_ == 0) MOE_NCCL_CHECK(ncclGetUniqueId(&id));
     static_assert(sizeof(id) % sizeof(int32_t) == 0, "ncclUniqueId is sent as int32 words");
@@ -101,8 +103,9 @@ class NcclCommunicator final : public Communicator {
 
   // Adopts `comm`, made by ncclCommSplit of a parent whose split job has completed.
   NcclCommunicator(std::unique_ptr<Communicator> host, ncclComm_t comm, cudaStream_t compute, double timeout_s)
-      : host_(std::move(host)), compute_(compute), timeout_s_(timeout_s), rank_(host_->rank()), size_(host_->size()),
-        comm_(comm) {
+      : host_(std::move(host)), compute_(compute), rank_(host_->rank()), size_(host_->size()), comm_(comm) {
+    set_timeout(timeout_s);
+    label_ = host_->label();
     finish_init("ncclCommSplit");
   }
 
@@ -135,6 +138,10 @@ class NcclCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string name() const override { return "nccl"; }
+  void set_timeout(double seconds) override {
+    Communicator::set_timeout(seconds);
+    if (host_) host_->set_timeout(seconds);  // host values (counts, losses) go over MPI with the same deadline
+  }
 
   void all_to_all(const void* send, void* recv, size_t count, DType dtype) override {
     if (count == 0) return;  // the same count on every rank: nothing moves anywhere
@@ -295,8 +302,7 @@ class NcclCommunicator final : public Communicator {
 
   [[noreturn]] void fail_timeout() {
     abort_comm();
-    throw CommError(detail::concat("NCCL collective did not complete within ", timeout_s_,
-                                   " s (runtime.comm_timeout_s) on rank ", where(), ": a peer is dead or stuck"));
+    fail_deadline(last_op_, timeout_s_);
   }
 
   // Polls until the last NCCL call has finished on the host side (non-blocking mode may run an init,
@@ -308,7 +314,7 @@ class NcclCommunicator final : public Communicator {
       if (state == ncclSuccess) return;
       if (state != ncclInProgress) fail_state(state, what);
       double waited = seconds_since(t0);
-      if (timeout_s_ > 0 && waited > timeout_s_) fail_timeout();
+      if (past_deadline(waited)) fail_timeout();
       pause_poll(waited);
     }
   }
@@ -327,7 +333,7 @@ class NcclCommunicator final : public Communicator {
     if (aborted_) return;
     ncclResult_t state = comm_state();
     if (state != ncclSuccess && state != ncclInProgress) fail_state(state, last_op_);
-    if (timeout_s_ > 0 && waited > timeout_s_ && in_flight()) fail_timeout();
+    if (past_deadline(waited) && in_flight()) fail_timeout();
   }
 
   void finish_init(const char* what) {
@@ -398,7 +404,6 @@ class NcclCommunicator final : public Communicator {
 
   std::unique_ptr<Communicator> host_;
   cudaStream_t compute_ = nullptr;
-  double timeout_s_ = 0;
   int rank_ = 0, size_ = 1;
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;  // the comm stream

@@ -166,13 +166,11 @@ TEST(CudaTraining, TimelinePhasesAddUpAndReportHiddenSharedTime) {
   Trainer trainer(c, *backend, groups);
   std::vector<StepRecord> records = trainer.run();
   const PhaseTimes& t = records.back().times;
-  for (double v : {t.router, t.dispatch, t.experts, t.combine, t.shared, t.backward, t.allreduce, t.optimizer,
-                   t.other, t.hidden_shared, t.hidden_allreduce}) {
-    EXPECT_GE(v, 0.0);
-  }
-  EXPECT_GT(t.experts, 0.0);
-  EXPECT_GT(t.backward, 0.0);
-  EXPECT_GT(t.hidden_shared + t.shared, 0.0);  // the shared experts ran somewhere on the clock
+  for (double v : {t.attention, t.router, t.dispatch, t.experts, t.combine, t.backward, t.optimizer}) EXPECT_GT(v, 0.0);
+  // The phases are device time between events on the main stream: they cannot exceed the step's host time.
+  EXPECT_LE(t.total(), records.back().wall_s);
+  // On a GPU the shared experts run on the side stream beside the exchanges: some of their time is hidden.
+  EXPECT_GT(t.hidden_shared, 0.0);
 }
 
 }  // namespace

@@ -85,7 +85,10 @@ TEST_F(Nccl, CollectivesMatchTheirDefinitions) {
     EXPECT_EQ(gathered[2 * p], p);
     EXPECT_EQ(gathered[2 * p + 1], -p);
   }
-  comm->broadcast(all.raw(), 2 * world, DType::kF32, world - 1);
+  // broadcast from the last rank: every rank starts with its own values and ends with the root's
+  Tensor cast = device_values(*backend, {double(rank) + 0.5, double(10 * rank)}, DType::kF32);
+  comm->broadcast(cast.raw(), 2, DType::kF32, world - 1);
+  EXPECT_EQ(to_doubles(*backend, cast), (std::vector<double>{world - 0.5, 10.0 * (world - 1)}));
 
   // host buffers still go over MPI
   std::vector<double> host{1.0};

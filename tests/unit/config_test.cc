@@ -11,9 +11,11 @@
 namespace moe {
 namespace {
 
-// The key named by the ConfigError that `fn` throws ("" when it throws nothing).
+// The key named by the ConfigError that `fn` throws ("" when it throws nothing); *message gets its text
+// ("" when nothing throws).
 template <typename F>
 std::string error_key(F fn, std::string* message = nullptr) {
+  if (message) message->clear();
   try {
     fn();
   } catch (const ConfigError& e) {
@@ -65,7 +67,7 @@ TEST(Config, WrongTypesNameTheKey) {
   std::string msg;
   EXPECT_EQ(error_key([] { parse_config("moe: {[a]: 1}\n", "x.yaml", {}); }, &msg), "moe");
   EXPECT_NE(msg.find("plain word"), std::string::npos) << msg;
-  error_key([] { parse_config("{[a]: 1}\n", "x.yaml", {}); }, &msg);
+  EXPECT_EQ(error_key([] { parse_config("{[a]: 1}\n", "x.yaml", {}); }, &msg), "");  // no key to name
   EXPECT_NE(msg.find("plain word"), std::string::npos) << msg;
 }
 
