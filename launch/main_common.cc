@@ -2,6 +2,7 @@
 #include "launch/main_common.h"
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -33,10 +34,17 @@ int run_job(int argc, char** argv, const char* program, const std::function<int(
     const bool alone = !mpi_initialized() || mpi_world_size() == 1;
     std::fprintf(stderr, "%s%s\n", line.c_str(), alone ? "" : (" [rank " + std::to_string(mpi_world_rank()) + "]").c_str());
     std::fflush(stderr);
+    // Exit codes: 1 an error on this rank, 3 a peer died or is stuck (launch/moe --max-restarts relaunches).
+    const int code = e.kind() == ErrorKind::kComm ? 3 : 1;
     if (alone) {  // nobody to stop: a plain exit, without MPI_Abort's banner
       if (mpi_initialized()) mpi_finalize();
-      return 1;
+      return code;
     }
+    mpi_abort(code);
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "%s: error: out of host memory [rank %d]; lower train.batch_size or the model's sizes\n",
+                 program, mpi_world_rank());
+    std::fflush(stderr);
     mpi_abort(1);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s: error: %s [rank %d]\n", program, e.what(), mpi_world_rank());
@@ -82,8 +90,11 @@ Config load_config(const CommandLine& cl, Communicator& world, ConfigSources* so
     // Rank 0 reads the file; its contents (or the failure) reach every rank.
     std::string text, failure;
     if (world.rank() == 0 && !cl.config_path.empty()) {
+      std::error_code ec;
       std::ifstream in(cl.config_path);
-      if (!in) {
+      if (std::filesystem::is_directory(cl.config_path, ec)) {
+        failure = cl.config_path + " is a directory, not a config file";
+      } else if (!in) {
         failure = "cannot read config file " + cl.config_path;
       } else {
         std::ostringstream s;

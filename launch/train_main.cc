@@ -10,6 +10,7 @@
 #include "launch/main_common.h"
 #include "runtime/json.h"
 #include "runtime/log.h"
+#include "runtime/signals.h"
 #include "train/trainer.h"
 
 using namespace moe;
@@ -28,6 +29,7 @@ const char* kUsage =
     "Configuration keys (YAML section.key, or --section.key=value):\n";
 
 int train(const CommandLine& cl) {
+  install_stop_handlers();  // a SIGTERM / SIGINT / SIGUSR1 stops at the next step, after a checkpoint
   auto world = make_mpi_world();
   bool print_only = false;
   std::string get;
@@ -84,7 +86,7 @@ int train(const CommandLine& cl) {
     log_info("done: " + std::to_string(records.size()) + " steps in " + format_duration(seconds) + ", final loss " +
              format_double(last.stats.loss));
   }
-  return 0;
+  return trainer.stopped_by() ? 128 + trainer.stopped_by() : 0;  // "stopped by a signal", like a shell
 }
 
 }  // namespace

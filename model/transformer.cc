@@ -38,6 +38,41 @@ ModelSize model_size(const Config& c) {
   return s;
 }
 
+MemoryEstimate estimate_memory(const Config& c, int world) {
+  const double b = static_cast<double>(dtype_size(c.runtime.dtype));
+  const double h = c.model.hidden, v = c.model.vocab_size, s = c.model.seq_len, d = head_dim(c);
+  const double nh = c.model.heads, nkv = kv_heads(c), ep = c.parallel.ep;
+  const double seqs = static_cast<double>(c.train.batch_size / std::max(1, world)), t = seqs * s;
+  const ModelSize size = model_size(c);
+  const double e = c.moe.num_experts, k = c.moe.top_k, mats = c.moe.expert_type == ExpertType::kSwiGLU ? 3 : 2;
+  const double per_expert = mats * h * expert_ffn_hidden(c);
+  const double moe_layers = num_moe_layers(c);
+  // This rank's parameters: everything but the routed experts, plus its E/ep of them.
+  const double local = static_cast<double>(size.total_params) - moe_layers * e * per_expert * (1 - 1 / ep);
+  MemoryEstimate m;
+  m.parameters = 2 * local * b;
+  m.optimizer = c.train.optimizer == OptimizerType::kAdamW ? 2 * local * b : 0;
+  // Per layer: the block's four (T, H) tensors, attention's q, k, v, o and its probabilities (twice with
+  // dropout), the FFN's mid activations.
+  const double attention = t * (2 * nh + 2 * nkv) * d + seqs * nh * s * s * (c.model.attn_dropout > 0 ? 2 : 1);
+  const double cf = c.moe.capacity_factor > 0 ? std::max(1.0, c.moe.capacity_factor) : 2.0;  // dropless: a guess
+  double layers = 0, exchange = 0;
+  for (int l = 0; l < c.model.layers; ++l) {
+    layers += 4 * t * h + attention;
+    if (is_moe_layer(c, l)) {
+      const double rows = k * t * cf;
+      layers += 4 * t * e + rows * (h + 3 * expert_ffn_hidden(c)) +
+                3 * t * c.moe.num_shared_experts * shared_ffn_hidden(c);
+      exchange += 3 * rows * h;
+    } else {
+      layers += 3 * t * dense_ffn_hidden(c);
+    }
+  }
+  m.activations = (layers + 2 * t * v) * b;
+  m.exchange = exchange * b;
+  return m;
+}
+
 Transformer::Transformer(const Config& config, Backend& backend, ProcessGroups& groups)
     : config_(config), backend_(backend), groups_(groups) {
   const int64_t h = config.model.hidden, v = config.model.vocab_size;
@@ -127,7 +162,7 @@ Tensor Transformer::body(const Tensor& inputs, const StepContext& ctx) {
   return xf;
 }
 
-double Transformer::forward(const Tensor& inputs, const Tensor& targets, const StepContext& ctx) {
+double Transformer::forward(const Tensor& inputs, const Tensor& targets, const StepContext& ctx, double* vote) {
   const int64_t t_count = inputs.numel(), v = config_.model.vocab_size;
   const DType ft = config_.runtime.dtype;
   MOE_CHECK(ctx.global_tokens > 0 && ctx.seq_len > 0, "forward: global token count or sequence length not set");
@@ -137,8 +172,9 @@ double Transformer::forward(const Tensor& inputs, const Tensor& targets, const S
   gemm(backend_, xf, Trans::kN, head_weight(), Trans::kT, logits, 1.0, 0.0);  // (T, V)
   const double inv_tokens = 1.0 / static_cast<double>(ctx.global_tokens);
   Tensor dlogits = ctx.training ? backend_.empty({t_count, v}, ft) : Tensor();
-  std::vector<double> ce{cross_entropy(backend_, logits, targets, inv_tokens, dlogits)};
+  std::vector<double> ce{cross_entropy(backend_, logits, targets, inv_tokens, dlogits), vote ? *vote : 0.0};
   if (groups_.world->size() > 1) groups_.world->all_reduce_sum(ce);
+  if (vote) *vote = ce[1];
   ctx.lap(&PhaseTimes::other);
   if (ctx.training) {
     saved_.inputs = inputs;

@@ -43,14 +43,27 @@ struct ModelSize {
 // products 4 x S x nh x d per layer (full square); training is 3 x that.
 ModelSize model_size(const Config& config);
 
+// What one rank of a run on world_size ranks holds, in bytes (an estimate from the shapes, before
+// anything is allocated): parameters with their gradients, optimizer state, the activations a training
+// step keeps for its backward plus the logits, and the token exchange buffers of the MoE layers.
+struct MemoryEstimate {
+  double parameters = 0;   // values and gradients, replicated tensors and this rank's experts
+  double optimizer = 0;    // AdamW moments
+  double activations = 0;  // saved for the backward, with the logits and their gradient
+  double exchange = 0;     // send/receive rows of the dispatch and combine, and the expert rows
+  double total() const { return parameters + optimizer + activations + exchange; }
+};
+MemoryEstimate estimate_memory(const Config& config, int world_size);
+
 class Transformer {
  public:
   Transformer(const Config& config, Backend& backend, ProcessGroups& groups);
 
   // inputs, targets (T) I32 on this rank, T = B * ctx.seq_len. Returns the mean cross-entropy over the
   // global batch (ctx.global_tokens, summed over the world). With ctx.training the activations and the
-  // logits' gradient are kept for backward(); otherwise nothing is kept (evaluation).
-  double forward(const Tensor& inputs, const Tensor& targets, const StepContext& ctx);
+  // logits' gradient are kept for backward(); otherwise nothing is kept (evaluation). *vote, when given,
+  // is summed over the world in the same collective as the loss (the trainer's stop request).
+  double forward(const Tensor& inputs, const Tensor& targets, const StepContext& ctx, double* vote = nullptr);
   // Gradients of the last forward's loss (cross-entropy + every aux and z loss), accumulated into the
   // parameters' gradient buffers. After the head and after each block, `ready(p)` says that p and
   // every parameter declared after it are final.

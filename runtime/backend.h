@@ -36,6 +36,8 @@ class Backend {
   virtual void copy(const Tensor& src, Tensor& dst) = 0;  // same dtype and element count
   virtual void copy_to_host(const Tensor& src, void* dst) = 0;
   virtual void copy_from_host(const void* src, Tensor& dst) = 0;
+  // Bytes this device can still allocate (the host's MemAvailable; a GPU's free memory), or 0 unknown.
+  virtual double memory_available() const = 0;
 
   // ---- precision
   // dst = src with dtype conversion (F32 <-> BF16 on devices that have BF16; same dtype: a copy)

@@ -19,6 +19,13 @@ namespace {
 // ---------------------------------------------------------------------------------------------------
 // scalar parsing and printing
 
+// A value quoted in an error line: at most 200 characters of it.
+std::string quoted(const std::string& text) {
+  constexpr size_t kMax = 200;
+  if (text.size() <= kMax) return "'" + text + "'";
+  return "'" + text.substr(0, kMax) + "...' (" + std::to_string(text.size()) + " characters)";
+}
+
 double parse_double(const std::string& key, const std::string& text) {
   std::string t = text;
   std::transform(t.begin(), t.end(), t.begin(), [](unsigned char c) { return std::tolower(c); });
@@ -30,7 +37,7 @@ double parse_double(const std::string& key, const std::string& text) {
   errno = 0;
   double v = std::strtod(begin, &end);
   if (text.empty() || end != begin + text.size() || errno == ERANGE) {
-    throw ConfigError(key, "expected a number, got '" + text + "'");
+    throw ConfigError(key, "expected a number, got " + quoted(text));
   }
   return v;
 }
@@ -53,7 +60,7 @@ V parse_integer(const std::string& key, const std::string& text) {
          s <= std::numeric_limits<V>::max();
     v = static_cast<V>(s);
   }
-  if (!ok) throw ConfigError(key, "expected an integer, got '" + text + "'");
+  if (!ok) throw ConfigError(key, "expected an integer, got " + quoted(text));
   return v;
 }
 
@@ -62,7 +69,7 @@ bool parse_bool(const std::string& key, const std::string& text) {
   std::transform(t.begin(), t.end(), t.begin(), [](unsigned char c) { return std::tolower(c); });
   if (t == "true" || t == "yes" || t == "on" || t == "1") return true;
   if (t == "false" || t == "no" || t == "off" || t == "0") return false;
-  throw ConfigError(key, "expected true or false, got '" + text + "'");
+  throw ConfigError(key, "expected true or false, got " + quoted(text));
 }
 
 template <typename V>
@@ -125,7 +132,7 @@ ConfigField choice(const char* key, Sec Config::*sec, E Sec::*mem, std::vector<s
         return;
       }
     }
-    throw ConfigError(k, "expected one of " + type + ", got '" + text + "'");
+    throw ConfigError(k, "expected one of " + type + ", got " + quoted(text));
   };
   f.get = [sec, mem, names](const Config& c) -> std::string {
     for (const auto& [name, value] : names)
@@ -261,6 +268,12 @@ std::vector<ConfigField> build_fields() {
   f.push_back(field("train.resume", &C::train, &TrainConfig::resume,
                     "Resume from a checkpoint: 'auto' (the latest in checkpoint_dir, if any) or a step directory. "
                     "Empty: start fresh."));
+  f.push_back(field("train.overwrite", &C::train, &TrainConfig::overwrite,
+                    "Start fresh in a train.checkpoint_dir that already holds checkpoints, deleting them (without it "
+                    "such a run refuses: resume with train.resume=auto instead)."));
+  f.push_back(field("train.keep_checkpoints", &C::train, &TrainConfig::keep_checkpoints,
+                    "Complete checkpoints kept in train.checkpoint_dir; older ones are removed after each save. 0: "
+                    "keep all."));
   f.push_back(field("train.eval_every", &C::train, &TrainConfig::eval_every,
                     "Compute the validation loss every this many steps and after the last step (needs "
                     "data.val_path). 0: never."));
@@ -379,6 +392,7 @@ Config parse_config(const std::string& yaml_text, const std::string& yaml_name,
   }
   if (root && !root.IsNull()) {
     if (!root.IsMap()) throw ConfigError("", yaml_name + ": expected a mapping of sections at the top level");
+    std::set<std::string> seen;  // yaml-cpp keeps both of two equal keys: a duplicate is an error here
     for (const auto& section : root) {
       if (!section.first.IsScalar()) throw ConfigError("", yaml_name + ": a section name must be a plain word");
       std::string name = section.first.as<std::string>();
@@ -391,6 +405,7 @@ Config parse_config(const std::string& yaml_text, const std::string& yaml_name,
         if (!item.first.IsScalar()) throw ConfigError(name, "a key must be a plain word in " + yaml_name);
         std::string key = name + "." + item.first.as<std::string>();
         find_field(key);  // unknown keys first, before any type complaint
+        if (!seen.insert(key).second) throw ConfigError(key, "given twice in " + yaml_name);
         if (!item.second.IsScalar()) {
           throw ConfigError(key, "expected a single value, got " + node_kind(item.second) + " in " + yaml_name);
         }
@@ -533,6 +548,8 @@ void validate_config(const Config& c, int world) {
   need(t.log_every >= 1, "train.log_every", "must be >= 1");
   need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0");
   need(t.eval_every >= 0, "train.eval_every", "must be >= 0");
+  need(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0");
+  need(t.eps > 0, "train.eps", "must be > 0 (it keeps AdamW's division finite)");
   need(t.eval_tokens >= 0, "train.eval_tokens", "must be >= 0");
   need(t.eval_every == 0 || !c.data.val_path.empty(), "train.eval_every", "needs data.val_path (a validation split)");
   need(t.sample_tokens >= 0, "train.sample_tokens", "must be >= 0");

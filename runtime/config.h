@@ -84,6 +84,8 @@ struct TrainConfig {
   std::string checkpoint_dir;
   int64_t checkpoint_every = 0;
   std::string resume;
+  bool overwrite = false;
+  int64_t keep_checkpoints = 3;
   int64_t eval_every = 0;
   int64_t eval_tokens = 65536;
   int64_t sample_tokens = 0;

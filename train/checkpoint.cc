@@ -1,14 +1,19 @@
 // Checkpoint save/load.
 #include "train/checkpoint.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <map>
+#include <set>
 
 #include "runtime/json.h"
 #include "runtime/log.h"
@@ -97,6 +102,112 @@ std::vector<Slot> slots(Transformer& model, Optimizer* optimizer) {
   return out;
 }
 
+// The manifest's own consistency and every rank file it lists: the counters make sense, each ep rank
+// 0 .. ep-1 has its file listed, and every listed file has its size and CRC-32 and parses. Throws
+// InputError (key train.resume) naming what is wrong. Rank 0 only (it reads everything).
+void verify_files(const std::string& step_dir, const YAML::Node& m) {
+  const std::string path = step_dir + "/manifest.json";
+  auto bad = [&](const std::string& what) { throw InputError(path, "damaged manifest: " + what, "train.resume"); };
+  const int64_t step = m["step"].as<int64_t>(-1), next = m["next_sequence"].as<int64_t>(-1);
+  const int64_t optimizer_steps = m["optimizer_steps"].as<int64_t>(-1), ep = m["ep"].as<int64_t>(0);
+  if (step < 0) bad("step " + std::to_string(step));
+  if (next < 0) bad("next_sequence " + std::to_string(next));
+  if (optimizer_steps < 0 || optimizer_steps > step) {
+    bad("optimizer_steps " + std::to_string(optimizer_steps) + " for step " + std::to_string(step));
+  }
+  if (ep < 1) bad("ep " + std::to_string(ep));
+  if (m["experts_per_file"].as<int64_t>(0) <= 0) bad("experts_per_file");
+  std::set<std::string> listed;
+  for (const auto& f : m["files"]) {
+    const std::string name = f["name"].as<std::string>();
+    listed.insert(name);
+    const std::string file = step_dir + "/" + name;
+    WrittenFile want{f["bytes"].as<uint64_t>(), static_cast<uint32_t>(f["crc32"].as<uint64_t>())};
+    struct stat st {};
+    if (::stat(file.c_str(), &st) != 0) throw InputError(file, "missing checkpoint file", "train.resume");
+    WrittenFile got = checksum_file(file);
+    if (got.bytes != want.bytes) {
+      throw InputError(file, "corrupt checkpoint file: " + std::to_string(got.bytes) + " bytes, manifest says " +
+                                 std::to_string(want.bytes), "train.resume");
+    }
+    if (got.crc32 != want.crc32) throw InputError(file, "corrupt checkpoint file: CRC-32 mismatch", "train.resume");
+    SafetensorsReader check(file);  // header parses and every tensor fits the file
+  }
+  for (int64_t r = 0; r < ep; ++r) {
+    if (!listed.count(rank_file(static_cast<int>(r)))) bad("no entry for " + rank_file(static_cast<int>(r)));
+  }
+}
+
+// Whether step_dir holds a complete checkpoint of this format; `why` says what is wrong otherwise.
+bool complete_checkpoint(const std::string& step_dir, std::string* why) {
+  try {
+    const std::string path = step_dir + "/manifest.json";
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) throw InputError(step_dir, "no manifest.json");
+    YAML::Node m = parse_json(read_file(path, "checkpoint manifest"), path);
+    if (m["format"].as<std::string>("") != kFormat || m["version"].as<int>(0) != kVersion) {
+      throw InputError(path, "not a moe-checkpoint version " + std::to_string(kVersion) + " manifest");
+    }
+    verify_files(step_dir, m);
+    return true;
+  } catch (const Error& e) {
+    if (why) *why = e.what();
+  } catch (const YAML::Exception& e) {
+    if (why) *why = step_dir + ": malformed manifest: " + e.msg;
+  }
+  return false;
+}
+
+// The step directories under dir, newest first: (step, path).
+std::vector<std::pair<int64_t, std::string>> step_dirs(const std::string& dir) {
+  std::vector<std::pair<int64_t, std::string>> out;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    if (n.size() != 13 || n.rfind("step_", 0) != 0 || !e.is_directory(ec)) continue;
+    if (n.find_first_not_of("0123456789", 5) != std::string::npos) continue;
+    out.emplace_back(std::stoll(n.substr(5)), e.path().string());
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  return out;
+}
+
+// Removes every step directory older than the newest `keep` complete checkpoints (0: keep all); the
+// newest (`latest`, just written) is never removed.
+void prune_checkpoints(const std::string& dir, int64_t keep, int64_t newest) {
+  if (keep <= 0) return;
+  int64_t kept = 0;
+  for (const auto& [step, path] : step_dirs(dir)) {
+    if (step > newest) continue;  // a later run's leftovers are not ours to judge
+    if (kept < keep && complete_checkpoint(path, nullptr)) {
+      ++kept;
+      continue;
+    }
+    if (kept < keep) continue;  // an incomplete one newer than the kept ones: a save in progress elsewhere
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+    if (ec) log_warn("could not remove old checkpoint " + path + ": " + ec.message());
+  }
+}
+
+// Removes the temporary files a killed save leaves (`*.tmp.<pid>`) in dir and its step directories.
+void remove_stale_temporaries(const std::string& dir) {
+  std::error_code ec;
+  std::vector<std::filesystem::path> stale;
+  for (auto it = std::filesystem::recursive_directory_iterator(dir, ec); !ec && it != std::filesystem::end(it);
+       it.increment(ec)) {
+    if (it.depth() > 1) {
+      it.disable_recursion_pending();
+      continue;
+    }
+    if (it->is_regular_file(ec) && it->path().filename().string().find(".tmp.") != std::string::npos) {
+      stale.push_back(it->path());
+    }
+  }
+  for (const auto& p : stale) std::filesystem::remove(p, ec);
+  if (!stale.empty()) log_info("removed " + std::to_string(stale.size()) + " temporary file(s) of an interrupted save");
+}
+
 Tensor to_host(Backend& backend, const Tensor& t) {
   Tensor h = host_tensor(t.shape(), t.dtype());
   backend.copy_to_host(t, h.raw());
@@ -160,6 +271,7 @@ std::string save_checkpoint(const std::string& checkpoint_dir, const TrainingSta
     j.end_object();
     write_file_atomic(dir + "/manifest.json", j.str() + "\n");
     write_file_atomic(checkpoint_dir + "/latest", step_name(state.step) + "\n");
+    prune_checkpoints(checkpoint_dir, config.train.keep_checkpoints, state.step);
   }
   world.barrier();
   return dir;
@@ -168,18 +280,40 @@ std::string save_checkpoint(const std::string& checkpoint_dir, const TrainingSta
 std::string resolve_resume(const Config& config, Communicator& world) {
   std::string path;
   const std::string& resume = config.train.resume;
-  if (world.rank() == 0 && !resume.empty()) {
-    if (resume == "auto") {
-      std::string latest = config.train.checkpoint_dir + "/latest";
-      struct stat st {};
-      if (::stat(latest.c_str(), &st) == 0) {
-        std::string name = read_file(latest, "latest checkpoint pointer");
-        while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
-        path = config.train.checkpoint_dir + "/" + name;
-      }
-    } else {
-      path = resume;
+  if (world.rank() == 0 && resume == "auto") {
+    // `latest` names the newest checkpoint; when it is missing, damaged or names an incomplete one, the
+    // newest complete step directory is found by scanning.
+    const std::string dir = config.train.checkpoint_dir;
+    std::string named;
+    struct stat st {};
+    if (::stat((dir + "/latest").c_str(), &st) == 0) {
+      named = read_file(dir + "/latest", "latest checkpoint pointer");
+      while (!named.empty() && (named.back() == '\n' || named.back() == ' ')) named.pop_back();
     }
+    std::string why;
+    if (!named.empty() && named.find('/') == std::string::npos && complete_checkpoint(dir + "/" + named, &why)) {
+      path = dir + "/" + named;
+    } else {
+      if (!named.empty()) log_warn("latest names " + named + ", which is not a complete checkpoint (" + why + ")");
+      std::string newest_why;
+      for (const auto& [step, candidate] : step_dirs(dir)) {
+        if (complete_checkpoint(candidate, &why)) {
+          path = candidate;
+          break;
+        }
+        if (newest_why.empty()) newest_why = why;
+        log_warn("skipping " + candidate + ": " + why);
+      }
+      if (!path.empty()) {
+        log_info("resume: found " + path + " by scanning " + dir);
+      } else if (!newest_why.empty()) {  // checkpoints, none usable: never start over silently
+        throw InputError(newest_why, "no complete checkpoint to resume from in " + dir +
+                                         " (start over with --train.resume= --train.overwrite=true)",
+                         "train.resume");
+      }
+    }
+  } else if (world.rank() == 0) {
+    path = resume;
   }
   broadcast_string(world, path, 0);
   return path;
@@ -213,20 +347,7 @@ TrainingState load_checkpoint(const std::string& step_dir, const Config& config,
                                      ", this run has " + now[key]);
         }
       }
-      if (m["experts_per_file"].as<int64_t>() <= 0) throw InputError(path, "bad experts_per_file", "train.resume");
-      for (const auto& f : m["files"]) {
-        std::string file = step_dir + "/" + f["name"].as<std::string>();
-        WrittenFile want{f["bytes"].as<uint64_t>(), static_cast<uint32_t>(f["crc32"].as<uint64_t>())};
-        WrittenFile got = checksum_file(file);
-        if (got.bytes != want.bytes) {
-          throw InputError(file, "corrupt checkpoint file: " + std::to_string(got.bytes) + " bytes, manifest says " +
-                                     std::to_string(want.bytes), "train.resume");
-        }
-        if (got.crc32 != want.crc32) {
-          throw InputError(file, "corrupt checkpoint file: CRC-32 mismatch", "train.resume");
-        }
-        SafetensorsReader check(file);  // header parses and every tensor fits the file
-      }
+      verify_files(step_dir, m);
     } catch (const YAML::Exception& e) {
       throw InputError(path, "malformed manifest: " + e.msg, "train.resume");
     }
@@ -316,6 +437,69 @@ std::string resolve_step_dir(const std::string& path, Communicator& comm) {
   }
   broadcast_string(comm, dir, 0);
   return dir;
+}
+
+CheckpointDir::~CheckpointDir() {
+  if (fd_ >= 0) ::close(fd_);  // releases the flock
+}
+
+std::unique_ptr<CheckpointDir> claim_checkpoint_dir(const Config& config, Communicator& world) {
+  auto claim = std::make_unique<CheckpointDir>();
+  const std::string& dir = config.train.checkpoint_dir;
+  std::string failure, key = "train.checkpoint_dir";
+  if (world.rank() == 0 && !dir.empty()) {
+    try {
+      make_dirs(dir);
+      const std::string probe = dir + "/.write_probe.tmp." + std::to_string(::getpid());
+      write_file_atomic(probe, "probe\n");
+      ::unlink(probe.c_str());
+      // The lock: held by this job until it ends (the kernel drops it when the process dies).
+      const std::string lock = dir + "/.lock";
+      claim->fd_ = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+      if (claim->fd_ < 0) throw InputError(lock, std::string("cannot open the lock file: ") + std::strerror(errno));
+      if (::flock(claim->fd_, LOCK_EX | LOCK_NB) != 0) {
+        std::string owner = read_file(lock, "lock file");
+        while (!owner.empty() && owner.back() == '\n') owner.pop_back();
+        throw InputError(dir, "in use by another job (" + (owner.empty() ? std::string("unknown") : owner) +
+                                  "): one checkpoint directory belongs to one job");
+      }
+      char host[256] = "?";
+      ::gethostname(host, sizeof(host) - 1);
+      const std::string owner = "pid " + std::to_string(::getpid()) + " on " + host + "\n";
+      if (::ftruncate(claim->fd_, 0) != 0 || ::pwrite(claim->fd_, owner.data(), owner.size(), 0) < 0) {
+        throw InputError(lock, std::string("cannot write the lock file: ") + std::strerror(errno));
+      }
+      remove_stale_temporaries(dir);
+      auto existing = step_dirs(dir);
+      struct stat st {};
+      const bool has_latest = ::stat((dir + "/latest").c_str(), &st) == 0;
+      if (config.train.resume.empty() && (!existing.empty() || has_latest)) {
+        if (!config.train.overwrite) {
+          key = "train.overwrite";
+          throw InputError(dir, "already holds checkpoints (newest " +
+                                    (existing.empty() ? std::string("unknown") : existing.front().second) +
+                                    "); continue with --train.resume=auto, or start over with --train.overwrite=true "
+                                    "(which deletes them)");
+        }
+        for (const auto& [step, path] : existing) std::filesystem::remove_all(path);
+        ::unlink((dir + "/latest").c_str());
+        log_info("train.overwrite: removed " + std::to_string(existing.size()) + " checkpoint(s) in " + dir);
+      }
+    } catch (const Error& e) {
+      failure = e.what();
+      if (!e.key().empty()) key = e.key();
+    } catch (const std::exception& e) {
+      failure = dir + ": " + e.what();
+    }
+  }
+  broadcast_string(world, failure, 0);
+  if (!failure.empty()) {
+    broadcast_string(world, key, 0);
+    Error e(ErrorKind::kInput, failure, key);
+    e.mark_collective();
+    throw e;
+  }
+  return claim;
 }
 
 }  // namespace moe

@@ -7,12 +7,14 @@
 //   <checkpoint_dir>/latest                                 "step_00000100", updated after the manifest
 //
 // Every file goes to a temporary name and is renamed into place, so a crash leaves either the old
-// checkpoint or a complete new one; a step directory without a manifest is not a checkpoint. Expert
+// checkpoint or a complete new one; a step directory without a manifest is not a checkpoint. After each
+// save, checkpoints older than the newest train.keep_checkpoints complete ones are removed. Expert
 // tensors are stored per global expert ("layers.0.moe.experts.5.w_gate") so a checkpoint can be read
 // back under another (ep, dp) layout. Optimizer moments are "optim.m.<tensor>" / "optim.v.<tensor>".
 // The directory must be visible to every rank (a shared filesystem on a cluster).
 #pragma once
 
+#include <memory>
 #include <string>
 
 #include "model/transformer.h"
@@ -29,8 +31,31 @@ struct TrainingState {
 std::string save_checkpoint(const std::string& checkpoint_dir, const TrainingState& state, const Config& config,
                             Transformer& model, Optimizer& optimizer, ProcessGroups& groups);
 
-// train.resume resolved on rank 0 and broadcast: "" (start fresh) or a step directory. Collective.
+// train.resume resolved on rank 0 and broadcast: "" (start fresh) or a step directory. "auto" takes the
+// checkpoint `latest` names when it is complete, else the newest complete step directory (scanning), else
+// "". Collective.
 std::string resolve_resume(const Config& config, Communicator& world);
+
+// The claim of this job on train.checkpoint_dir (see claim_checkpoint_dir): the lock is held until it is
+// destroyed.
+class CheckpointDir {
+ public:
+  CheckpointDir() = default;
+  ~CheckpointDir();
+  CheckpointDir(const CheckpointDir&) = delete;
+  CheckpointDir& operator=(const CheckpointDir&) = delete;
+
+ private:
+  friend std::unique_ptr<CheckpointDir> claim_checkpoint_dir(const Config& config, Communicator& world);
+  int fd_ = -1;  // rank 0's open, flock-ed <dir>/.lock
+};
+
+// Takes train.checkpoint_dir for this job (nothing when it is empty), before step 1: rank 0 creates it,
+// checks that it can write there, locks it against any other job (flock on <dir>/.lock, which also records
+// the owner's pid and host), removes stale temporary files of a killed save, and refuses a fresh run
+// (train.resume empty) into a directory that already holds checkpoints unless train.overwrite, which
+// deletes them. A problem is one collective error (key train.checkpoint_dir or train.overwrite).
+std::unique_ptr<CheckpointDir> claim_checkpoint_dir(const Config& config, Communicator& world);
 
 // Rank 0 checks the manifest (format, config compatibility) and every file (size, CRC-32) before any
 // rank reads; a problem throws InputError there while the others wait in a broadcast, so the job stops

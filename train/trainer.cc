@@ -8,7 +8,18 @@
 #include <cstring>
 #include <filesystem>
 
+#include <csignal>
+
+#include <sstream>
+
+#include <yaml-cpp/yaml.h>
+
+#include <limits>
+
+#include "comm/mpi/mpi_communicator.h"
 #include "runtime/gemm_probe.h"
+#include "runtime/signals.h"
+#include "train/safetensors.h"
 #include "runtime/json.h"
 #include "runtime/log.h"
 
@@ -56,12 +67,48 @@ double measure_dense_rate(Backend& backend, DType dtype, Communicator& world) {
   return static_cast<double>(world.size()) * reps * 2.0 * static_cast<double>(n) * n * n / seconds;
 }
 
+std::string gib(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.2f GiB", bytes / double(1 << 30));
+  return buf;
+}
+
+// Refuses, before anything is allocated, a run whose estimated memory per rank exceeds 90% of what each
+// rank can have: the device's available memory shared by the ranks that use it. Collective: every rank
+// sees the smallest share, and the error names the key of the largest part.
+void check_memory(const Config& config, Backend& backend, Communicator& world) {
+  const MemoryEstimate m = estimate_memory(config, world.size());
+  const int local = mpi_local_size();
+  const int sharers = backend.device() == Device::kCuda
+                          ? std::max(1, (local + std::max(1, cuda_device_count()) - 1) / std::max(1, cuda_device_count()))
+                          : local;
+  double share = backend.memory_available() / sharers;
+  if (share <= 0) share = std::numeric_limits<double>::infinity();  // unknown: nothing to check against
+  std::vector<double> all(static_cast<size_t>(world.size()));
+  world.all_gather(&share, all.data(), 1, DType::kF64);
+  share = *std::min_element(all.begin(), all.end());
+  if (m.total() <= 0.9 * share) return;
+  const double weights = m.parameters + m.optimizer;
+  std::string key = m.activations >= weights && m.activations >= m.exchange ? "train.batch_size"
+                    : weights >= m.exchange                                  ? "model.hidden"
+                                                                             : "moe.capacity_factor";
+  ConfigError e(key, "the run needs about " + gib(m.total()) + " per rank (parameters and gradients " +
+                         gib(m.parameters) + ", optimizer state " + gib(m.optimizer) + ", activations " +
+                         gib(m.activations) + ", token exchange " + gib(m.exchange) + ") but a rank has " +
+                         gib(share) + " (" + (backend.device() == Device::kCuda ? "free GPU memory" : "MemAvailable") +
+                         " shared by " + std::to_string(sharers) + " rank(s)); lower " + key +
+                         " or the model's sizes, or use more ranks");
+  e.mark_collective();
+  throw e;
+}
+
 }  // namespace
 
 Trainer::Trainer(const Config& config, Backend& backend, ProcessGroups& groups)
     : config_(config), backend_(backend), groups_(groups) {
   Communicator& world = *groups.world;
   validate_config(config_, world.size());
+  check_memory(config_, backend, world);
   // Rank 0 checks the data files first, so a missing or bad file is one message, not one per rank.
   if (world.rank() == 0) {
     data_ = make_train_data(config_);
@@ -116,7 +163,10 @@ StepRecord Trainer::train_step() {
   ctx.global_tokens = int64_t{config_.train.batch_size} * seq_len;
   ctx.times = &r.times;
   ctx.timeline = &timeline;
-  const double ce = model_->forward(d_inputs, d_targets, ctx);
+  // A stop request (a signal on any rank) rides on the loss's all-reduce: every rank learns it at once.
+  double vote = stop_signal() != 0 ? 1.0 : 0.0;
+  const double ce = model_->forward(d_inputs, d_targets, ctx, &vote);
+  r.stop_requested = vote > 0;
   model_->backward([this](const Param* first) { reducer_->ready_from(first); });
   reducer_->finish();
   timeline.lap(&r.times.allreduce);
@@ -124,17 +174,12 @@ StepRecord Trainer::train_step() {
   r.stats.ce_loss = ce;
   r.stats.loss = ce + r.stats.aux_loss + r.stats.z_loss;
   timeline.lap(&r.times.other);
-  if (!std::isfinite(r.stats.loss)) {
-    // The loss is global, so every rank stops here together: one line, a clean exit.
-    Error e(ErrorKind::kInput, "training diverged: loss is " + format_double(r.stats.loss) + " at step " +
-                                   std::to_string(state_.step + 1) + " (lower train.lr?)", "train.lr");
-    e.mark_collective();
-    throw e;
-  }
 
-  // ---- gradients (reduced): clip, update
+  // ---- gradients (reduced): clip, update. A diverged step (non-finite loss or gradient norm, both global)
+  // stops every rank before the update, so no checkpoint ever holds it.
   r.lr = learning_rate(config_.train, state_.step);
   r.grad_norm = global_grad_norm(model_->params(), backend_, groups_);
+  if (!std::isfinite(r.stats.loss) || !std::isfinite(r.grad_norm)) diverged(r);
   clip_gradients(model_->params(), backend_, r.grad_norm, config_.train.grad_clip);
   optimizer_->step(r.lr);
   if (config_.moe.bias_update_rate > 0) model_->update_balance_bias(config_.moe.bias_update_rate);
@@ -235,25 +280,15 @@ void Trainer::report(const StepRecord& r, double elapsed, int64_t first_step) {
 
 std::vector<StepRecord> Trainer::run() {
   Communicator& world = *groups_.world;
+  set_comm_where("start-up");
+  checkpoint_dir_ = claim_checkpoint_dir(config_, world);
   std::string resume = resolve_resume(config_, world);
   if (!resume.empty()) {
     load(resume);
   } else if (config_.train.resume == "auto") {
     log_info("no checkpoint in " + config_.train.checkpoint_dir + "; starting from step 0");
   }
-  if (world.rank() == 0 && !config_.train.metrics_path.empty()) {
-    std::filesystem::path parent = std::filesystem::path(config_.train.metrics_path).parent_path();
-    std::error_code ec;
-    if (!parent.empty()) std::filesystem::create_directories(parent, ec);
-    if (ec) {
-      throw InputError(parent.string(), "cannot create the metrics directory: " + ec.message(), "train.metrics_path");
-    }
-    metrics_ = std::fopen(config_.train.metrics_path.c_str(), state_.step > 0 ? "a" : "w");
-    if (!metrics_) {
-      throw InputError(config_.train.metrics_path, std::string("cannot open metrics file: ") + std::strerror(errno),
-                       "train.metrics_path");
-    }
-  }
+  open_metrics();
   if (config_.train.eval_every > 0 && state_.step < config_.train.steps) {
     const int64_t n = num_eval_sequences(config_, val_->num_tokens());
     char line[200];
@@ -285,8 +320,17 @@ std::vector<StepRecord> Trainer::run() {
     double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     report(r, elapsed, first);
     records.push_back(std::move(r));
+    const bool stop = records.back().stop_requested && !last;
     bool periodic = config_.train.checkpoint_every > 0 && state_.step % config_.train.checkpoint_every == 0;
-    if (!config_.train.checkpoint_dir.empty() && (last || periodic)) save(config_.train.checkpoint_dir);
+    if (!config_.train.checkpoint_dir.empty() && (last || periodic || stop)) save(config_.train.checkpoint_dir);
+    if (stop) {
+      stopped_by_ = stop_signal() != 0 ? stop_signal() : SIGTERM;  // a rank that only saw the others' vote
+      log_info(std::string("stopped by a signal (") + signal_name(stopped_by_) + ") after step " +
+               std::to_string(state_.step) + ": " +
+               (config_.train.checkpoint_dir.empty() ? "no train.checkpoint_dir, nothing saved"
+                                                     : "final checkpoint " + last_checkpoint_));
+      return records;
+    }
   }
   if (config_.train.sample_tokens > 0) {
     if (!last_checkpoint_.empty()) {
@@ -296,6 +340,107 @@ std::vector<StepRecord> Trainer::run() {
     }
   }
   return records;
+}
+
+void Trainer::diverged(const StepRecord& r) {
+  // The first non-finite tensor, in declaration order, over every rank (each expert shard scans its own).
+  std::vector<Param*> params = model_->params().all();
+  double first = static_cast<double>(2 * params.size());  // 2 i: value of params[i], 2 i + 1: its gradient
+  for (size_t i = 0; i < params.size() && first == 2.0 * params.size(); ++i) {
+    for (int g = 0; g < 2; ++g) {
+      const Tensor& t = g ? params[i]->grad : params[i]->value;
+      if (!t.defined()) continue;
+      for (double v : to_doubles(backend_, t)) {
+        if (!std::isfinite(v)) {
+          first = 2.0 * static_cast<double>(i) + g;
+          break;
+        }
+      }
+      if (first < 2.0 * params.size()) break;
+    }
+  }
+  std::vector<double> all(static_cast<size_t>(groups_.world->size()));
+  groups_.world->all_gather(&first, all.data(), 1, DType::kF64);
+  const size_t worst = static_cast<size_t>(*std::min_element(all.begin(), all.end()));
+  std::string where = worst < 2 * params.size()
+                          ? std::string(worst % 2 ? "the gradient of " : "") + params[worst / 2]->name
+                          : "none (every parameter and gradient is finite)";
+  // The keys that plausibly caused it, most likely first.
+  const TrainConfig& t = config_.train;
+  std::vector<std::pair<std::string, std::string>> causes{{"train.lr", "train.lr = " + format_double(t.lr)}};
+  if (t.grad_clip <= 0) causes.emplace_back("train.grad_clip", "train.grad_clip = 0 (clipping off)");
+  if (t.warmup_steps < 10) causes.emplace_back("train.warmup_steps", "train.warmup_steps = " + std::to_string(t.warmup_steps));
+  if (config_.model.init_std > 0.1) {
+    causes.emplace_back("model.init_std", "model.init_std = " + format_double(config_.model.init_std));
+  }
+  if (where.find(".router.") != std::string::npos && config_.moe.z_loss_coef <= 0) {
+    causes.emplace_back("moe.z_loss_coef", "moe.z_loss_coef = 0 (router logits unbounded)");
+  }
+  if (config_.runtime.precision == Precision::kBf16) causes.emplace_back("runtime.precision", "runtime.precision = bf16");
+  std::string list;
+  for (size_t i = 0; i < causes.size(); ++i) list += (i ? ", " : "") + causes[i].second;
+  Error e(ErrorKind::kInput,
+          "training diverged at step " + std::to_string(state_.step + 1) + ": loss " + format_double(r.stats.loss) +
+              ", gradient norm " + format_double(r.grad_norm) + "; first non-finite tensor: " + where +
+              "; nothing of this step was saved. Plausible causes: " + list,
+          causes.front().first);
+  e.mark_collective();  // every rank sees the same global loss and norm
+  throw e;
+}
+
+void Trainer::open_metrics() {
+  Communicator& world = *groups_.world;
+  const std::string& path = config_.train.metrics_path;
+  std::string failure;
+  if (world.rank() == 0 && !path.empty()) {
+    try {
+      std::filesystem::path parent = std::filesystem::path(path).parent_path();
+      std::error_code ec;
+      if (!parent.empty()) std::filesystem::create_directories(parent, ec);
+      if (ec) throw InputError(parent.string(), "cannot create the metrics directory: " + ec.message());
+      // Resuming: keep the lines up to the resumed step (whole JSON objects with "step" <= it; events too).
+      std::string kept;
+      int64_t last_logged = 0;
+      if (state_.step > 0 && std::filesystem::exists(path, ec)) {
+        std::istringstream lines(read_file(path, "metrics file"));
+        std::string line;
+        while (std::getline(lines, line)) {
+          if (line.empty() || line.back() != '}') continue;  // a torn last line
+          try {
+            YAML::Node j = parse_json(line, path);
+            const int64_t step = j["step"].as<int64_t>(0);
+            last_logged = std::max(last_logged, step);
+            if (step <= state_.step) kept += line + "\n";
+          } catch (const std::exception&) {
+          }
+        }
+      }
+      if (state_.step > 0) write_file_atomic(path, kept);
+      metrics_ = std::fopen(path.c_str(), state_.step > 0 ? "a" : "w");
+      if (!metrics_) throw InputError(path, std::string("cannot open the metrics file: ") + std::strerror(errno));
+      if (state_.step > 0) {
+        const int64_t lost = std::max<int64_t>(0, last_logged - state_.step);
+        if (lost > 0) {
+          log_info("resumed at step " + std::to_string(state_.step) + ": steps " + std::to_string(state_.step + 1) +
+                   ".." + std::to_string(last_logged) + " of the run before were lost and are redone");
+        }
+        JsonWriter j;
+        j.begin_object().field("event", "resume").field("step", state_.step).field("lost_steps", lost).end_object();
+        const std::string line = j.str() + "\n";
+        if (std::fputs(line.c_str(), metrics_) < 0 || std::fflush(metrics_) != 0) {
+          throw InputError(path, std::string("cannot write the metrics file: ") + std::strerror(errno));
+        }
+      }
+    } catch (const Error& e) {
+      failure = e.what();
+    }
+  }
+  broadcast_string(world, failure, 0);
+  if (!failure.empty()) {
+    Error e(ErrorKind::kInput, failure, "train.metrics_path");
+    e.mark_collective();
+    throw e;
+  }
 }
 
 void Trainer::print_sample() {

@@ -29,6 +29,7 @@ struct StepRecord {
   double wall_s = 0;         // the step on the host clock, start to end
   double mfu = 0;            // model FLOP utilisation: achieved FLOP/s / the measured dense GEMM rate
   std::optional<EvalResult> eval;  // the validation loss, on evaluation steps
+  bool stop_requested = false;     // a rank received a stop signal before this step's loss all-reduce
   PhaseTimes times;
 };
 
@@ -38,8 +39,11 @@ class Trainer {
   ~Trainer();
 
   // Resumes if configured, trains to train.steps, evaluates, writes checkpoints and metrics. Returns the
-  // records of the steps it ran.
+  // records of the steps it ran. A stop signal (runtime/signals.h) ends the run at the next step
+  // boundary on every rank, after a final checkpoint.
   std::vector<StepRecord> run();
+  // The signal that stopped the run early (0 when it ran to train.steps): main() exits with 128 + it.
+  int stopped_by() const { return stopped_by_; }
   StepRecord train_step();
   // The validation loss of the model as it is (collective).
   EvalResult evaluate();
@@ -54,6 +58,11 @@ class Trainer {
   void report(const StepRecord& r, double elapsed, int64_t first_step);
   std::string metrics_line(const StepRecord& r) const;
   void print_sample();
+  // Opens the metrics file (rank 0): after resuming at step S, lines of later steps (a run that died
+  // after S) and a torn last line are cut off first, and a resume event records how many steps are redone.
+  void open_metrics();
+  // The divergence error of a step with a non-finite loss or gradient norm.
+  [[noreturn]] void diverged(const StepRecord& r);
 
   Config config_;
   Backend& backend_;
@@ -68,6 +77,8 @@ class Trainer {
   std::FILE* metrics_ = nullptr;
   std::vector<double> recent_step_times_;
   std::string last_checkpoint_;
+  std::unique_ptr<CheckpointDir> checkpoint_dir_;  // this job's lock on train.checkpoint_dir
+  int stopped_by_ = 0;
 };
 
 }  // namespace moe

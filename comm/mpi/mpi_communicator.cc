@@ -222,6 +222,16 @@ int mpi_local_rank() {
   return r;
 }
 
+int mpi_local_size() {
+  if (!mpi_initialized()) return 1;
+  MPI_Comm node;
+  MOE_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
+  int n = 1;
+  MPI_Comm_size(node, &n);
+  MPI_Comm_free(&node);
+  return n;
+}
+
 std::unique_ptr<Communicator> make_mpi_world() { return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD); }
 std::unique_ptr<Communicator> make_mpi_self() { return std::make_unique<MpiCommunicator>(MPI_COMM_SELF); }
 

@@ -21,6 +21,8 @@ int mpi_world_rank();
 int mpi_world_size();
 // The rank among the processes of this node (shared-memory domain), or 0 before mpi_init. Collective.
 int mpi_local_rank();
+// Ranks of this job on this node.
+int mpi_local_size();
 
 std::unique_ptr<Communicator> make_mpi_world();  // MPI_COMM_WORLD (duplicated)
 std::unique_ptr<Communicator> make_mpi_self();   // MPI_COMM_SELF (duplicated): a group of one

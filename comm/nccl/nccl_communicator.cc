@@ -16,6 +16,7 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <chrono>
 #include <string>
 #include <thread>
@@ -422,6 +423,10 @@ class NcclCommunicator final : public Communicator {
 std::unique_ptr<Communicator> make_nccl_communicator(std::unique_ptr<Communicator> host, void* compute_stream,
                                                      double timeout_s) {
   MOE_CHECK(host != nullptr, "make_nccl_communicator needs a host communicator");
+  // Communicators that run at the same time (the ep all-to-alls beside the world/dp gradient buckets)
+  // need an order between them: NCCL then launches their kernels in the host's issue order, which is the
+  // same on every rank. A user's own setting wins.
+  ::setenv("NCCL_LAUNCH_ORDER_IMPLICIT", "1", /*overwrite=*/0);
   return std::make_unique<NcclCommunicator>(std::move(host), static_cast<cudaStream_t>(compute_stream), timeout_s);
 }
 

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <fstream>
+#include <string>
 
 #include "runtime/backend.h"
 #include "runtime/cpu/cpu_common.h"
@@ -49,6 +51,15 @@ class CpuBackend final : public Backend {
   }
   void copy_from_host(const void* src, Tensor& dst) override {
     if (dst.numel()) std::memcpy(dst.raw(), src, dst.nbytes());
+  }
+  double memory_available() const override {
+    std::ifstream in("/proc/meminfo");
+    std::string name, unit;
+    double kib = 0;
+    while (in >> name >> kib >> unit) {
+      if (name == "MemAvailable:") return kib * 1024.0;
+    }
+    return 0;
   }
 };
 

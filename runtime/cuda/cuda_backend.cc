@@ -16,8 +16,10 @@
 // watchdog turn a stuck collective into an error.
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <mutex>
 #include <vector>
 
@@ -83,15 +85,16 @@ class CudaBackend final : public Backend {
   }
 
   ~CudaBackend() override {
-    cudaStreamSynchronize(main_.stream);
-    cudaStreamSynchronize(side_.stream);
+    // Bounded waits: a stream stuck behind a dead peer's collective must not hang the exit.
+    drain(main_.stream);
+    drain(side_.stream);
     alloc_->flush();
     {
       std::lock_guard<std::mutex> lock(alloc_->mutex);
       alloc_->alive = false;
     }
-    cudaStreamSynchronize(main_.stream);
-    if (bounce_) cudaFreeHost(bounce_);
+    const bool idle = drain(main_.stream);
+    if (bounce_ && idle) cudaFreeHost(bounce_);  // (a busy device would make it wait; leak it then)
     for (cudaEvent_t e : marks_) cudaEventDestroy(e);
     cudaEventDestroy(fork_);
     cudaEventDestroy(join_);
@@ -135,6 +138,7 @@ class CudaBackend final : public Backend {
     size_t bytes = src.nbytes();
     if (bytes == 0) return;
     if (bytes > bounce_bytes_) {
+      synchronize();  // cudaFreeHost may wait for the device: let the polling wait do that first
       if (bounce_) cudaFreeHost(bounce_);
       bounce_ = nullptr;
       MOE_CUDA_CHECK(cudaMallocHost(&bounce_, bytes));
@@ -144,11 +148,26 @@ class CudaBackend final : public Backend {
     cuda::wait_stream(cur_->stream);
     std::memcpy(dst, bounce_, bytes);
   }
-  void copy_from_host(const void* src, Tensor& dst) override {
-    // pageable source: staged by the driver at once, no device synchronisation
-    if (dst.nbytes()) {
-      MOE_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), src, dst.nbytes(), cudaMemcpyHostToDevice, cur_->stream));
+  double memory_available() const override {
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
     }
+    return static_cast<double>(free_b);
+  }
+  void copy_from_host(const void* src, Tensor& dst) override {
+    const size_t bytes = dst.nbytes();
+    if (bytes == 0) return;
+    if (bytes <= cuda::Context::kSlotBytes) {  // small: through a pinned staging slot, fully asynchronous
+      void* staged = cur_->stage(src, bytes);
+      MOE_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), staged, bytes, cudaMemcpyDeviceToDevice, cur_->stream));
+      return;
+    }
+    // Large and pageable: the driver may block until the stream reaches the copy, so the stream is drained
+    // first through the polling wait (a stuck collective then becomes an error, not a hang).
+    cuda::wait_stream(cur_->stream);
+    MOE_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), src, bytes, cudaMemcpyHostToDevice, cur_->stream));
   }
 
   // ---- streams
@@ -193,6 +212,17 @@ class CudaBackend final : public Backend {
     return ms / 1000.0;
   }
   void* native_stream() override { return main_.stream; }
+  // Waits for a stream without throwing, at most kDrainLimitS; false when it did not finish.
+  static bool drain(cudaStream_t s) {
+    constexpr double kDrainLimitS = 30.0;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (;;) {
+      cudaError_t e = cudaStreamQuery(s);
+      if (e != cudaErrorNotReady) return e == cudaSuccess;
+      if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > kDrainLimitS) return false;
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  }
   cuda::Context& current() { return *cur_; }
 
  private:
