@@ -1,9 +1,5 @@
 // moe_bench: benchmarks with one table format (nccl-tests style); exit code 1 on a wrong result.
-//
-//   mpirun -np N moe_bench layer [--tokens=4096] [--hidden=512] [--experts=8] [--top_k=2] [--shared=0,1]
-//                                [--ffn_hidden=0] [--capacity_factor=1.25] [--iters=10] [--warmup=2]
-//                                [--threads=1] [--dtype=float32|float64] [--device=cpu|cuda] [--precision=fp32,bf16] [--format=table|json|csv]
-// Lists (comma-separated) give one row per combination.
+// See kUsage for the options.
 #include <cstdio>
 #include <string>
 
@@ -14,9 +10,12 @@ using namespace moe;
 namespace {
 const char* kUsage =
     "usage: mpirun -np N moe_bench layer [--tokens=4096] [--hidden=512] [--experts=8] [--top_k=2]\n"
-    "                 [--shared=0,1] [--ffn_hidden=0] [--capacity_factor=1.25] [--iters=10] [--warmup=2]\n"
-    "                 [--threads=1] [--dtype=float32|float64] [--device=cpu|cuda] [--precision=fp32,bf16] [--format=table|json|csv]\n"
-    "Comma-separated lists give one row per combination. tokens is per rank; ep = number of ranks.\n";
+    "                 [--shared=0,1] [--ffn_hidden=0] [--capacity_factor=1.25] [--expert_type=swiglu]\n"
+    "                 [--force_routing=off] [--precision=fp32] [--threads=1] [--dtype=float32] [--device=cpu]\n"
+    "                 [--section.key=value ...] [--iters=10] [--warmup=2] [--format=table|json|csv]\n"
+    "The short names stand for configuration keys (tokens: model.seq_len, tokens per rank; experts:\n"
+    "moe.num_experts; shared: moe.num_shared_experts; ...); any other key of docs/CONFIG.md may be given\n"
+    "as --section.key. A comma list of a sweepable key gives one row per combination. ep = ranks.\n";
 }
 
 int main(int argc, char** argv) {

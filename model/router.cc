@@ -58,6 +58,8 @@ const RouteState& Router::forward(Backend& backend, Communicator& world, const T
   args.random_routing = moe_.random_routing && ctx.training;
   args.rng = RngStream{seed_, rng_stream(RngPurpose::kRandomRouting, static_cast<uint64_t>(ctx.step), layer_)};
   args.token_offset = ctx.token_offset;
+  args.forced = moe_.force_routing;
+  args.forced_rng = RngStream{seed_, rng_stream(RngPurpose::kForcedRouting, static_cast<uint64_t>(ctx.step), layer_)};
 
   Saved s;
   s.token_offset = ctx.token_offset;

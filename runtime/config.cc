@@ -89,6 +89,7 @@ ConfigField field(const char* key, Sec Config::*sec, V Sec::*mem, const char* do
   f.key = key;
   f.type = type_name<V>();
   f.doc = doc;
+  f.sweep = !std::is_same_v<V, std::string>;  // a path or a prompt may hold commas
   std::string k = key;
   f.set = [k, sec, mem](Config& c, const std::string& text) {
     V& dst = c.*sec.*mem;
@@ -123,6 +124,7 @@ ConfigField choice(const char* key, Sec Config::*sec, E Sec::*mem, std::vector<s
   ConfigField f;
   f.key = key;
   f.doc = doc;
+  f.sweep = true;
   for (size_t i = 0; i < names.size(); ++i) f.type += (i ? " | " : "") + names[i].first;
   std::string k = key, type = f.type;
   f.set = [k, type, sec, mem, names](Config& c, const std::string& text) {
@@ -238,6 +240,19 @@ std::vector<ConfigField> build_fields() {
   f.push_back(field("moe.bias_update_rate", &C::moe, &MoeConfig::bias_update_rate,
                     "gamma of DeepSeek-V3 loss-free balancing: after each step b_i += gamma * sign(mean load - "
                     "load_i), loads counted globally; b only affects expert selection. 0: off."));
+  {
+    ConfigField r;
+    r.key = "moe.force_routing";
+    r.type = "off | uniform | zipf:S | hot:F";
+    r.doc = "Benchmarks and studies: each token's experts are drawn from a seeded distribution instead of the "
+            "router's top-k (uniform; zipf:S, expert i weighted (i+1)^-S; hot:F, expert 0 takes a fraction F of "
+            "1st choices), k distinct experts per token; gates are still the router's scores at the drawn "
+            "experts, so the router trains. Metrics record the routing. off: the router chooses.";
+    r.sweep = true;
+    r.set = [](Config& c, const std::string& text) { c.moe.force_routing = parse_forced_routing(text); };
+    r.get = [](const Config& c) { return forced_routing_name(c.moe.force_routing); };
+    f.push_back(r);
+  }
   // train
   f.push_back(field("train.steps", &C::train, &TrainConfig::steps, "Optimizer steps to run (the final step number)."));
   f.push_back(field("train.seed", &C::train, &TrainConfig::seed,
@@ -342,7 +357,9 @@ size_t edit_distance(const std::string& a, const std::string& b) {
   return prev[b.size()];
 }
 
-const ConfigField& find_field(const std::string& key) {
+}  // namespace
+
+const ConfigField& config_field(const std::string& key) {
   for (const auto& f : config_fields())
     if (f.key == key) return f;
   std::string best;
@@ -353,6 +370,8 @@ const ConfigField& find_field(const std::string& key) {
   }
   throw ConfigError(key, "unknown key" + (best.empty() ? std::string() : " (did you mean " + best + "?)"));
 }
+
+namespace {
 
 std::string node_kind(const YAML::Node& n) {
   switch (n.Type()) {
@@ -365,11 +384,44 @@ std::string node_kind(const YAML::Node& n) {
 
 void apply(Config& c, const std::string& key, const std::string& value, const std::string& source,
            ConfigSources* sources) {
-  find_field(key).set(c, value);
+  config_field(key).set(c, value);
   if (sources) (*sources)[key] = source;
 }
 
 }  // namespace
+
+ForcedRouting parse_forced_routing(const std::string& text) {
+  const char* key = "moe.force_routing";
+  ForcedRouting f;
+  if (text == "off") return f;
+  if (text == "uniform") {
+    f.kind = ForcedKind::kUniform;
+    return f;
+  }
+  const size_t colon = text.find(':');
+  const std::string kind = text.substr(0, colon);
+  if (colon == std::string::npos || (kind != "zipf" && kind != "hot")) {
+    throw ConfigError(key, "expected off | uniform | zipf:S | hot:F, got " + quoted(text));
+  }
+  f.kind = kind == "zipf" ? ForcedKind::kZipf : ForcedKind::kHot;
+  f.param = parse_double(key, text.substr(colon + 1));
+  if (f.kind == ForcedKind::kZipf && !(std::isfinite(f.param) && f.param >= 0)) {
+    throw ConfigError(key, "the zipf exponent S must be a finite number >= 0, got " + quoted(text));
+  }
+  if (f.kind == ForcedKind::kHot && !(f.param > 0 && f.param < 1)) {
+    throw ConfigError(key, "the hot fraction F must be in (0, 1), got " + quoted(text));
+  }
+  return f;
+}
+
+std::string forced_routing_name(const ForcedRouting& f) {
+  switch (f.kind) {
+    case ForcedKind::kUniform: return "uniform";
+    case ForcedKind::kZipf: return "zipf:" + format_double(f.param);
+    case ForcedKind::kHot: return "hot:" + format_double(f.param);
+    default: return "off";
+  }
+}
 
 const std::vector<ConfigField>& config_fields() {
   static const std::vector<ConfigField> fields = build_fields();
@@ -404,7 +456,7 @@ Config parse_config(const std::string& yaml_text, const std::string& yaml_name,
       for (const auto& item : section.second) {
         if (!item.first.IsScalar()) throw ConfigError(name, "a key must be a plain word in " + yaml_name);
         std::string key = name + "." + item.first.as<std::string>();
-        find_field(key);  // unknown keys first, before any type complaint
+        config_field(key);  // unknown keys first, before any type complaint
         if (!seen.insert(key).second) throw ConfigError(key, "given twice in " + yaml_name);
         if (!item.second.IsScalar()) {
           throw ConfigError(key, "expected a single value, got " + node_kind(item.second) + " in " + yaml_name);
@@ -634,20 +686,22 @@ std::string config_reference_markdown() {
          "`runtime`), each a mapping of the keys below, and by command-line overrides "
          "`--section.key=value` (or `--section.key value`), applied after the file. An unknown key, a value of "
          "the wrong type, or a value out of range stops the run before any work with one line naming the key. "
-         "The resolved configuration is printed once at start-up.\n\n"
+         "The resolved configuration is printed once at start-up. Keys marked *sweep* may take a comma "
+         "list (`--moe.top_k=1,2`) in `moe_bench layer` and in studies, or a YAML list in a study file: one "
+         "run per combination (docs/STUDIES.md).\n\n"
       << "```yaml\nmoe:\n  num_experts: 8\n  top_k: 2\ntrain:\n  steps: 300\n```\n";
   std::string section;
   for (const auto& f : config_fields()) {
     std::string s = f.key.substr(0, f.key.find('.'));
     if (s != section) {
       section = s;
-      out << "\n## " << section << "\n\n| key | type | default | meaning |\n|---|---|---|---|\n";
+      out << "\n## " << section << "\n\n| key | type | default | sweep | meaning |\n|---|---|---|---|---|\n";
     }
     std::string def = f.get(defaults);
     std::string type = f.type;
     for (size_t pos = 0; (pos = type.find('|', pos)) != std::string::npos; pos += 2) type.replace(pos, 1, "\\|");
-    out << "| `" << f.key << "` | " << type << " | " << (def.empty() ? "''" : "`" + def + "`") << " | " << f.doc
-        << " |\n";
+    out << "| `" << f.key << "` | " << type << " | " << (def.empty() ? "''" : "`" + def + "`") << " | "
+        << (f.sweep ? "sweep" : "") << " | " << f.doc << " |\n";
   }
   return out.str();
 }

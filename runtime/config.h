@@ -64,6 +64,7 @@ struct MoeConfig {
   double aux_loss_coef = 0.01;
   double z_loss_coef = 0.001;
   double bias_update_rate = 0.0;
+  ForcedRouting force_routing;  // benchmarks and studies: experts drawn from a seeded distribution
 };
 
 struct TrainConfig {
@@ -128,9 +129,12 @@ struct ConfigField {
   std::string doc;                   // one sentence for --help and docs/CONFIG.md
   std::function<void(Config&, const std::string&)> set;  // parses text; throws ConfigError naming the key
   std::function<std::string(const Config&)> get;         // the value as text that set() parses back
+  bool sweep = false;  // may take a list of values in a study (one run per value)
 };
 
 const std::vector<ConfigField>& config_fields();
+// The field of `key`; an unknown key throws ConfigError naming it and the nearest known key.
+const ConfigField& config_field(const std::string& key);
 
 // Where each key's value came from: "default", the YAML file name, or "command line".
 using ConfigSources = std::map<std::string, std::string>;
@@ -156,6 +160,10 @@ int shared_ffn_hidden(const Config& config);  // moe.shared_ffn_hidden, or exper
 int64_t local_tokens(const Config& config, int world_size);  // tokens per rank per step
 bool compact_dispatch(const Config& config);  // runtime.dispatch_layout resolved for runtime.device
 bool use_nccl(const Config& config);          // runtime.comm resolved for runtime.device
+
+// moe.force_routing text ("off", "uniform", "zipf:1.2", "hot:0.5") and back; throws ConfigError.
+ForcedRouting parse_forced_routing(const std::string& text);
+std::string forced_routing_name(const ForcedRouting& f);
 
 // Every key with its value, in table order.
 std::vector<std::pair<std::string, std::string>> config_values(const Config& config);

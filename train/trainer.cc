@@ -219,6 +219,7 @@ std::string Trainer::metrics_line(const StepRecord& r) const {
   j.field("aux", r.stats.aux_loss).field("z", r.stats.z_loss).field("lr", r.lr).field("grad_norm", r.grad_norm);
   j.field("dropped_frac", r.dropped_frac).field("max_mean_load", r.max_mean_load);
   j.field("tokens_per_s", r.tokens_per_s).field("mfu", r.mfu);
+  if (config_.moe.force_routing.on()) j.field("forced_routing", forced_routing_name(config_.moe.force_routing));
   if (r.eval) {
     j.field("val_loss", r.eval->loss).field("val_bits_per_token", r.eval->bits_per_token);
     if (r.eval->byte_level) j.field("val_bpb", r.eval->bits_per_token);
@@ -418,18 +419,27 @@ void Trainer::open_metrics() {
       if (state_.step > 0) write_file_atomic(path, kept);
       metrics_ = std::fopen(path.c_str(), state_.step > 0 ? "a" : "w");
       if (!metrics_) throw InputError(path, std::string("cannot open the metrics file: ") + std::strerror(errno));
+      JsonWriter j;
       if (state_.step > 0) {
         const int64_t lost = std::max<int64_t>(0, last_logged - state_.step);
         if (lost > 0) {
           log_info("resumed at step " + std::to_string(state_.step) + ": steps " + std::to_string(state_.step + 1) +
                    ".." + std::to_string(last_logged) + " of the run before were lost and are redone");
         }
-        JsonWriter j;
-        j.begin_object().field("event", "resume").field("step", state_.step).field("lost_steps", lost).end_object();
-        const std::string line = j.str() + "\n";
-        if (std::fputs(line.c_str(), metrics_) < 0 || std::fflush(metrics_) != 0) {
-          throw InputError(path, std::string("cannot write the metrics file: ") + std::strerror(errno));
-        }
+        j.begin_object().field("event", "resume").field("step", state_.step).field("lost_steps", lost);
+      } else {
+        // What a study report needs to know about the run besides its steps.
+        j.begin_object().field("event", "start").field("ranks", world.size()).field("ep", config_.parallel.ep);
+        j.field("params_total", size_.total_params).field("params_active", size_.active_params);
+        j.field("flops_per_token", size_.flops_per_token);
+        j.field("tokens_per_step", static_cast<int64_t>(config_.train.batch_size) * config_.model.seq_len);
+        j.field("dense_gflops_per_rank", dense_rate_ * 1e-9);
+        j.field("routing", forced_routing_name(config_.moe.force_routing));
+      }
+      j.end_object();
+      const std::string line = j.str() + "\n";
+      if (std::fputs(line.c_str(), metrics_) < 0 || std::fflush(metrics_) != 0) {
+        throw InputError(path, std::string("cannot write the metrics file: ") + std::strerror(errno));
       }
     } catch (const Error& e) {
       failure = e.what();

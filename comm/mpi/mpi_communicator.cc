@@ -14,6 +14,7 @@
 #include <climits>
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 #include "runtime/device_wait.h"
 #include "runtime/error.h"
@@ -212,25 +213,23 @@ int mpi_world_size() {
   return n;
 }
 
-int mpi_local_rank() {
-  if (!mpi_initialized()) return 0;
+namespace {
+// This process's rank in, and the size of, the ranks sharing its node.
+std::pair<int, int> node_rank_and_size() {
+  if (!mpi_initialized()) return {0, 1};
   MPI_Comm node;
   MOE_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
-  int r = 0;
+  int r = 0, n = 1;
   MPI_Comm_rank(node, &r);
-  MPI_Comm_free(&node);
-  return r;
-}
-
-int mpi_local_size() {
-  if (!mpi_initialized()) return 1;
-  MPI_Comm node;
-  MOE_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
-  int n = 1;
   MPI_Comm_size(node, &n);
   MPI_Comm_free(&node);
-  return n;
+  return {r, n};
 }
+}  // namespace
+
+int mpi_local_rank() { return node_rank_and_size().first; }
+
+int mpi_local_size() { return node_rank_and_size().second; }
 
 std::unique_ptr<Communicator> make_mpi_world() { return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD); }
 std::unique_ptr<Communicator> make_mpi_self() { return std::make_unique<MpiCommunicator>(MPI_COMM_SELF); }

@@ -176,7 +176,11 @@ void route(Backend& backend, const RouteArgs& args, const Tensor& sel_probs, con
       const T* p = probs + t * e_count;
       int32_t* idx = eidx + t * k;
       int n = 0;
-      for (int e = 0; e < e_count; ++e) topk_insert(key.data(), idx, n, k, T(p[e] + (b ? b[e] : T(0))), e);
+      if (args.forced.on()) {
+        forced_choice(args.forced, e_count, k, args.forced_rng, static_cast<uint64_t>(args.token_offset + t), idx);
+      } else {
+        for (int e = 0; e < e_count; ++e) topk_insert(key.data(), idx, n, k, T(p[e] + (b ? b[e] : T(0))), e);
+      }
       T sum = 0;
       for (int j = 0; j < k; ++j) {
         score[t * k + j] = p[idx[j]];

@@ -165,6 +165,8 @@ struct TopKArgs {
   bool normalize, hard, random_routing;
   RngStream rng;
   int64_t token_offset;
+  ForcedRouting forced;
+  RngStream forced_rng;
   int* eidx;
   float* score;
   float* gate;
@@ -183,7 +185,11 @@ __global__ void topk_kernel(TopKArgs a) {
   float key[kMaxTopK];
   int idx[kMaxTopK];
   int n = 0;
-  for (int e = 0; e < a.e; ++e) topk_insert(key, idx, n, k, p[e] + (a.bias ? a.bias[e] : 0.0f), e);
+  if (a.forced.on()) {
+    forced_choice(a.forced, a.e, k, a.forced_rng, static_cast<uint64_t>(a.token_offset + t), idx);
+  } else {
+    for (int e = 0; e < a.e; ++e) topk_insert(key, idx, n, k, p[e] + (a.bias ? a.bias[e] : 0.0f), e);
+  }
   float sum = 0;
   for (int j = 0; j < k; ++j) {
     float s = p[idx[j]];
@@ -497,6 +503,8 @@ void route(Backend& backend, const RouteArgs& args, const Tensor& sel_probs, con
   a.random_routing = args.random_routing;
   a.rng = args.rng;
   a.token_offset = args.token_offset;
+  a.forced = args.forced;
+  a.forced_rng = args.forced_rng;
   a.eidx = out.expert_idx.data<int32_t>();
   a.score = out.score.data<float>();
   a.gate = out.gate.data<float>();

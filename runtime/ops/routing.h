@@ -6,6 +6,7 @@
 // on the number of ranks.
 #pragma once
 
+#include "runtime/forced_routing.h"
 #include "runtime/ops/op.h"
 #include "runtime/rng.h"
 
@@ -31,6 +32,8 @@ struct RouteArgs {
   bool random_routing = false;  // GShard: keep the 2nd choice only if 2*g2/(g1+g2) > U(0,1); needs top_k == 2
   RngStream rng;                // random-routing coins, indexed by global token index
   int64_t token_offset = 0;     // global index of local token 0
+  ForcedRouting forced;         // on: the experts are drawn (forced_choice) instead of the top-k
+  RngStream forced_rng;         // its draws, indexed by global token * top_k + choice
 };
 
 // Outputs of the routing op. T local tokens, k = top_k, E experts, G groups.
@@ -89,7 +92,9 @@ MOE_OP(void, router_stats, (Backend& b, const RouteState& state, const Tensor& p
 // x[t, :] += scale * v for every row; v (E) F64 has one value per column
 MOE_OP(void, add_row_vector, (Backend& b, Tensor& x, const Tensor& v, double scale), (b, x, v, scale))
 // Top-k over (sel_probs + bias), gates, random routing and capacity slots; see RouteArgs/RouteState.
-// Allocates out's tensors. bias (E) may be undefined. Ties go to the lower expert index.
+// Allocates out's tensors. bias (E) may be undefined. Ties go to the lower expert index. With forced
+// routing the experts come from forced_choice() (bias unused) and the scores and gates are still the
+// router's values at those experts, so the router gets gradients.
 MOE_OP(void, route, (Backend& b, const RouteArgs& args, const Tensor& sel_probs, const Tensor& bias, RouteState& out),
        (b, args, sel_probs, bias, out))
 // dsel_probs (T, E) = gradient of the soft gates (normalised or not) given dgate (T, k); overwritten.

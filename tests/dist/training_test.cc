@@ -232,6 +232,16 @@ TEST(Training, MetricsFileHasOneJsonLinePerStep) {
   if (groups.world->rank() != 0) return;
   std::ifstream in(c.train.metrics_path);
   std::string line;
+  // A start event first: what the study reports need besides the steps.
+  ASSERT_TRUE(std::getline(in, line));
+  YAML::Node start = parse_json(line, "metrics start line");
+  EXPECT_EQ(start["event"].as<std::string>(), "start");
+  EXPECT_EQ(start["ranks"].as<int>(), groups.world->size());
+  const ModelSize size = model_size(c);
+  EXPECT_EQ(start["params_total"].as<int64_t>(), size.total_params);
+  EXPECT_EQ(start["params_active"].as<int64_t>(), size.active_params);
+  EXPECT_EQ(start["tokens_per_step"].as<int64_t>(), int64_t{c.train.batch_size} * c.model.seq_len);
+  EXPECT_EQ(start["routing"].as<std::string>(), "off");
   int lines = 0;
   while (std::getline(in, line)) {
     ++lines;

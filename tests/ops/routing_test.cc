@@ -170,6 +170,53 @@ TEST_F(GateTest, RandomRoutingKeepsSecondChoiceWithProbabilityTwiceItsShare) {
   EXPECT_EQ(ints(s.choices)[1], n);  // the load-balance counts see every choice
 }
 
+// Forced routing: every token gets k distinct experts drawn from the configured weights, whatever the
+// scores; the scores and gates are the router's values at the drawn experts.
+TEST_F(GateTest, ForcedRoutingFollowsItsDistribution) {
+  const int n = 20000, e = 8, k = 2;
+  std::vector<double> v;
+  for (int t = 0; t < n; ++t)
+    for (int x = 0; x < e; ++x) v.push_back(x == 7 ? 0.9 : 0.1 / 7);  // the router wants expert 7
+  const ForcedRouting kinds[] = {{ForcedKind::kUniform, 0}, {ForcedKind::kZipf, 1.2}, {ForcedKind::kHot, 0.6}};
+  for (const ForcedRouting& f : kinds) {
+    SCOPED_TRACE(forced_routing_name(f));
+    RouteArgs a = args(e, k, 0);
+    a.forced = f;
+    a.forced_rng = RngStream{9, rng_stream(RngPurpose::kForcedRouting, 2, 0)};
+    a.token_offset = 1000;
+    RouteState s;
+    route(*backend, a, probs(n, e, v), Tensor(), s);
+    std::vector<int> idx = ints(s.expert_idx);
+    std::vector<double> score = reals(s.score), gate = reals(s.gate);
+    double weight_sum = 0;
+    for (int x = 0; x < e; ++x) weight_sum += forced_weight(f, x, e);
+    std::vector<int> first(e, 0);
+    for (int t = 0; t < n; ++t) {
+      ASSERT_NE(idx[t * k], idx[t * k + 1]) << "token " << t << " got one expert twice";
+      ++first[idx[t * k]];
+      for (int j = 0; j < k; ++j) EXPECT_EQ(score[t * k + j], v[t * e + idx[t * k + j]]);
+      EXPECT_NEAR(gate[t * k] + gate[t * k + 1], 1.0, 1e-12);
+    }
+    // 1st choices follow the weights: each count within 5 standard deviations of n p.
+    for (int x = 0; x < e; ++x) {
+      const double p = forced_weight(f, x, e) / weight_sum;
+      EXPECT_NEAR(first[x], n * p, 5 * std::sqrt(n * p * (1 - p)) + 1) << "expert " << x;
+    }
+    // Every choice counts for the load-balance statistics, and the draws are the documented ones.
+    std::vector<int> choices = ints(s.choices), all(e, 0);
+    for (int a2 : idx) ++all[a2];
+    EXPECT_EQ(choices, all);
+    int want[k];
+    forced_choice(f, e, k, a.forced_rng, 1000 + 123, want);
+    EXPECT_EQ(idx[123 * k], want[0]);
+    EXPECT_EQ(idx[123 * k + 1], want[1]);
+  }
+  // hot:F gives expert 0 a fraction F of the 1st choices; zipf:0 is uniform.
+  EXPECT_NEAR(forced_weight({ForcedKind::kHot, 0.6}, 0, 8) / (forced_weight({ForcedKind::kHot, 0.6}, 0, 8) + 7), 0.6,
+              1e-12);
+  EXPECT_EQ(forced_weight({ForcedKind::kZipf, 0.0}, 5, 8), 1.0);
+}
+
 TEST_F(GateTest, RouteBackwardDifferentiatesNormalizedGates) {
   Tensor p = probs(1, 3, {0.5, 0.3, 0.2});
   RouteArgs a = args(3, 2, 0);
@@ -248,16 +295,20 @@ struct RouteCase {
   int groups, top_k;
   Priority priority;
   bool random_routing, normalize, hard, bias;
+  ForcedRouting forced;
 };
 
 TEST_F(CudaOps, RouteEveryGateOption) {
   const RouteCase cases[] = {
-      {"capacity", 9, 1, 2, Priority::kToken, false, true, false, false},
-      {"dropless", 0, 1, 2, Priority::kToken, false, true, false, false},
-      {"groups+batch priority", 5, 3, 2, Priority::kBatch, false, true, false, true},
-      {"random routing", 12, 1, 2, Priority::kToken, true, true, false, false},
-      {"top-3 hard unnormalised", 7, 2, 3, Priority::kToken, false, false, true, false},
-      {"dropless top-6 groups", 0, 4, 6, Priority::kBatch, false, true, false, true},
+      {"capacity", 9, 1, 2, Priority::kToken, false, true, false, false, {}},
+      {"dropless", 0, 1, 2, Priority::kToken, false, true, false, false, {}},
+      {"groups+batch priority", 5, 3, 2, Priority::kBatch, false, true, false, true, {}},
+      {"random routing", 12, 1, 2, Priority::kToken, true, true, false, false, {}},
+      {"top-3 hard unnormalised", 7, 2, 3, Priority::kToken, false, false, true, false, {}},
+      {"dropless top-6 groups", 0, 4, 6, Priority::kBatch, false, true, false, true, {}},
+      {"forced zipf:1.2", 6, 2, 2, Priority::kToken, false, true, false, true, {ForcedKind::kZipf, 1.2}},
+      {"forced hot:0.5 top-3", 0, 1, 3, Priority::kBatch, false, true, false, false, {ForcedKind::kHot, 0.5}},
+      {"forced uniform", 4, 1, 1, Priority::kToken, false, false, false, false, {ForcedKind::kUniform, 0}},
   };
   const int64_t t = 120;
   const int e = 16;
@@ -274,6 +325,8 @@ TEST_F(CudaOps, RouteEveryGateOption) {
       args.random_routing = c.random_routing;
       args.rng = RngStream{5, rng_stream(RngPurpose::kRandomRouting, 1, 0)};
       args.token_offset = 300;
+      args.forced = c.forced;
+      args.forced_rng = RngStream{5, rng_stream(RngPurpose::kForcedRouting, 1, 0)};
       Tensor probs = rnd(b, {t, e}, 37), bias = c.bias ? rnd(b, {e}, 38, 0.1) : Tensor();
       RouteState s;
       route(b, args, probs, bias, s);
