@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <string>
 
+#include "launch/a2a_bench.h"
 #include "launch/layer_bench.h"
 
 using namespace moe;
@@ -15,7 +16,13 @@ const char* kUsage =
     "                 [--section.key=value ...] [--iters=10] [--warmup=2] [--format=table|json|csv]\n"
     "The short names stand for configuration keys (tokens: model.seq_len, tokens per rank; experts:\n"
     "moe.num_experts; shared: moe.num_shared_experts; ...); any other key of docs/CONFIG.md may be given\n"
-    "as --section.key. A comma list of a sweepable key gives one row per combination. ep = ranks.\n";
+    "as --section.key. A comma list of a sweepable key gives one row per combination. ep = ranks.\n"
+    "\n"
+    "       mpirun -np N moe_bench a2a [--min_bytes=1024] [--max_bytes=16777216] [--factor=4] [--iters=20]\n"
+    "                 [--warmup=5] [--device=cpu|cuda] [--moe=1] [--tokens=1024] [--hidden=512] [--experts=2N]\n"
+    "                 [--top_k=2] [--capacity_factor=1.25,0] [--force_routing=off] [--format=table|json|csv]\n"
+    "all_to_all and all_to_all_v over the size sweep (nccl-tests columns, each rank verifies what it got),\n"
+    "then per MoE shape (--moe=0: none) one layer's dispatch + combine against the raw collective.\n";
 }
 
 int main(int argc, char** argv) {
@@ -30,6 +37,9 @@ int main(int argc, char** argv) {
     }
   }
   std::string what = argv[1];
+  if (what == "a2a") {
+    return run_job(argc, argv, "moe_bench", [&] { return run_a2a_bench(parse_command_line(argc, argv, 2)); });
+  }
   if (what != "layer") {
     std::fprintf(stderr, "moe_bench: unknown benchmark '%s'\n%s", what.c_str(), kUsage);
     return 2;

@@ -7,7 +7,7 @@
 // The dense rate is the BLAS running the same GEMMs (same shapes and FLOPs, one group) in the same run.
 #include "launch/layer_bench.h"
 
-#include "launch/main_common.h"
+#include "launch/bench_options.h"
 
 #include <algorithm>
 #include <chrono>
@@ -20,75 +20,13 @@
 #include "runtime/json.h"
 #include "runtime/log.h"
 #include "runtime/ops/gemm.h"
-#include "runtime/sweep.h"
 
 namespace moe {
 namespace {
 
-struct BenchOptions {
-  int iters = 10;
-  int warmup = 2;
-  std::string format = "table";
-  Sweep sweep;  // configuration keys; one row per combination
-};
-
-// Short names of the configuration keys the benchmark is usually run with.
-const std::pair<const char*, const char*> kAliases[] = {
-    {"tokens", "model.seq_len"},      {"hidden", "model.hidden"},
-    {"experts", "moe.num_experts"},   {"top_k", "moe.top_k"},
-    {"shared", "moe.num_shared_experts"}, {"ffn_hidden", "moe.ffn_hidden"},
-    {"capacity_factor", "moe.capacity_factor"}, {"expert_type", "moe.expert_type"},
-    {"force_routing", "moe.force_routing"}, {"threads", "runtime.threads"},
-    {"dtype", "runtime.dtype"},       {"device", "runtime.device"},
-    {"precision", "runtime.precision"}};
-
 // Keys shown in every row; other swept keys get a column of their own.
 const char* kRowKeys[] = {"runtime.precision", "model.seq_len", "model.hidden", "moe.num_experts", "moe.top_k",
                           "moe.num_shared_experts"};
-
-BenchOptions parse_options(const CommandLine& cl) {
-  BenchOptions o;
-  o.sweep.add_overrides({"model.seq_len=4096", "model.hidden=512", "moe.num_experts=8", "moe.top_k=2",
-                         "moe.num_shared_experts=0,1", "moe.capacity_factor=1.25", "moe.aux_loss_coef=0.01"});
-  for (const std::string& f : cl.flags) {
-    size_t eq = f.find('=');
-    std::string k = f.substr(0, eq), v = eq == std::string::npos ? "" : f.substr(eq + 1);
-    auto count = [&](int lo) {
-      char* end = nullptr;
-      long n = std::strtol(v.c_str(), &end, 10);
-      if (v.empty() || *end != '\0' || n < lo) {
-        throw ConfigError(k, "expected an integer >= " + std::to_string(lo) + ", got '" + v + "'");
-      }
-      return static_cast<int>(n);
-    };
-    if (k == "iters") o.iters = count(1);
-    else if (k == "warmup") o.warmup = count(0);
-    else if (k == "format" && (v == "table" || v == "json" || v == "csv")) o.format = v;
-    else if (k == "format") throw ConfigError(k, "expected table | json | csv, got '" + v + "'");
-    else {
-      for (const auto& [alias, key] : kAliases)
-        if (k == alias) k = key;
-      if (eq == std::string::npos || k.find('.') == std::string::npos) {
-        throw ConfigError(k, "unknown or malformed option --" + f + " (see moe_bench --help)");
-      }
-      o.sweep.add_overrides({k + "=" + v});
-    }
-  }
-  for (const char* fixed : {"runtime.device", "runtime.dtype", "runtime.threads"}) {
-    for (const std::string& k : o.sweep.swept_keys())
-      if (k == fixed) throw ConfigError(k, "takes one value per benchmark run");
-  }
-  return o;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-double seconds_since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
 
 Tensor random_tensor(Backend& backend, const Shape& shape, DType dtype, uint64_t stream, int64_t offset) {
   return normal_tensor(backend, shape, dtype, RngStream{7, rng_stream(RngPurpose::kTest, stream)}, offset);
@@ -168,7 +106,12 @@ struct Row {
 }  // namespace
 
 int run_layer_bench(const CommandLine& cl) {
-  BenchOptions o = parse_options(cl);
+  const BenchOptions o = parse_bench_options(
+      "layer", cl,
+      {"model.seq_len=4096", "model.hidden=512", "moe.num_experts=8", "moe.top_k=2", "moe.num_shared_experts=0,1",
+       "moe.capacity_factor=1.25", "moe.aux_loss_coef=0.01"},
+      {{"iters", 10}, {"warmup", 2}}, {{"iters", 1}});
+  const int iters = static_cast<int>(o.get("iters")), warmup = static_cast<int>(o.get("warmup"));
   const Config base = parse_config("", "", o.sweep.point(0));
   const DType dtype = base.runtime.dtype;
   auto world_comm = make_mpi_world();
@@ -185,16 +128,19 @@ int run_layer_bench(const CommandLine& cl) {
 
   std::vector<Row> rows;
   for (size_t point = 0; point < o.sweep.size(); ++point) {
-    Config c = parse_config("", "", o.sweep.point(point));
-    c.parallel.ep = world;
-    c.train.batch_size = world;  // one sequence of model.seq_len tokens per rank
-    validate_config(c, world);
+    const Config c = on_every_rank([&] {
+      Config c = parse_config("", "", o.sweep.point(point));
+      c.parallel.ep = world;
+      c.train.batch_size = world;  // one sequence of model.seq_len tokens per rank
+      validate_config(c, world);
+      if (c.moe.num_experts == 0) throw ConfigError("moe.num_experts", "must be > 0 in moe_bench layer");
+      return c;
+    });
     const Precision precision = c.runtime.precision;
     const bool bf16 = precision == Precision::kBf16;
     const DType gemm_dt = bf16 ? DType::kBF16 : dtype;
     const int64_t tokens = c.model.seq_len, hidden = c.model.hidden, experts = c.moe.num_experts,
                   top_k = c.moe.top_k, shared = c.moe.num_shared_experts;
-    MOE_CHECK(experts > 0, "moe_bench layer needs moe.num_experts > 0");
     const int64_t mid = expert_ffn_hidden(c);
     std::vector<std::string> extra;
     for (const std::string& k : extra_keys) extra.push_back(config_field(k).get(c));
@@ -209,7 +155,7 @@ int run_layer_bench(const CommandLine& cl) {
     ctx.token_offset = rank * tokens;
     Tensor y;
     std::vector<double> times;
-    for (int it = 0; it < o.warmup + o.iters; ++it) {
+    for (int it = 0; it < warmup + iters; ++it) {
       params.zero_grads(*backend);
       groups.world->barrier();
       auto t0 = std::chrono::steady_clock::now();
@@ -217,7 +163,7 @@ int run_layer_bench(const CommandLine& cl) {
       layer.backward(*backend, groups, dy);
       backend->synchronize();
       std::vector<double> t{seconds_since(t0)};
-      if (it >= o.warmup) times.push_back(t[0]);
+      if (it >= warmup) times.push_back(t[0]);
     }
     RouterStats stats = layer.read_stats(*backend);
     double layer_s = median(times);
@@ -237,11 +183,11 @@ int run_layer_bench(const CommandLine& cl) {
     // dense rate: the same GEMMs on this rank's rows, as single dense GEMMs
     int64_t my_rows = 0;
     for (int64_t r : layer.dispatcher().expert_rows()) my_rows += r;
-    double dense_s = dense_gemm_seconds(*backend, gemm_dt, my_rows, hidden, mid, swiglu, o.iters, o.warmup);
+    double dense_s = dense_gemm_seconds(*backend, gemm_dt, my_rows, hidden, mid, swiglu, iters, warmup);
     double dense_flops = 3.0 * layer.experts().forward_flops_per_row() * my_rows;
     if (shared) {
       dense_s += dense_gemm_seconds(*backend, gemm_dt, tokens, hidden, shared * shared_ffn_hidden(c), swiglu,
-                                    o.iters, o.warmup);
+                                    iters, warmup);
       dense_flops += 3.0 * layer.shared()->forward_flops_per_row() * tokens;
     }
     std::vector<double> dense{dense_flops, dense_s};
@@ -306,7 +252,7 @@ int run_layer_bench(const CommandLine& cl) {
       log_info("# moe_bench layer: MoE layer forward+backward, backend " + backend->name() + threads + ", " +
                dtype_name(dtype) + " master weights, communicator " + groups.world->name() + ", " +
                std::to_string(world) + " rank(s), ep " + std::to_string(world) + common_keys(c, extra_keys) + ", " +
-               std::to_string(o.iters) + " iters after " + std::to_string(o.warmup) + " warm-up (median)");
+               std::to_string(iters) + " iters after " + std::to_string(warmup) + " warm-up (median)");
       log_info("# expert GF/s: useful expert FFN FLOPs (fwd+bwd) / layer time; dense GF/s: the BLAS (cuBLAS on "
                "a GPU) on the same GEMM shapes and FLOPs in the same precision, this run; ratio = expert / dense");
       std::string header = "#  prec  tokens  hidden  experts  top_k  shared   ffn";

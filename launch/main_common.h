@@ -10,6 +10,7 @@
 #include "comm/communicator.h"
 #include "runtime/backend.h"
 #include "runtime/config.h"
+#include "runtime/error.h"
 
 namespace moe {
 
@@ -20,6 +21,18 @@ namespace moe {
 // stuck, a CommError; 1 otherwise). body's own return value is the exit code otherwise (moe_train: 0, or
 // 128 + the signal that stopped it after a final checkpoint).
 int run_job(int argc, char** argv, const char* program, const std::function<int()>& body);
+
+// Runs f, marking an error it throws as raised by every rank together (for work every rank does alike,
+// such as parsing the same arguments), so run_job stops the job cleanly with one line.
+template <typename F>
+auto on_every_rank(F f) {
+  try {
+    return f();
+  } catch (Error& e) {
+    e.mark_collective();
+    throw;
+  }
+}
 
 struct CommandLine {
   std::string config_path;             // first positional argument, or ""
