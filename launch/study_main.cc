@@ -1,0 +1,99 @@
+// moe_study: the two ends of a study (launch/moe study runs the jobs in between). One process, no MPI.
+//
+//   moe_study plan STUDY.yaml --kind=compare|scale --out=DIR [--ranks=1,2,4,8] [--layer [--iters=N --warmup=N]]
+//                  [--section.key=v1,v2 ...]
+//       writes DIR/<run>/run.json for every run and prints one line per run, fields separated by tabs:
+//       name, ranks, mode, config file ("-" for an empty field), then the run's arguments (overrides
+//       key=value, or moe_bench options)
+//   moe_study report DIR
+//       writes DIR/summary.md, DIR/summary.csv and DIR/plots/, and prints the Markdown table
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <string>
+
+#include "launch/study.h"
+#include "runtime/error.h"
+#include "runtime/json.h"
+#include "runtime/sweep.h"
+#include "train/safetensors.h"
+
+using namespace moe;
+
+namespace {
+
+const char* kUsage =
+    "usage: moe_study plan STUDY.yaml --kind=compare|scale --out=DIR [--ranks=N,...] [--layer [--iters=N] [--warmup=N]]\n"
+    "                      [--section.key=v,...]\n"
+    "       moe_study report DIR\n"
+    "launch/moe study is the command to use; see docs/STUDIES.md.\n";
+
+int plan(int argc, char** argv) {
+  StudyOptions opt;
+  std::string study;
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a.rfind("--kind=", 0) == 0) opt.kind = a.substr(7);
+    else if (a.rfind("--out=", 0) == 0) opt.out = a.substr(6);
+    else if (a == "--layer") opt.layer = true;
+    else if (a.rfind("--iters=", 0) == 0 || a.rfind("--warmup=", 0) == 0) opt.bench_flags.push_back(a);
+    else if (a.rfind("--ranks=", 0) == 0) {
+      for (const std::string& r : split_list("--ranks", a.substr(8))) {
+        char* end = nullptr;
+        const long n = std::strtol(r.c_str(), &end, 10);
+        if (*end != '\0' || n < 1) throw InputError("--ranks", "expected positive numbers, got '" + a.substr(8) + "'");
+        opt.ranks.push_back(static_cast<int>(n));
+      }
+    } else if (a.rfind("--", 0) == 0 && a.find('.') != std::string::npos && a.find('=') != std::string::npos) {
+      opt.overrides.push_back(a.substr(2));
+    } else if (a.rfind("--", 0) != 0 && study.empty()) {
+      study = a;
+    } else {
+      throw InputError(a, "unexpected argument to moe_study plan");
+    }
+  }
+  if (study.empty() || opt.kind.empty() || opt.out.empty()) throw InputError("moe_study plan", "needs STUDY.yaml, --kind and --out");
+  const std::vector<StudyRun> runs = plan_study(study, opt);
+  for (const StudyRun& r : runs) {
+    const std::filesystem::path dir = std::filesystem::path(opt.out) / r.name;
+    std::filesystem::create_directories(dir);
+    JsonWriter j;
+    j.begin_object().field("index", r.index).field("name", r.name).field("model", r.model).field("mode", r.mode);
+    j.field("label", r.label).field("kind", opt.kind).field("study", study).field("config", r.config);
+    j.field("ranks", r.ranks).array("args", r.args).end_object();
+    write_file_atomic((dir / "run.json").string(), j.str() + "\n");
+    // "-" for an empty field: bash's read collapses runs of tabs
+    std::string line = r.name + "\t" + std::to_string(r.ranks) + "\t" + (r.mode.empty() ? "-" : r.mode) + "\t" +
+                       (r.config.empty() ? "-" : r.config);
+    for (const std::string& a : r.args) {
+      if (a.find_first_of("\t\n") != std::string::npos) throw InputError(r.name, "an argument holds a tab or a newline: " + a);
+      line += "\t" + a;
+    }
+    std::cout << line << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  try {
+    const std::string what = argv[1];
+    if (what == "plan") return plan(argc, argv);
+    if (what == "report" && argc == 3) {
+      std::string note;
+      std::cout << report_study(argv[2], &note);
+      std::cerr << "moe_study: " << note << "\n";
+      return 0;
+    }
+    std::fputs(kUsage, stderr);
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moe_study: error: %s\n", e.what());
+    return 2;
+  }
+}
