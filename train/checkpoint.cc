@@ -116,7 +116,10 @@ void verify_files(const std::string& step_dir, const YAML::Node& m) {
     bad("optimizer_steps " + std::to_string(optimizer_steps) + " for step " + std::to_string(step));
   }
   if (ep < 1) bad("ep " + std::to_string(ep));
-  if (m["experts_per_file"].as<int64_t>(0) <= 0) bad("experts_per_file");
+  // routed experts per rank file: > 0 for a model with MoE layers, 0 for a dense one
+  const bool has_experts = m["config"]["moe.num_experts"].as<std::string>("0") != "0";
+  const int64_t per_file = m["experts_per_file"].as<int64_t>(-1);
+  if (per_file < (has_experts ? 1 : 0)) bad("experts_per_file " + std::to_string(per_file));
   std::set<std::string> listed;
   for (const auto& f : m["files"]) {
     const std::string name = f["name"].as<std::string>();

@@ -117,6 +117,25 @@ TEST(Training, ResumeMatchesTheUninterruptedRunBitForBit) {
   EXPECT_TRUE(train(again, groups).empty());
 }
 
+TEST(Training, ADenseModelResumesBitForBit) {  // no routed experts: the manifest lists 0 per file
+  ProcessGroups groups = test::world_groups(1);
+  SharedDir dir(*groups.world);
+  Config full = tiny_model(8);
+  full.moe.num_experts = 0;
+  full.parallel.ep = 1;
+  std::vector<double> want = losses(train(full, groups));
+  Config first = full;
+  first.train.checkpoint_dir = dir.path();
+  first.train.checkpoint_every = 4;
+  EXPECT_EQ(losses(train(first, groups)), want);
+  Config second = full;
+  second.train.checkpoint_dir = dir.path();
+  second.train.resume = dir.path() + "/step_00000004";
+  std::vector<double> got = losses(train(second, groups));
+  ASSERT_EQ(got.size(), 4u);
+  EXPECT_EQ(got, std::vector<double>(want.begin() + 4, want.end()));
+}
+
 TEST(Training, LossCurveDoesNotDependOnTheNumberOfRanks) {
   Config c = tiny_model(6);
   c.runtime.dtype = DType::kF64;
