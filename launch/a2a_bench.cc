@@ -45,22 +45,6 @@ size_t v_count(size_t base, int src, int dst) {
   return std::max<size_t>(1, base * static_cast<size_t>(1 + (src * 7 + dst * 13) % 3) / 2);
 }
 
-// Median over iterations of f (warm-up first), each started together after a barrier; the slowest rank's.
-template <typename F>
-double timed(Backend& backend, Communicator& world, int iters, int warmup, F f) {
-  std::vector<double> times;
-  for (int it = 0; it < warmup + iters; ++it) {
-    world.barrier();
-    auto t0 = std::chrono::steady_clock::now();
-    f();
-    backend.synchronize();
-    if (it >= warmup) times.push_back(seconds_since(t0));
-  }
-  std::vector<double> mine{median(times)}, all(static_cast<size_t>(world.size()));
-  world.all_gather(mine.data(), all.data(), 1, DType::kF64);
-  return *std::max_element(all.begin(), all.end());
-}
-
 
 }  // namespace
 
@@ -81,7 +65,7 @@ RawRow a2a_row(Backend& backend, Communicator& comm, Communicator& world, bool v
   Tensor send = backend.empty({static_cast<int64_t>(send_total)}, DType::kF32);
   Tensor recv = backend.zeros({static_cast<int64_t>(recv_total)}, DType::kF32);
   backend.copy_from_host(host.data(), send);
-  const double t = timed(backend, world, iters, warmup, [&] {
+  const double t = timed_slowest(backend, world, iters, warmup, [&] {
     if (vary) comm.all_to_all_v(send.raw(), sc, so, recv.raw(), rc, ro, DType::kF32);
     else comm.all_to_all(send.raw(), recv.raw(), base, DType::kF32);
   });
@@ -121,7 +105,7 @@ MoeRow moe_exchange_row(Backend& backend, ProcessGroups& groups, const Config& c
   const RouteState& route = router.forward(backend, *groups.world, x, ctx);
   Dispatcher dispatcher(c.moe.num_experts, static_cast<int>(hidden), compact_dispatch(c));
   Tensor y;
-  const double ours = timed(backend, *groups.world, iters, warmup, [&] {
+  const double ours = timed_slowest(backend, *groups.world, iters, warmup, [&] {
     Tensor expert_in = dispatcher.dispatch(backend, ep, x, route);
     y = backend.zeros({tokens, hidden}, DType::kF32);
     dispatcher.combine(backend, ep, expert_in, route, y);  // identity experts
@@ -131,7 +115,7 @@ MoeRow moe_exchange_row(Backend& backend, ProcessGroups& groups, const Config& c
   const size_t per_peer = std::max<size_t>(1, static_cast<size_t>(bytes / sizeof(float)) / static_cast<size_t>(n));
   Tensor send = backend.zeros({static_cast<int64_t>(per_peer) * n}, DType::kF32);
   Tensor recv = backend.empty({static_cast<int64_t>(per_peer) * n}, DType::kF32);
-  const double raw = timed(backend, *groups.world, iters, warmup, [&] {
+  const double raw = timed_slowest(backend, *groups.world, iters, warmup, [&] {
     ep.all_to_all(send.raw(), recv.raw(), per_peer, DType::kF32);
     ep.all_to_all(recv.raw(), send.raw(), per_peer, DType::kF32);
   });

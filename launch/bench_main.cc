@@ -4,6 +4,7 @@
 #include <string>
 
 #include "launch/a2a_bench.h"
+#include "launch/calibrate.h"
 #include "launch/layer_bench.h"
 
 using namespace moe;
@@ -22,7 +23,11 @@ const char* kUsage =
     "                 [--warmup=5] [--device=cpu|cuda] [--moe=1] [--tokens=1024] [--hidden=512] [--experts=2N]\n"
     "                 [--top_k=2] [--capacity_factor=1.25,0] [--force_routing=off] [--format=table|json|csv]\n"
     "all_to_all and all_to_all_v over the size sweep (nccl-tests columns, each rank verifies what it got),\n"
-    "then per MoE shape (--moe=0: none) one layer's dispatch + combine against the raw collective.\n";
+    "then per MoE shape (--moe=0: none) one layer's dispatch + combine against the raw collective.\n"
+    "\n"
+    "       mpirun -np N moe_bench calibrate --out=FILE [--iters=7] [--quick=1] [--device=cpu|cuda]\n"
+    "the cost model's constants with N ranks running at once (GEMM grid, element-wise rates, all_to_all and\n"
+    "all_reduce alpha-beta), added to FILE as its entry for N ranks per node (docs/STUDIES.md).\n";
 }
 
 int main(int argc, char** argv) {
@@ -39,6 +44,9 @@ int main(int argc, char** argv) {
   std::string what = argv[1];
   if (what == "a2a") {
     return run_job(argc, argv, "moe_bench", [&] { return run_a2a_bench(parse_command_line(argc, argv, 2)); });
+  }
+  if (what == "calibrate") {
+    return run_job(argc, argv, "moe_bench", [&] { return run_calibrate(parse_command_line(argc, argv, 2)); });
   }
   if (what != "layer") {
     std::fprintf(stderr, "moe_bench: unknown benchmark '%s'\n%s", what.c_str(), kUsage);

@@ -2,6 +2,7 @@
 // through one Sweep, the benchmark's own integer flags, the output format, and the timing helpers.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <map>
 #include <string>
@@ -28,5 +29,22 @@ BenchOptions parse_bench_options(const char* what, const CommandLine& cl, const 
 
 double median(std::vector<double> v);
 double seconds_since(std::chrono::steady_clock::time_point t);
+
+// Seconds f takes: the median over `iters` runs (after `warmup` more), each started by every rank together
+// after a barrier and ended by a device synchronisation; the slowest rank's median. Collective over world.
+template <typename F>
+double timed_slowest(Backend& backend, Communicator& world, int iters, int warmup, F f) {
+  std::vector<double> times;
+  for (int it = 0; it < warmup + iters; ++it) {
+    world.barrier();
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    backend.synchronize();
+    if (it >= warmup) times.push_back(seconds_since(t0));
+  }
+  std::vector<double> mine{median(times)}, all(static_cast<size_t>(world.size()));
+  world.all_gather(mine.data(), all.data(), 1, DType::kF64);
+  return *std::max_element(all.begin(), all.end());
+}
 
 }  // namespace moe

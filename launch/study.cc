@@ -277,7 +277,7 @@ const std::vector<std::string>& phase_names() {
   return names;
 }
 
-RunSummary summarize_metrics(const std::string& jsonl, const std::string& what) {
+RunSummary summarize_metrics(const std::string& jsonl, const std::string& what, double warmup) {
   RunSummary s;
   std::istringstream lines(jsonl);
   std::string line;
@@ -307,7 +307,8 @@ RunSummary summarize_metrics(const std::string& jsonl, const std::string& what) 
   s.steps = static_cast<int64_t>(steps.size());
   if (steps.empty()) return s;
   s.last_step = steps.back()["step"].as<int64_t>();
-  const size_t skip = std::min(steps.size() - 1, std::max<size_t>(1, steps.size() / 10));
+  const size_t skip = std::min(steps.size() - 1, std::max<size_t>(1, static_cast<size_t>(steps.size() * warmup)));
+  s.skipped = static_cast<int64_t>(skip);
   std::vector<double> tps, mfu;
   double load = 0, dropped = 0, wall = 0;
   for (size_t i = 0; i < steps.size(); ++i) {
@@ -466,8 +467,10 @@ std::vector<std::string> write_plots(const fs::path& dir, const std::vector<Repo
       std::string data;
       int row = 0;
       std::vector<std::string> ticks;
+      size_t steps = 0;
       for (size_t l = 0; l < load.size(); ++l) {
         if (load[l].empty()) continue;
+        steps = std::max(steps, load[l].size());
         const size_t experts = load[l][0].size();
         for (size_t e = 0; e < experts; ++e, ++row) {
           for (size_t s = 0; s < load[l].size(); ++s) {
@@ -483,7 +486,8 @@ std::vector<std::string> write_plots(const fs::path& dir, const std::vector<Repo
       for (size_t i = 0; i < ticks.size(); ++i) tics += (i ? ", " : "") + ticks[i];
       script(file, "set title " + gq("Expert load / mean load, " + r->name + " (rows: MoE layer x expert)") +
                        "\nset xlabel 'step'\nset ylabel 'MoE layer, expert'\nset ytics (" + tics +
-                       ")\nset cbrange [0:*]\nset palette defined (0 'white', 1 '#4477aa', 2 '#ee6677')\n"
+                       ")\nset xrange [0.5:" + std::to_string(steps) + ".5]\nset yrange [-0.5:" +
+                       std::to_string(row) + "-0.5]\nset cbrange [0:*]\nset palette defined (0 'white', 1 '#4477aa', 2 '#ee6677')\n"
                        "plot " + gq(file + ".dat") + " using 1:2:3 with image notitle\n");
     }
   } else {

@@ -47,12 +47,13 @@ std::vector<StudyRun> plan_study(const std::string& study_path, const StudyOptio
 struct RunSummary {
   bool started = false;
   int64_t steps = 0;  // step lines read
+  int64_t skipped = 0;  // of which the first `skipped` are warm-up, outside the medians and means
   int64_t last_step = 0;
   int ranks = 0, ep = 0;
   int64_t params_total = 0, params_active = 0, tokens_per_step = 0;
   double flops_per_token = 0;
   std::string routing = "off";
-  // Medians / means over the measured steps (all but the first tenth, at least one, as warm-up).
+  // Medians / means over the measured steps (all but the warm-up).
   double tokens_per_s = 0, mfu = 0;
   std::map<std::string, double> phase_s;  // mean seconds per step of every time_s entry
   double max_mean_load = 0, dropped_frac = 0;
@@ -64,7 +65,8 @@ struct RunSummary {
   // Per MoE layer, per step (one row per step), the load of each expert over the mean load.
   std::vector<std::vector<std::vector<double>>> load;  // [layer][step][expert]
 };
-RunSummary summarize_metrics(const std::string& jsonl, const std::string& what);
+// `warmup` is the fraction of the steps left out of the medians and means (at least one step, never all).
+RunSummary summarize_metrics(const std::string& jsonl, const std::string& what, double warmup = 0.1);
 
 // The phases of a step in the order the tables and plots show them.
 const std::vector<std::string>& phase_names();

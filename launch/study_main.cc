@@ -7,11 +7,18 @@
 //       key=value, or moe_bench options)
 //   moe_study report DIR
 //       writes DIR/summary.md, DIR/summary.csv and DIR/plots/, and prints the Markdown table
+//   moe_study predict CONFIG --constants=FILE [--ranks=8,64,1024] [--ranks-per-node=N] [--ep=N]
+//                     [--batch-per-rank=N] [--bf16-everywhere] [--load-from=METRICS] [--format=markdown|csv]
+//                     [--section.key=value ...]
+//       the cost model's step time and split per rank count
+//   moe_study validate DIR --constants=FILE [--format=markdown|csv]
+//       the cost model against every finished training run of a study directory
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
 #include <string>
 
+#include "launch/predict.h"
 #include "launch/study.h"
 #include "runtime/error.h"
 #include "runtime/json.h"
@@ -26,6 +33,10 @@ const char* kUsage =
     "usage: moe_study plan STUDY.yaml --kind=compare|scale --out=DIR [--ranks=N,...] [--layer [--iters=N] [--warmup=N]]\n"
     "                      [--section.key=v,...]\n"
     "       moe_study report DIR\n"
+    "       moe_study predict CONFIG --constants=FILE [--ranks=8,64,1024] [--ranks-per-node=N] [--ep=N]\n"
+    "                         [--batch-per-rank=N] [--bf16-everywhere] [--load-from=METRICS] [--format=markdown|csv]\n"
+    "                         [--section.key=value ...]\n"
+    "       moe_study validate DIR --constants=FILE [--format=markdown|csv]\n"
     "launch/moe study is the command to use; see docs/STUDIES.md.\n";
 
 int plan(int argc, char** argv) {
@@ -74,6 +85,63 @@ int plan(int argc, char** argv) {
   return 0;
 }
 
+std::vector<int> parse_ranks(const std::string& flag, const std::string& text) {
+  std::vector<int> out;
+  for (const std::string& r : split_list(flag, text)) {
+    char* end = nullptr;
+    const long n = std::strtol(r.c_str(), &end, 10);
+    if (*end != '\0' || n < 1) throw InputError(flag, "expected positive numbers, got '" + text + "'");
+    out.push_back(static_cast<int>(n));
+  }
+  return out;
+}
+
+int positive(const std::string& flag, const std::string& text) { return parse_ranks(flag, text).at(0); }
+
+// predict and validate: the cost model's tables
+int model(int argc, char** argv) {
+  const std::string what = argv[1];
+  PredictRequest req;
+  std::string target, constants, format = "markdown";
+  std::vector<std::string> overrides;
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&](const char* name) {
+      const std::string prefix = std::string("--") + name + "=";
+      return a.rfind(prefix, 0) == 0 ? a.substr(prefix.size()) : std::string("\x01");
+    };
+    std::string v;
+    if ((v = value("constants")) != "\x01") constants = v;
+    else if ((v = value("format")) != "\x01") format = v;
+    else if ((v = value("ranks")) != "\x01") req.ranks = parse_ranks("--ranks", v);
+    else if ((v = value("ranks-per-node")) != "\x01") req.ranks_per_node = positive("--ranks-per-node", v);
+    else if ((v = value("ep")) != "\x01") req.ep = positive("--ep", v);
+    else if ((v = value("batch-per-rank")) != "\x01") req.batch_per_rank = positive("--batch-per-rank", v);
+    else if ((v = value("load-from")) != "\x01") req.load_from = v;
+    else if (a == "--bf16-everywhere") req.bf16_everywhere = true;
+    else if (a.rfind("--", 0) == 0 && a.find('.') != std::string::npos && a.find('=') != std::string::npos)
+      overrides.push_back(a.substr(2));
+    else if (a.rfind("--", 0) != 0 && target.empty()) target = a;
+    else throw InputError(a, "unexpected argument to moe_study " + what + " (see moe_study --help)");
+  }
+  if (target.empty()) throw InputError("moe_study " + what, what == "predict" ? "needs a configuration file" : "needs a study directory");
+  if (constants.empty()) throw InputError("moe_study " + what, "needs --constants=FILE (launch/moe calibrate writes one)");
+  if (format != "markdown" && format != "csv") throw InputError("--format", "expected markdown or csv, got '" + format + "'");
+  const CostConstants k = read_constants(constants);
+  Table t;
+  std::string summary;
+  if (what == "predict") {
+    const Config c = parse_config(read_file(target, "configuration"), target, overrides);
+    t = predict_table(c, k, req);
+    summary = "cost model: " + k.description;
+  } else {
+    t = validate_study(target, k, &summary);
+  }
+  std::cout << (format == "csv" ? t.csv() : t.markdown());
+  std::cerr << "moe_study: " << summary << "\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -84,6 +152,7 @@ int main(int argc, char** argv) {
   try {
     const std::string what = argv[1];
     if (what == "plan") return plan(argc, argv);
+    if (what == "predict" || what == "validate") return model(argc, argv);
     if (what == "report" && argc == 3) {
       std::string note;
       std::cout << report_study(argv[2], &note);

@@ -1,0 +1,142 @@
+#include "launch/predict.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <numeric>
+
+#include "model/transformer.h"
+#include "runtime/error.h"
+#include "runtime/json.h"
+#include "train/safetensors.h"
+
+namespace moe {
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string num(double v, int digits) {
+  char b[64];
+  std::snprintf(b, sizeof(b), "%.*f", digits, v);
+  return b;
+}
+
+std::string ms(double seconds) { return num(seconds * 1e3, seconds < 0.01 ? 3 : 1); }
+
+const std::vector<std::string>& predicted_phases() {
+  static const std::vector<std::string> p{"attention", "dense", "router", "dispatch", "experts", "combine",
+                                          "shared", "backward", "allreduce", "optimizer", "other"};
+  return p;
+}
+
+}  // namespace
+
+std::vector<std::vector<std::vector<double>>> observed_expert_load(const RunSummary& m) {
+  std::vector<std::vector<std::vector<double>>> out;
+  for (const auto& layer : m.load) {
+    if (layer.empty()) continue;
+    // the measured steps, as for the times
+    const size_t skip = std::min(static_cast<size_t>(m.skipped), layer.size() - 1);
+    out.emplace_back(layer.begin() + static_cast<std::ptrdiff_t>(skip), layer.end());
+  }
+  return out;
+}
+
+Table predict_table(const Config& config, const CostConstants& k, const PredictRequest& request) {
+  Table t;
+  t.columns = {"ranks", "nodes", "ep", "dp", "tokens/rank", "step ms", "tokens/s", "tokens/s/rank", "TFLOP/s/rank"};
+  for (const std::string& p : predicted_phases()) t.columns.push_back(p + " ms");
+  t.columns.insert(t.columns.end(), {"hidden ms", "imbalance", "dropped %"});
+  std::vector<std::vector<std::vector<double>>> observed;
+  if (!request.load_from.empty()) {
+    observed = observed_expert_load(summarize_metrics(read_file(request.load_from, "metrics file"), request.load_from));
+    if (observed.empty()) throw InputError(request.load_from, "records no expert load (no MoE layer or no step)");
+  }
+  const double flops_per_token = model_size(config).flops_per_token;
+  for (int ranks : request.ranks) {
+    Config c = config;
+    if (request.batch_per_rank > 0) c.train.batch_size = request.batch_per_rank * ranks;
+    if (c.train.batch_size % ranks != 0)
+      throw ConfigError("train.batch_size", std::to_string(c.train.batch_size) + " sequences do not divide over " +
+                                                std::to_string(ranks) + " ranks (give --batch-per-rank)");
+    PredictOptions o;
+    o.ranks = ranks;
+    o.ranks_per_node = request.ranks_per_node;
+    o.ep = request.ep > 0 ? request.ep : c.moe.num_experts > 0 ? std::gcd(ranks, c.moe.num_experts) : 1;
+    o.observed_load = observed;
+    o.bf16_everywhere = request.bf16_everywhere;
+    const StepPrediction s = predict_step(c, k, o);
+    std::vector<std::string> row{std::to_string(ranks), std::to_string(s.nodes), std::to_string(s.ep),
+                                 std::to_string(s.dp), std::to_string(s.tokens_per_rank), ms(s.step_s),
+                                 num(s.tokens_per_s, 0), num(s.tokens_per_s / ranks, 0),
+                                 num(s.tokens_per_s / ranks * flops_per_token * 1e-12, 3)};
+    for (const std::string& p : predicted_phases()) row.push_back(ms(s.phase_s.at(p)));
+    row.insert(row.end(), {ms(s.hidden_s), num(s.imbalance, 2), num(100 * s.dropped_frac, 2)});
+    t.rows.push_back(row);
+  }
+  return t;
+}
+
+Table validate_study(const std::string& dir, const CostConstants& k, std::string* summary) {
+  if (!fs::is_directory(dir)) throw InputError(dir, "no such study directory");
+  struct Run {
+    int index;
+    std::vector<std::string> row;
+    double error;
+  };
+  std::vector<Run> runs;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const fs::path info = entry.path() / "run.json", metrics = entry.path() / "metrics.jsonl";
+    if (!entry.is_directory() || !fs::exists(info) || !fs::exists(metrics)) continue;
+    const YAML::Node j = parse_json(read_file(info.string(), "run description"), info.string());
+    if (j["mode"].as<std::string>("") == "layer") continue;
+    // the second half of the steps: allocation and routing settle over the first ones
+    const RunSummary m = summarize_metrics(read_file(metrics.string(), "metrics file"), metrics.string(), 0.5);
+    if (m.steps < 3 || m.tokens_per_s <= 0) continue;
+    std::vector<std::string> overrides;
+    for (const YAML::Node& a : j["args"]) overrides.push_back(a.as<std::string>());
+    const std::string config_path = j["config"].as<std::string>();
+    const Config c = parse_config(read_file(config_path, "model configuration"), config_path, overrides);
+    PredictOptions o;
+    o.ranks = j["ranks"].as<int>();
+    o.ep = c.parallel.ep;
+    if (m.routing == "off") o.observed_load = observed_expert_load(m);
+    const StepPrediction s = predict_step(c, k, o);
+    // the mean wall time of the measured steps (the prediction is an expectation over steps too)
+    const double measured = m.phase_s.count("wall") && m.phase_s.at("wall") > 0
+                                ? m.phase_s.at("wall")
+                                : static_cast<double>(m.tokens_per_step) / m.tokens_per_s;
+    const double err = s.step_s / measured - 1;
+    auto phase = [&](const char* p) { return m.phase_s.count(p) ? m.phase_s.at(p) : 0.0; };
+    const double xm = phase("dispatch") + phase("combine"), xp = s.phase_s.at("dispatch") + s.phase_s.at("combine");
+    runs.push_back({j["index"].as<int>(),
+                    {j["name"].as<std::string>(), std::to_string(o.ranks), std::to_string(s.ep),
+                     m.routing == "off" ? "learned" : "forced " + m.routing, ms(measured), ms(s.step_s),
+                     num(100 * err, 1), ms(phase("experts")), ms(s.phase_s.at("experts")), ms(xm), ms(xp),
+                     ms(phase("backward")), ms(s.phase_s.at("backward")), num(m.max_mean_load, 2), num(s.imbalance, 2)},
+                    err});
+  }
+  if (runs.empty()) throw InputError(dir, "holds no finished training runs to compare with (run a study first)");
+  std::sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) { return a.index < b.index; });
+  Table t;
+  t.columns = {"run", "ranks", "ep", "routing", "measured ms", "predicted ms", "error %", "experts ms", "pred",
+               "dispatch+combine ms", "pred", "backward ms", "pred", "max/mean load", "pred imbalance"};
+  std::vector<double> abs_err;
+  for (const Run& r : runs) {
+    t.rows.push_back(r.row);
+    abs_err.push_back(std::fabs(r.error));
+  }
+  std::sort(abs_err.begin(), abs_err.end());
+  const double med = abs_err.size() % 2 ? abs_err[abs_err.size() / 2]
+                                        : 0.5 * (abs_err[abs_err.size() / 2 - 1] + abs_err[abs_err.size() / 2]);
+  if (summary) {
+    *summary = std::to_string(runs.size()) + " runs: median |error| " + num(100 * med, 1) + "%, worst " +
+               num(100 * abs_err.back(), 1) + "% (goal: median <= 15%, worst <= 30%)";
+  }
+  return t;
+}
+
+}  // namespace moe
