@@ -82,12 +82,16 @@ Table predict_table(const Config& config, const CostConstants& k, const PredictR
 
 Table validate_study(const std::string& dir, const CostConstants& k, std::string* summary) {
   if (!fs::is_directory(dir)) throw InputError(dir, "no such study directory");
-  struct Run {
-    int index;
-    std::vector<std::string> row;
-    double error;
+  // One configuration: its runs (repeats of it), measured, and the one prediction.
+  struct Group {
+    int index = 0;
+    std::string name, routing;
+    int ranks = 0;
+    std::vector<double> measured;  // each repeat's mean step wall time
+    std::vector<RunSummary> m;
+    StepPrediction s;
   };
-  std::vector<Run> runs;
+  std::map<std::string, Group> groups;
   for (const auto& entry : fs::directory_iterator(dir)) {
     const fs::path info = entry.path() / "run.json", metrics = entry.path() / "metrics.jsonl";
     if (!entry.is_directory() || !fs::exists(info) || !fs::exists(metrics)) continue;
@@ -96,6 +100,22 @@ Table validate_study(const std::string& dir, const CostConstants& k, std::string
     // the second half of the steps: allocation and routing settle over the first ones
     const RunSummary m = summarize_metrics(read_file(metrics.string(), "metrics file"), metrics.string(), 0.5);
     if (m.steps < 3 || m.tokens_per_s <= 0) continue;
+    // the mean wall time of the measured steps (the prediction is an expectation over steps too)
+    const double measured = m.phase_s.count("wall") && m.phase_s.at("wall") > 0
+                                ? m.phase_s.at("wall")
+                                : static_cast<double>(m.tokens_per_step) / m.tokens_per_s;
+    std::string name = j["name"].as<std::string>();
+    const std::string suffix = "-rep" + std::to_string(j["repeat"].as<int>(1));
+    if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
+      name.resize(name.size() - suffix.size());
+    Group& g = groups[name];
+    g.measured.push_back(measured);
+    g.m.push_back(m);
+    if (g.measured.size() > 1) {
+      g.index = std::min(g.index, j["index"].as<int>());
+      continue;
+    }
+    // Repeats run the same configuration with the same seed (the same routing): one prediction.
     std::vector<std::string> overrides;
     for (const YAML::Node& a : j["args"]) overrides.push_back(a.as<std::string>());
     const std::string config_path = j["config"].as<std::string>();
@@ -104,36 +124,44 @@ Table validate_study(const std::string& dir, const CostConstants& k, std::string
     o.ranks = j["ranks"].as<int>();
     o.ep = c.parallel.ep;
     if (m.routing == "off") o.observed_load = observed_expert_load(m);
-    const StepPrediction s = predict_step(c, k, o);
-    // the mean wall time of the measured steps (the prediction is an expectation over steps too)
-    const double measured = m.phase_s.count("wall") && m.phase_s.at("wall") > 0
-                                ? m.phase_s.at("wall")
-                                : static_cast<double>(m.tokens_per_step) / m.tokens_per_s;
-    const double err = s.step_s / measured - 1;
-    auto phase = [&](const char* p) { return m.phase_s.count(p) ? m.phase_s.at(p) : 0.0; };
-    const double xm = phase("dispatch") + phase("combine"), xp = s.phase_s.at("dispatch") + s.phase_s.at("combine");
-    runs.push_back({j["index"].as<int>(),
-                    {j["name"].as<std::string>(), std::to_string(o.ranks), std::to_string(s.ep),
-                     m.routing == "off" ? "learned" : "forced " + m.routing, ms(measured), ms(s.step_s),
-                     num(100 * err, 1), ms(phase("experts")), ms(s.phase_s.at("experts")), ms(xm), ms(xp),
-                     ms(phase("backward")), ms(s.phase_s.at("backward")), num(m.max_mean_load, 2), num(s.imbalance, 2)},
-                    err});
+    g.index = j["index"].as<int>();
+    g.name = name;
+    g.ranks = o.ranks;
+    g.routing = m.routing == "off" ? "learned" : "forced " + m.routing;
+    g.s = predict_step(c, k, o);
   }
-  if (runs.empty()) throw InputError(dir, "holds no finished training runs to compare with (run a study first)");
-  std::sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) { return a.index < b.index; });
+  if (groups.empty()) throw InputError(dir, "holds no finished training runs to compare with (run a study first)");
+  std::vector<const Group*> order;
+  for (const auto& [name, g] : groups) order.push_back(&g);
+  std::sort(order.begin(), order.end(), [](const Group* a, const Group* b) { return a->index < b->index; });
   Table t;
-  t.columns = {"run", "ranks", "ep", "routing", "measured ms", "predicted ms", "error %", "experts ms", "pred",
-               "dispatch+combine ms", "pred", "backward ms", "pred", "max/mean load", "pred imbalance"};
+  t.columns = {"run", "ranks", "ep", "routing", "repeats", "measured ms", "range", "predicted ms", "error %",
+               "experts ms", "pred", "dispatch+combine ms", "pred", "backward ms", "pred", "max/mean load",
+               "pred imbalance"};
   std::vector<double> abs_err;
-  for (const Run& r : runs) {
-    t.rows.push_back(r.row);
-    abs_err.push_back(std::fabs(r.error));
+  for (const Group* g : order) {
+    // the repeat at the median (the lower middle one for an even count) stands for the configuration
+    std::vector<size_t> by(g->measured.size());
+    std::iota(by.begin(), by.end(), 0);
+    std::sort(by.begin(), by.end(), [&](size_t a, size_t b) { return g->measured[a] < g->measured[b]; });
+    const size_t mid = by[(by.size() - 1) / 2];
+    const RunSummary& m = g->m[mid];
+    const double measured = g->measured[mid], err = g->s.step_s / measured - 1;
+    abs_err.push_back(std::fabs(err));
+    auto phase = [&](const char* p) { return m.phase_s.count(p) ? m.phase_s.at(p) : 0.0; };
+    const StepPrediction& s = g->s;
+    t.rows.push_back({g->name, std::to_string(g->ranks), std::to_string(s.ep), g->routing,
+                      std::to_string(g->measured.size()), ms(measured),
+                      g->measured.size() > 1 ? ms(g->measured[by.front()]) + "-" + ms(g->measured[by.back()]) : "-",
+                      ms(s.step_s), num(100 * err, 1), ms(phase("experts")), ms(s.phase_s.at("experts")),
+                      ms(phase("dispatch") + phase("combine")), ms(s.phase_s.at("dispatch") + s.phase_s.at("combine")),
+                      ms(phase("backward")), ms(s.phase_s.at("backward")), num(m.max_mean_load, 2), num(s.imbalance, 2)});
   }
   std::sort(abs_err.begin(), abs_err.end());
   const double med = abs_err.size() % 2 ? abs_err[abs_err.size() / 2]
                                         : 0.5 * (abs_err[abs_err.size() / 2 - 1] + abs_err[abs_err.size() / 2]);
   if (summary) {
-    *summary = std::to_string(runs.size()) + " runs: median |error| " + num(100 * med, 1) + "%, worst " +
+    *summary = std::to_string(order.size()) + " configurations: median |error| " + num(100 * med, 1) + "%, worst " +
                num(100 * abs_err.back(), 1) + "% (goal: median <= 15%, worst <= 30%)";
   }
   return t;

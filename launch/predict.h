@@ -21,10 +21,11 @@ struct PredictRequest {
 // One row per rank count: step time, its split, tokens/s, achieved FLOP/s per rank, imbalance, drops.
 Table predict_table(const Config& c, const CostConstants& k, const PredictRequest& request);
 
-// The prediction against the measurement for every finished training run of a study directory (scale
-// or compare): measured step = the mean wall time of the second half of the steps (the first half
-// warms up: allocations, routing); learned routing uses the run's own observed expert loads of the same
-// steps. `summary` gets the median and worst |error| and the count.
+// The prediction against the measurement for every configuration of a study directory (scale or
+// compare) with finished training runs: a run's measured step is the mean wall time of the second half
+// of its steps (the first half warms up: allocations, routing); with repeats (runs named -repN) the
+// median repeat is the measurement, and the table gives the range. Learned routing uses the run's own
+// observed expert loads of the same steps. `summary` gets the median and worst |error| and the count.
 Table validate_study(const std::string& dir, const CostConstants& k, std::string* summary);
 
 // The expert loads a metrics file recorded, as PredictOptions::observed_load wants them: [MoE layer]

@@ -126,12 +126,12 @@ std::vector<StudyRun> plan_study(const std::string& path, const StudyOptions& op
   }
   if (!root.IsMap()) throw InputError(path, "a study file is a mapping (kind, ranks, models, set, sweep, ...)");
   const std::set<std::string> known{"kind", "description", "ranks", "modes", "models", "set", "sweep",
-                                    "batch_per_rank", "global_batch", "layer"};
+                                    "batch_per_rank", "global_batch", "layer", "repeats"};
   for (const auto& item : root) {
     if (!known.count(item.first.as<std::string>())) {
       throw InputError(path, "unknown study key '" + item.first.as<std::string>() +
                                  "' (known: kind, description, ranks, modes, models, set, sweep, batch_per_rank, "
-                                 "global_batch, layer)");
+                                 "global_batch, layer, repeats)");
     }
   }
   const std::string kind = root["kind"] ? root["kind"].as<std::string>() : "";
@@ -214,6 +214,9 @@ std::vector<StudyRun> plan_study(const std::string& path, const StudyOptions& op
     }
   }
   const std::vector<std::string> common = as_overrides(root["set"], path + ": set");
+  // each run this many times (run-to-run variation; launch/moe predict --validate takes the median)
+  const int repeats = opt.repeats > 0 ? opt.repeats : root["repeats"] ? root["repeats"].as<int>() : 1;
+  if (repeats < 1) throw InputError(path, "repeats must be >= 1");
 
   for (const auto& m : models) {
     const std::string model = m.first.as<std::string>();
@@ -260,11 +263,28 @@ std::vector<StudyRun> plan_study(const std::string& path, const StudyOptions& op
             throw InputError(path, "run " + r.name + " on " + std::to_string(n) + " ranks: " + e.what(), e.key());
           }
           r.args = o;
-          runs.push_back(r);
+          for (int rep = 1; rep <= repeats; ++rep) {
+            StudyRun copy = r;
+            copy.repeat = rep;
+            copy.index = static_cast<int>(runs.size());
+            if (repeats > 1) {
+              copy.name += "-rep" + std::to_string(rep);
+              const std::string from = "/" + r.name + "/", to = "/" + copy.name + "/";
+              for (std::string& a : copy.args) {
+                const size_t at = a.find(from);
+                if (at != std::string::npos) a.replace(at, from.size(), to);
+              }
+            }
+            runs.push_back(copy);
+          }
         }
       }
     }
   }
+  // All first repeats, then all second ones, ...: a configuration's repeats are spread over the study's
+  // time, not run back to back in one period of the machine's speed.
+  std::stable_sort(runs.begin(), runs.end(), [](const StudyRun& a, const StudyRun& b) { return a.repeat < b.repeat; });
+  for (size_t i = 0; i < runs.size(); ++i) runs[i].index = static_cast<int>(i);
   return runs;
 }
 
@@ -367,7 +387,7 @@ std::string millions(int64_t n) { return n > 0 ? fixed(static_cast<double>(n) * 
 struct ReportRun {
   int index = 0;
   std::string name, model, mode, label, kind;
-  int ranks = 0;
+  int ranks = 0, repeat = 1;
   bool done = false;  // launch/moe marks a run that exited 0
   std::string status;
   RunSummary m;
@@ -495,7 +515,8 @@ std::vector<std::string> write_plots(const fs::path& dir, const std::vector<Repo
     std::map<std::string, std::vector<const ReportRun*>> lines;
     std::vector<std::string> order;
     for (const ReportRun* r : ok) {
-      std::string key = r->model + " " + r->mode + (r->label.empty() ? "" : " " + r->label);
+      std::string key = r->model + " " + r->mode + (r->label.empty() ? "" : " " + r->label) +
+                        (r->repeat > 1 ? " rep" + std::to_string(r->repeat) : "");
       if (!lines.count(key)) order.push_back(key);
       lines[key].push_back(r);
     }
@@ -539,6 +560,7 @@ std::string report_study(const std::string& out, std::string* plot_note) {
     r.model = j["model"].as<std::string>();
     r.mode = j["mode"].as<std::string>("");
     r.label = j["label"].as<std::string>("");
+    r.repeat = j["repeat"].as<int>(1);
     r.kind = j["kind"].as<std::string>();
     r.ranks = j["ranks"].as<int>();
     r.done = fs::exists(entry.path() / "done");
@@ -594,7 +616,7 @@ std::string report_study(const std::string& out, std::string* plot_note) {
   // efficiency: tokens/s per rank against the smallest rank count of the same model, mode and sweep point
   std::map<std::string, const ReportRun*> base;
   for (const ReportRun& r : runs) {
-    const std::string key = r.model + "|" + r.mode + "|" + r.label;
+    const std::string key = r.model + "|" + r.mode + "|" + r.label + "|" + std::to_string(r.repeat);
     if (r.m.steps > 0 && (!base.count(key) || r.ranks < base[key]->ranks)) base[key] = &r;
   }
   for (const ReportRun& r : runs) {
@@ -604,7 +626,8 @@ std::string report_study(const std::string& out, std::string* plot_note) {
                                  m.routing == "off" ? "learned" : "forced " + m.routing};
     const bool have = m.steps > 0;
     if (kind == "scale") {
-      const ReportRun* b = base.count(r.model + "|" + r.mode + "|" + r.label) ? base[r.model + "|" + r.mode + "|" + r.label] : nullptr;
+      const std::string key = r.model + "|" + r.mode + "|" + r.label + "|" + std::to_string(r.repeat);
+      const ReportRun* b = base.count(key) ? base[key] : nullptr;
       const double eff = have && b ? (m.tokens_per_s / r.ranks) / (b->m.tokens_per_s / b->ranks) : 0;
       row.insert(row.end(), {r.mode, r.label.empty() ? "-" : r.label,
                              m.tokens_per_step > 0 ? std::to_string(m.tokens_per_step) : "-",

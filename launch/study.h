@@ -26,6 +26,7 @@ struct StudyRun {
   std::string label;   // the swept keys of this run ("moe.top_k=2"), "" without a sweep
   std::string config;  // the model's YAML file (training runs)
   int ranks = 1;
+  int repeat = 1;  // 1..repeats: the same run again (the name ends in -repN when the study repeats)
   std::vector<std::string> args;  // training: overrides key=value; layer runs: moe_bench layer options
 };
 
@@ -36,6 +37,7 @@ struct StudyOptions {
   bool layer = false;                  // compare --layer: the bare MoE layers, no training
   std::vector<std::string> overrides;  // --section.key=value[,value...] from the command line
   std::vector<std::string> bench_flags;  // --layer: moe_bench layer's own flags (--iters=N, --warmup=N)
+  int repeats = 0;                     // --repeats: replaces the study's `repeats` (each run N times) when > 0
 };
 
 // Expands a study file into its runs: every model x sweep point (x mode x rank count for scale), each

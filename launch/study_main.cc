@@ -1,6 +1,7 @@
 // moe_study: the two ends of a study (launch/moe study runs the jobs in between). One process, no MPI.
 //
-//   moe_study plan STUDY.yaml --kind=compare|scale --out=DIR [--ranks=1,2,4,8] [--layer [--iters=N --warmup=N]]
+//   moe_study plan STUDY.yaml --kind=compare|scale --out=DIR [--ranks=1,2,4,8] [--repeats=N]
+//                  [--layer [--iters=N --warmup=N]]
 //                  [--section.key=v1,v2 ...]
 //       writes DIR/<run>/run.json for every run and prints one line per run, fields separated by tabs:
 //       name, ranks, mode, config file ("-" for an empty field), then the run's arguments (overrides
@@ -30,7 +31,8 @@ using namespace moe;
 namespace {
 
 const char* kUsage =
-    "usage: moe_study plan STUDY.yaml --kind=compare|scale --out=DIR [--ranks=N,...] [--layer [--iters=N] [--warmup=N]]\n"
+    "usage: moe_study plan STUDY.yaml --kind=compare|scale --out=DIR [--ranks=N,...] [--repeats=N]\n"
+    "                      [--layer [--iters=N] [--warmup=N]]\n"
     "                      [--section.key=v,...]\n"
     "       moe_study report DIR\n"
     "       moe_study predict CONFIG --constants=FILE [--ranks=8,64,1024] [--ranks-per-node=N] [--ep=N]\n"
@@ -38,6 +40,8 @@ const char* kUsage =
     "                         [--section.key=value ...]\n"
     "       moe_study validate DIR --constants=FILE [--format=markdown|csv]\n"
     "launch/moe study is the command to use; see docs/STUDIES.md.\n";
+
+int positive(const std::string& flag, const std::string& text);
 
 int plan(int argc, char** argv) {
   StudyOptions opt;
@@ -48,6 +52,7 @@ int plan(int argc, char** argv) {
     else if (a.rfind("--out=", 0) == 0) opt.out = a.substr(6);
     else if (a == "--layer") opt.layer = true;
     else if (a.rfind("--iters=", 0) == 0 || a.rfind("--warmup=", 0) == 0) opt.bench_flags.push_back(a);
+    else if (a.rfind("--repeats=", 0) == 0) opt.repeats = positive("--repeats", a.substr(10));
     else if (a.rfind("--ranks=", 0) == 0) {
       for (const std::string& r : split_list("--ranks", a.substr(8))) {
         char* end = nullptr;
@@ -71,7 +76,7 @@ int plan(int argc, char** argv) {
     JsonWriter j;
     j.begin_object().field("index", r.index).field("name", r.name).field("model", r.model).field("mode", r.mode);
     j.field("label", r.label).field("kind", opt.kind).field("study", study).field("config", r.config);
-    j.field("ranks", r.ranks).array("args", r.args).end_object();
+    j.field("ranks", r.ranks).field("repeat", r.repeat).array("args", r.args).end_object();
     write_file_atomic((dir / "run.json").string(), j.str() + "\n");
     // "-" for an empty field: bash's read collapses runs of tabs
     std::string line = r.name + "\t" + std::to_string(r.ranks) + "\t" + (r.mode.empty() ? "-" : r.mode) + "\t" +

@@ -144,6 +144,16 @@ TEST(StudyPlan, CompareAndScaleGridsAreValidatedBeforeAnyRun) {
   EXPECT_TRUE(has(s[4], "train.batch_size=8"));   // strong: the global batch
   EXPECT_TRUE(has(s[0], "parallel.ep=1"));
   EXPECT_TRUE(has(s[2], "parallel.ep=4"));
+  o.repeats = 2;  // each run twice, in directories of their own
+  s = plan_study(scale, o);
+  ASSERT_EQ(s.size(), 12u);
+  EXPECT_EQ(s[0].name, "a-weak-r1-rep1");
+  EXPECT_EQ(s[6].name, "a-weak-r1-rep2") << "all first repeats, then the second ones";
+  EXPECT_EQ(s[6].repeat, 2);
+  EXPECT_EQ(s[6].index, 6);
+  EXPECT_TRUE(has(s[6], "train.metrics_path=" + o.out + "/a-weak-r1-rep2/metrics.jsonl"));
+  EXPECT_TRUE(has(s[6], "train.checkpoint_dir=" + o.out + "/a-weak-r1-rep2/checkpoints"));
+  o.repeats = 0;
   o.ranks = {3};
   EXPECT_NE(error_of([&] { plan_study(scale, o); }).find("3 ranks cannot split evenly"), std::string::npos);
   const std::string bad = d.file("b.yaml", "kind: scale\nrank: 2\nmodels: {a: {config: " + model + "}}\n");
