@@ -8,6 +8,8 @@
 //   op_alpha      axpy of 16 floats (an op's fixed cost)
 //   all_to_all    4 KiB..4 MiB per rank, fitted alpha-beta in bus bytes ((n-1)/n of the buffer)
 //   all_reduce    4 KiB..16 MiB, fitted alpha-beta in bus bytes (2(n-1)/n of the buffer)
+//   sync          50 rounds of ~1 ms of work ended by an 8-byte all_reduce, minus the work alone
+//   efficiency    a reference training step, measured over predicted compute (docs/STUDIES.md)
 #include "launch/calibrate.h"
 
 #include <unistd.h>
@@ -193,7 +195,7 @@ int run_calibrate(const CommandLine& cl) {
     if (n > 1) {
       say("synchronisation cost");
       double one = 0, sum = 0;
-      const int rounds = 20;
+      const int rounds = 50;
       auto work = [&] {
         for (int r = 0; r < 25; ++r) axpy(backend, 1e-3, x, y);
       };
@@ -241,17 +243,17 @@ int run_calibrate(const CommandLine& cl) {
   {
     say("reference training step");
     Config ref = base;
-    ref.model.hidden = 96;
+    ref.model.hidden = 192;
     ref.model.layers = 2;
     ref.model.heads = 3;
     ref.model.seq_len = 64;
     ref.moe.num_experts = n * ((4 + n - 1) / n);
     ref.moe.top_k = 2;
-    ref.moe.ffn_hidden = 128;
+    ref.moe.ffn_hidden = 256;
     ref.moe.force_routing = parse_forced_routing("uniform");
     ref.parallel.ep = n;
     ref.train.batch_size = 8 * n;
-    ref.train.steps = 16;
+    ref.train.steps = 24;
     ref.train.warmup_steps = 2;
     ref.train.log_every = 1000;
     on_every_rank([&] { validate_config(ref, n); });
@@ -259,7 +261,7 @@ int run_calibrate(const CommandLine& cl) {
     std::vector<double> walls;
     for (int i = 0; i < ref.train.steps; ++i) {
       const StepRecord r = trainer.train_step();
-      if (i >= 4) walls.push_back(r.wall_s);
+      if (i >= 8) walls.push_back(r.wall_s);
     }
     std::vector<double> mine{median(walls)}, all(static_cast<size_t>(n));
     groups.world->all_gather(mine.data(), all.data(), 1, DType::kF64);

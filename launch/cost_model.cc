@@ -187,6 +187,54 @@ std::string constants_to_json(const CostConstants& c) {
   return j.str() + "\n";
 }
 
+CostConstants median_constants(const std::vector<CostConstants>& runs) {
+  if (runs.empty()) throw InputError("median_constants", "no calibration to take the median of");
+  auto med = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  };
+  CostConstants out = runs.front();
+  for (const CostConstants& r : runs)
+    if (r.device != out.device) throw InputError("median_constants", "calibrations of different devices");
+  for (NodeConstants& e : out.nodes) {
+    std::vector<const NodeConstants*> same;
+    for (const CostConstants& r : runs)
+      for (const NodeConstants& n : r.nodes)
+        if (n.ranks == e.ranks) same.push_back(&n);
+    auto field = [&](auto member) {
+      std::vector<double> v;
+      for (const NodeConstants* n : same) v.push_back(member(*n));
+      return med(v);
+    };
+    for (GemmModel NodeConstants::*g : {&NodeConstants::gemm, &NodeConstants::gemm_bf16}) {
+      for (size_t i = 0; i < (e.*g).seconds.size(); ++i) {
+        std::vector<double> v;
+        for (const NodeConstants* n : same) {
+          if ((n->*g).dims != (e.*g).dims) throw InputError("median_constants", "calibrations with different GEMM grids");
+          v.push_back((n->*g).seconds[i]);
+        }
+        (e.*g).seconds[i] = med(v);
+      }
+      (e.*g).alpha_s = field([&](const NodeConstants& n) { return (n.*g).alpha_s; });
+      (e.*g).flops_per_s = field([&](const NodeConstants& n) { return (n.*g).flops_per_s; });
+    }
+    e.stream_bytes_per_s = field([](const NodeConstants& n) { return n.stream_bytes_per_s; });
+    e.softmax_elems_per_s = field([](const NodeConstants& n) { return n.softmax_elems_per_s; });
+    e.swiglu_elems_per_s = field([](const NodeConstants& n) { return n.swiglu_elems_per_s; });
+    e.adamw_params_per_s = field([](const NodeConstants& n) { return n.adamw_params_per_s; });
+    e.op_alpha_s = field([](const NodeConstants& n) { return n.op_alpha_s; });
+    e.sync_s = field([](const NodeConstants& n) { return n.sync_s; });
+    e.step_efficiency = field([](const NodeConstants& n) { return n.step_efficiency; });
+    e.all_to_all.alpha_s = field([](const NodeConstants& n) { return n.all_to_all.alpha_s; });
+    e.all_to_all.bytes_per_s = field([](const NodeConstants& n) { return n.all_to_all.bytes_per_s; });
+    e.all_reduce.alpha_s = field([](const NodeConstants& n) { return n.all_reduce.alpha_s; });
+    e.all_reduce.bytes_per_s = field([](const NodeConstants& n) { return n.all_reduce.bytes_per_s; });
+  }
+  out.description += " (element-wise median of " + std::to_string(runs.size()) + " calibrations)";
+  return out;
+}
+
 CostConstants read_constants(const std::string& path) {
   return constants_from_json(read_file(path, "cost constants"), path);
 }

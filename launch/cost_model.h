@@ -64,6 +64,10 @@ struct CostConstants {
 };
 
 std::string constants_to_json(const CostConstants& c);
+// The element-wise median of calibrations of the same machine (each constant of each rank count over the
+// files that have that rank count), so that one slow period of a shared machine does not set the model.
+// Throws InputError when the files disagree on the device or a GEMM grid.
+CostConstants median_constants(const std::vector<CostConstants>& runs);
 // Reads a constants file; a malformed or incomplete one is an InputError naming the file and the field.
 CostConstants read_constants(const std::string& path);
 // Writes `c`, keeping the other node entries of the file at `path` when it exists (calibrate runs once

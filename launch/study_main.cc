@@ -14,6 +14,8 @@
 //       the cost model's step time and split per rank count
 //   moe_study validate DIR --constants=FILE [--format=markdown|csv]
 //       the cost model against every finished training run of a study directory
+//   moe_study median-constants OUT FILE...
+//       the element-wise median of several calibrations (launch/moe calibrate --repeats N)
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -39,6 +41,7 @@ const char* kUsage =
     "                         [--batch-per-rank=N] [--bf16-everywhere] [--load-from=METRICS] [--format=markdown|csv]\n"
     "                         [--section.key=value ...]\n"
     "       moe_study validate DIR --constants=FILE [--format=markdown|csv]\n"
+    "       moe_study median-constants OUT FILE...\n"
     "launch/moe study is the command to use; see docs/STUDIES.md.\n";
 
 int positive(const std::string& flag, const std::string& text);
@@ -158,6 +161,12 @@ int main(int argc, char** argv) {
     const std::string what = argv[1];
     if (what == "plan") return plan(argc, argv);
     if (what == "predict" || what == "validate") return model(argc, argv);
+    if (what == "median-constants" && argc >= 4) {
+      std::vector<CostConstants> runs;
+      for (int i = 3; i < argc; ++i) runs.push_back(read_constants(argv[i]));
+      write_file_atomic(argv[2], constants_to_json(median_constants(runs)));
+      return 0;
+    }
     if (what == "report" && argc == 3) {
       std::string note;
       std::cout << report_study(argv[2], &note);

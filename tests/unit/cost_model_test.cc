@@ -217,6 +217,28 @@ TEST(CostModel, RanksSharingCoresSoftenTheImbalance) {
   EXPECT_EQ(shared.imbalance, own_cores.imbalance) << "the load itself does not change";
 }
 
+TEST(CostModel, MedianOfCalibrationsIsTakenConstantByConstant) {
+  std::vector<CostConstants> runs;
+  for (double x : {1.0, 5.0, 3.0}) {
+    CostConstants k = gemm_only(1e9 * x, 2);
+    k.nodes[0].gemm.dims = {16, 64};
+    k.nodes[0].gemm.seconds.assign(8, x);
+    k.nodes[0].gemm.seconds[7] = 10 - x;  // another order at this grid point
+    k.nodes[0].stream_bytes_per_s = x;
+    k.nodes[0].sync_s = x * 1e-3;
+    runs.push_back(k);
+  }
+  const CostConstants m = median_constants(runs);
+  ASSERT_EQ(m.nodes.size(), 1u);
+  EXPECT_EQ(m.nodes[0].stream_bytes_per_s, 3.0);
+  EXPECT_EQ(m.nodes[0].sync_s, 3e-3);
+  EXPECT_EQ(m.nodes[0].gemm.seconds[0], 3.0);
+  EXPECT_EQ(m.nodes[0].gemm.seconds[7], 7.0);
+  EXPECT_EQ(m.nodes[0].gemm.flops_per_s, 3e9);
+  runs[1].device = "cuda";
+  EXPECT_THROW(median_constants(runs), InputError);
+}
+
 TEST(CostModel, ConstantsRoundTripThroughTheirFile) {
   CostConstants k = gemm_only(3e9, 2);
   k.nodes[0].gemm.dims = {16, 64};
