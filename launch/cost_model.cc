@@ -330,7 +330,7 @@ int64_t group_capacity(const Config& c, int64_t group_tokens) {
 
 // Rows each rank's experts process in one MoE layer: the mean over ranks and the expected maximum.
 struct LayerLoad {
-  double mean_rows = 0, max_rows = 0, kept_frac = 1, max_recv = 0;
+  double mean_rows = 0, max_rows = 0, kept_frac = 1;
 };
 
 LayerLoad layer_load(const Config& c, const std::vector<double>& p, int64_t tokens, int ep, int ranks) {
@@ -357,7 +357,6 @@ LayerLoad layer_load(const Config& c, const std::vector<double>& p, int64_t toke
   // Expected maximum over the ranks: the most loaded rank's mean plus the spread of the largest of
   // `ranks` draws (sqrt(2 ln n) standard deviations, the Gaussian extreme-value scale).
   out.max_rows = max_mu + (ranks > 1 ? std::sqrt(2.0 * std::log(static_cast<double>(ranks))) * max_sd : 0.0);
-  out.max_recv = out.max_rows;
   out.kept_frac = tokens > 0 ? kept / (static_cast<double>(tokens) * c.moe.top_k) : 1.0;
   return out;
 }
@@ -443,6 +442,9 @@ StepPrediction predict_step(const Config& c, const CostConstants& k, const Predi
   double hidden_shared = 0, backward_compute = 0;
   double max_rows_total = 0, mean_rows_total = 0, kept = 0;
   int moe_layers = 0;
+  // the routing's own choice probabilities (drawn once: forced routing samples 20,000 tokens)
+  const std::vector<double> routing =
+      c.moe.num_experts > 0 && opt.observed_load.empty() ? expert_choice_probability(c) : std::vector<double>{};
   for (int l = 0; l < c.model.layers; ++l) {
     // attention: projections, rope, heads split and merged, scores, softmax, p v; two norms and residuals
     const double bh = seqs * nh, qd = nh * d, kvd = nkv * d;
@@ -477,14 +479,13 @@ StepPrediction predict_step(const Config& c, const CostConstants& k, const Predi
     backward_compute += linear_b(gdense, T, e_count, h) + stream(16 * T * e_count, 2);
     LayerLoad load;
     if (opt.observed_load.empty()) {
-      load = layer_load(c, expert_choice_probability(c), static_cast<int64_t>(T), s.ep, s.ranks);
+      load = layer_load(c, routing, static_cast<int64_t>(T), s.ep, s.ranks);
     } else {  // the mean over the observed steps of each step's expected rows
       const auto& samples = opt.observed_load[static_cast<size_t>(moe_layers - 1) % opt.observed_load.size()];
       for (const std::vector<double>& share : samples) {
         const LayerLoad one = layer_load(c, expert_choice_probability(c, share), static_cast<int64_t>(T), s.ep, s.ranks);
         load.mean_rows += one.mean_rows / samples.size();
         load.max_rows += one.max_rows / samples.size();
-        load.max_recv += one.max_recv / samples.size();
         load.kept_frac += (one.kept_frac - 1) / samples.size();
       }
     }
@@ -494,7 +495,7 @@ StepPrediction predict_step(const Config& c, const CostConstants& k, const Predi
     const double f = expert_ffn_hidden(c);
     // exchange buffer per rank: what it sends (its kept choices) or receives (its experts' rows)
     const double sent = T * topk * load.kept_frac;
-    double buffer_rows = std::max(sent, load.max_recv);
+    double buffer_rows = std::max(sent, load.max_rows);
     if (!compact_dispatch(c) && c.moe.capacity_factor > 0) {
       const int64_t group = c.moe.group_size > 0 ? c.moe.group_size : static_cast<int64_t>(T);
       buffer_rows = e_count * std::max(1.0, T / group) * group_capacity(c, group);  // padded slots

@@ -114,18 +114,21 @@ int model(int argc, char** argv) {
   std::vector<std::string> overrides;
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
-    auto value = [&](const char* name) {
-      const std::string prefix = std::string("--") + name + "=";
-      return a.rfind(prefix, 0) == 0 ? a.substr(prefix.size()) : std::string("\x01");
-    };
     std::string v;
-    if ((v = value("constants")) != "\x01") constants = v;
-    else if ((v = value("format")) != "\x01") format = v;
-    else if ((v = value("ranks")) != "\x01") req.ranks = parse_ranks("--ranks", v);
-    else if ((v = value("ranks-per-node")) != "\x01") req.ranks_per_node = positive("--ranks-per-node", v);
-    else if ((v = value("ep")) != "\x01") req.ep = positive("--ep", v);
-    else if ((v = value("batch-per-rank")) != "\x01") req.batch_per_rank = positive("--batch-per-rank", v);
-    else if ((v = value("load-from")) != "\x01") req.load_from = v;
+    // --name=value: true with the value in v
+    auto option = [&](const char* name) {
+      const std::string prefix = std::string("--") + name + "=";
+      if (a.rfind(prefix, 0) != 0) return false;
+      v = a.substr(prefix.size());
+      return true;
+    };
+    if (option("constants")) constants = v;
+    else if (option("format")) format = v;
+    else if (option("ranks")) req.ranks = parse_ranks("--ranks", v);
+    else if (option("ranks-per-node")) req.ranks_per_node = positive("--ranks-per-node", v);
+    else if (option("ep")) req.ep = positive("--ep", v);
+    else if (option("batch-per-rank")) req.batch_per_rank = positive("--batch-per-rank", v);
+    else if (option("load-from")) req.load_from = v;
     else if (a == "--bf16-everywhere") req.bf16_everywhere = true;
     else if (a.rfind("--", 0) == 0 && a.find('.') != std::string::npos && a.find('=') != std::string::npos)
       overrides.push_back(a.substr(2));
