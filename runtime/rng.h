@@ -27,6 +27,7 @@ enum class RngPurpose : uint8_t {
   kAttnDropout = 8,    // attention-probability dropout; a = step, b = layer
   kSample = 9,         // token sampling; a = 0
   kForcedRouting = 10, // moe.force_routing expert draws; a = step, b = layer
+  kUpcycleNoise = 11,  // launch/moe upcycle --noise; a = parameter-name hash
 };
 
 // Packs (purpose, a, b) into a 64-bit stream id: 8 bits purpose, 40 bits a, 16 bits b.

@@ -1,7 +1,10 @@
 // Shared test helpers.
 #include "tests/test_util.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <filesystem>
 
 #include "comm/mpi/mpi_communicator.h"
 #include "train/grad_reduce.h"
@@ -80,6 +83,19 @@ LayerResult run_layer(const Config& config, Backend& backend, ProcessGroups& gro
     }
   }
   return out;
+}
+
+SharedDir::SharedDir(Communicator& world, const std::string& tag) : world_(world) {
+  if (world.rank() == 0) {
+    path_ = (std::filesystem::temp_directory_path() / (tag + "_" + std::to_string(::getpid()))).string();
+    std::filesystem::create_directories(path_);
+  }
+  broadcast_string(world, path_, 0);
+}
+
+SharedDir::~SharedDir() {
+  world_.barrier();
+  if (world_.rank() == 0) std::filesystem::remove_all(path_);
 }
 
 }  // namespace moe::test

@@ -28,6 +28,21 @@ Tensor random_tensor(Backend& backend, const Shape& shape, DType dtype, uint64_t
 // max |a - b| / max(max |b|, floor): a per-tensor relative error that ignores tiny entries.
 double rel_diff(const std::vector<double>& a, const std::vector<double>& b, double floor = 1e-12);
 
+// A directory every rank of `world` agrees on (rank 0 creates it under the temporary directory, named
+// with `tag` and its pid), removed at the end of the scope.
+class SharedDir {
+ public:
+  explicit SharedDir(Communicator& world, const std::string& tag = "moe_test");
+  ~SharedDir();
+  SharedDir(const SharedDir&) = delete;
+  SharedDir& operator=(const SharedDir&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  Communicator& world_;
+  std::string path_;
+};
+
 // ProcessGroups of one rank (MPI_COMM_SELF).
 ProcessGroups self_groups();
 // ProcessGroups over the whole MPI world with the given ep.

@@ -23,7 +23,9 @@ namespace moe {
 namespace {
 
 constexpr const char* kFormat = "moe-checkpoint";
-constexpr int kVersion = 2;  // 2: the transformer with attention (tensor names and layouts of docs/ARCHITECTURE.md)
+// Format versions: 2 the transformer with attention (tensor names and layouts of docs/ARCHITECTURE.md);
+// 3 adds the index (model.safetensors.index.json) and the software version.
+static_assert(kCheckpointFormatVersion == 3, "update the version notes");
 
 // Keys that fix the shapes and meaning of the stored tensors: they must match on resume.
 const char* const kStructuralKeys[] = {"model.hidden",       "model.layers",        "model.vocab_size",
@@ -34,17 +36,8 @@ const char* const kStructuralKeys[] = {"model.hidden",       "model.layers",    
                                        "model.rope_base",    "model.norm_eps",      "runtime.dtype",
                                        "train.optimizer",    "train.seed"};
 
-std::string rank_file(int rank) {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "rank_%05d.safetensors", rank);
-  return buf;
-}
-
-std::string step_name(int64_t step) {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "step_%08lld", static_cast<long long>(step));
-  return buf;
-}
+std::string rank_file(int rank) { return checkpoint_rank_file(rank); }
+std::string step_name(int64_t step) { return checkpoint_step_name(step); }
 
 void make_dirs(const std::string& path) {
   std::string partial;
@@ -74,15 +67,20 @@ struct Slot {
 };
 
 // Every tensor this rank holds, in a fixed order: parameters (per expert for expert shards), then
-// optimizer moments under the same names (none without an optimizer).
-std::vector<Slot> slots(Transformer& model, Optimizer* optimizer) {
+// optimizer moments under the same names (none without an optimizer). With all_experts, the names of
+// every global expert instead of this rank's (tensors left empty): what the whole checkpoint holds.
+std::vector<Slot> slots(Transformer& model, Optimizer* optimizer, bool all_experts = false) {
   std::vector<Slot> out;
   std::map<Param*, std::pair<Tensor*, Tensor*>> moments;
   if (optimizer) {
     for (auto& s : optimizer->state()) moments[s.param] = {s.m, s.v};
   }
   auto add = [&](const std::string& prefix, Param* p, const Tensor& t) {
-    if (p->scope == ParamScope::kExpert) {
+    if (p->scope == ParamScope::kExpert && all_experts) {
+      for (int64_t e = 0; e < model.config().moe.num_experts; ++e) {
+        out.push_back(Slot{prefix + expert_tensor_name(p->name, e), Tensor(), true, e});
+      }
+    } else if (p->scope == ParamScope::kExpert) {
       for (int64_t l = 0; l < p->shape[0]; ++l) {
         Shape one(p->shape.begin() + 1, p->shape.end());
         out.push_back(Slot{prefix + expert_tensor_name(p->name, p->expert_offset + l), t.rows(l, l + 1).reshape(one),
@@ -102,10 +100,61 @@ std::vector<Slot> slots(Transformer& model, Optimizer* optimizer) {
   return out;
 }
 
+// The manifest's format and version: this build reads versions kOldest.. kCheckpointFormatVersion.
+// Returns the version.
+int check_format(const std::string& path, const YAML::Node& m) {
+  const std::string readable = std::to_string(kOldestCheckpointFormatVersion) + ".." +
+                               std::to_string(kCheckpointFormatVersion);
+  if (m["format"].as<std::string>("") != kFormat) {
+    throw InputError(path, "not a moe-checkpoint manifest (format '" + m["format"].as<std::string>("") + "')",
+                     "train.resume");
+  }
+  const int version = m["version"].as<int>(0);
+  if (version > kCheckpointFormatVersion) {
+    throw InputError(path, "checkpoint format version " + std::to_string(version) + ", written by " +
+                               m["software"].as<std::string>("a newer build") + ", is newer than this build (" +
+                               software_version() + ") reads (" + readable + "): read it with that software or a newer one",
+                     "train.resume");
+  }
+  if (version < kOldestCheckpointFormatVersion) {
+    throw InputError(path, "checkpoint format version " + std::to_string(version) + " is older than this build reads (" +
+                               readable + ")", "train.resume");
+  }
+  return version;
+}
+
+std::map<std::string, std::string> parse_weight_map(const std::string& text, const std::string& what) {
+  std::map<std::string, std::string> out;
+  try {
+    YAML::Node index = parse_json(text, what);
+    if (!index["weight_map"].IsMap()) throw InputError(what, "checkpoint index without a weight_map", "train.resume");
+    for (const auto& item : index["weight_map"]) out[item.first.as<std::string>()] = item.second.as<std::string>();
+  } catch (const YAML::Exception& e) {
+    throw InputError(what, "malformed checkpoint index: " + e.msg, "train.resume");
+  }
+  return out;
+}
+
+std::string index_json(int64_t step, uint64_t total_bytes, const std::map<std::string, std::string>& weight_map) {
+  JsonWriter j;
+  j.begin_object();
+  j.key("metadata").begin_object();
+  j.field("format", kFormat).field("format_version", kCheckpointFormatVersion).field("step", step);
+  j.field("total_size", total_bytes);
+  j.end_object();
+  j.key("weight_map").begin_object();
+  for (const auto& [name, file] : weight_map) j.field(name, file);
+  j.end_object();
+  j.end_object();
+  return j.str() + "\n";
+}
+
 // The manifest's own consistency and every rank file it lists: the counters make sense, each ep rank
-// 0 .. ep-1 has its file listed, and every listed file has its size and CRC-32 and parses. Throws
-// InputError (key train.resume) naming what is wrong. Rank 0 only (it reads everything).
-void verify_files(const std::string& step_dir, const YAML::Node& m) {
+// 0 .. ep-1 has its file listed, every listed file has its size and CRC-32 and parses, and (version 3)
+// the index has its size and CRC-32 and names exactly the tensors each file holds. Throws InputError
+// (key train.resume) naming what is wrong. Returns the index's text (version 2: one made from the files'
+// headers). Rank 0 only (it reads everything).
+std::string verify_files(const std::string& step_dir, const YAML::Node& m) {
   const std::string path = step_dir + "/manifest.json";
   auto bad = [&](const std::string& what) { throw InputError(path, "damaged manifest: " + what, "train.resume"); };
   const int64_t step = m["step"].as<int64_t>(-1), next = m["next_sequence"].as<int64_t>(-1);
@@ -121,6 +170,7 @@ void verify_files(const std::string& step_dir, const YAML::Node& m) {
   const int64_t per_file = m["experts_per_file"].as<int64_t>(-1);
   if (per_file < (has_experts ? 1 : 0)) bad("experts_per_file " + std::to_string(per_file));
   std::set<std::string> listed;
+  std::map<std::string, std::string> in_files;  // tensor -> the file whose header holds it
   for (const auto& f : m["files"]) {
     const std::string name = f["name"].as<std::string>();
     listed.insert(name);
@@ -135,10 +185,39 @@ void verify_files(const std::string& step_dir, const YAML::Node& m) {
     }
     if (got.crc32 != want.crc32) throw InputError(file, "corrupt checkpoint file: CRC-32 mismatch", "train.resume");
     SafetensorsReader check(file);  // header parses and every tensor fits the file
+    for (const std::string& t : check.names()) {
+      if (!in_files.emplace(t, name).second) bad("tensor " + t + " is in both " + in_files[t] + " and " + name);
+    }
   }
   for (int64_t r = 0; r < ep; ++r) {
     if (!listed.count(rank_file(static_cast<int>(r)))) bad("no entry for " + rank_file(static_cast<int>(r)));
   }
+  if (m["version"].as<int>(0) < 3) return index_json(step, 0, in_files);  // before the index
+  const std::string index_path = step_dir + "/" + kCheckpointIndexFile;
+  struct stat st {};
+  if (::stat(index_path.c_str(), &st) != 0) throw InputError(index_path, "missing checkpoint index", "train.resume");
+  const std::string text = read_file(index_path, "checkpoint index");
+  if (text.size() != m["index"]["bytes"].as<uint64_t>(0) ||
+      crc32_update(0, text.data(), text.size()) != m["index"]["crc32"].as<uint64_t>(0)) {
+    throw InputError(index_path, "corrupt checkpoint index: its size or CRC-32 is not the manifest's", "train.resume");
+  }
+  const std::map<std::string, std::string> index = parse_weight_map(text, index_path);
+  for (const auto& [tensor, file] : index) {
+    auto it = in_files.find(tensor);
+    if (it == in_files.end() || it->second != file) {
+      throw InputError(index_path, "index and files disagree: the index puts " + tensor + " in " + file + ", " +
+                                       (it == in_files.end() ? std::string("no file holds it")
+                                                             : "it is in " + it->second),
+                       "train.resume");
+    }
+  }
+  for (const auto& [tensor, file] : in_files) {
+    if (!index.count(tensor)) {
+      throw InputError(index_path, "index and files disagree: " + file + " holds " + tensor + ", which the index does not list",
+                       "train.resume");
+    }
+  }
+  return text;
 }
 
 // Whether step_dir holds a complete checkpoint of this format; `why` says what is wrong otherwise.
@@ -148,9 +227,7 @@ bool complete_checkpoint(const std::string& step_dir, std::string* why) {
     struct stat st {};
     if (::stat(path.c_str(), &st) != 0) throw InputError(step_dir, "no manifest.json");
     YAML::Node m = parse_json(read_file(path, "checkpoint manifest"), path);
-    if (m["format"].as<std::string>("") != kFormat || m["version"].as<int>(0) != kVersion) {
-      throw InputError(path, "not a moe-checkpoint version " + std::to_string(kVersion) + " manifest");
-    }
+    check_format(path, m);
     verify_files(step_dir, m);
     return true;
   } catch (const Error& e) {
@@ -219,6 +296,111 @@ Tensor to_host(Backend& backend, const Tensor& t) {
 
 }  // namespace
 
+#ifndef MOE_VERSION
+#define MOE_VERSION "unknown"
+#endif
+const char* const kCheckpointIndexFile = "model.safetensors.index.json";
+const char* software_version() { return "moe " MOE_VERSION; }
+
+std::string checkpoint_rank_file(int rank) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "rank_%05d.safetensors", rank);
+  return buf;
+}
+
+std::string checkpoint_step_name(int64_t step) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "step_%08lld", static_cast<long long>(step));
+  return buf;
+}
+
+std::string commit_checkpoint(const std::string& checkpoint_dir, const CheckpointInfo& info,
+                              const std::vector<CheckpointFile>& files) {
+  const std::string dir = checkpoint_dir + "/" + step_name(info.step);
+  make_dirs(dir);
+  std::map<std::string, std::string> weight_map;
+  uint64_t total = 0;
+  for (const CheckpointFile& f : files) {
+    total += f.written.bytes;
+    for (const std::string& t : f.tensors) {
+      if (!weight_map.emplace(t, f.name).second) throw InternalError("checkpoint: tensor " + t + " in two files");
+    }
+  }
+  const std::string index = index_json(info.step, total, weight_map);
+  write_file_atomic(dir + "/" + kCheckpointIndexFile, index);
+  std::string seed;
+  for (const auto& [k, v] : info.config) {
+    if (k == "train.seed") seed = v;
+  }
+  JsonWriter j;
+  j.begin_object();
+  j.field("format", kFormat).field("version", kCheckpointFormatVersion).field("software", software_version());
+  j.field("step", info.step).field("seed", static_cast<uint64_t>(std::stoull(seed.empty() ? "0" : seed)));
+  j.field("next_sequence", info.next_sequence).field("optimizer_steps", info.optimizer_steps);
+  j.field("world_size", info.world_size).field("ep", info.ep);
+  if (!info.origin.empty()) j.field("origin", info.origin);
+  j.key("config").begin_object();
+  for (const auto& [k, v] : info.config) j.field(k, v);
+  j.end_object();
+  j.key("files").begin_array();
+  for (const CheckpointFile& f : files) {
+    j.begin_object().field("name", f.name).field("bytes", f.written.bytes);
+    j.field("crc32", static_cast<uint64_t>(f.written.crc32)).end_object();
+  }
+  j.end_array();
+  j.key("index").begin_object().field("name", kCheckpointIndexFile).field("bytes", static_cast<uint64_t>(index.size()));
+  j.field("crc32", static_cast<uint64_t>(crc32_update(0, index.data(), index.size()))).end_object();
+  j.field("experts_per_file", info.experts_per_file);
+  j.end_object();
+  write_file_atomic(dir + "/manifest.json", j.str() + "\n");
+  write_file_atomic(checkpoint_dir + "/latest", step_name(info.step) + "\n");
+  return dir;
+}
+
+StoredCheckpoint open_checkpoint(const std::string& step_dir) {
+  const std::string path = step_dir + "/manifest.json";
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    throw InputError(step_dir, "not a checkpoint: no manifest.json (give a step directory)", "train.resume");
+  }
+  StoredCheckpoint c;
+  c.dir = step_dir;
+  YAML::Node m = parse_json(read_file(path, "checkpoint manifest"), path);
+  try {
+    check_format(path, m);
+    c.weight_map = parse_weight_map(verify_files(step_dir, m), step_dir + "/" + kCheckpointIndexFile);
+    c.step = m["step"].as<int64_t>();
+    c.next_sequence = m["next_sequence"].as<int64_t>();
+    c.optimizer_steps = m["optimizer_steps"].as<int64_t>();
+    c.world_size = m["world_size"].as<int>(1);
+    c.ep = m["ep"].as<int>();
+    for (const auto& item : m["config"]) c.config.emplace_back(item.first.as<std::string>(), item.second.as<std::string>(""));
+    for (const auto& f : m["files"]) {
+      for (std::string& t : SafetensorsReader(step_dir + "/" + f["name"].as<std::string>()).names()) {
+        c.tensors.push_back(std::move(t));
+      }
+    }
+  } catch (const YAML::Exception& e) {
+    throw InputError(path, "malformed manifest: " + e.msg, "train.resume");
+  }
+  return c;
+}
+
+std::string StoredCheckpoint::value(const std::string& key) const {
+  for (const auto& [k, v] : config) {
+    if (k == key) return v;
+  }
+  return "";
+}
+
+Tensor StoredCheckpoint::read(const std::string& tensor) const {
+  auto it = weight_map.find(tensor);
+  if (it == weight_map.end()) throw InputError(dir, "checkpoint has no tensor " + tensor, "train.resume");
+  auto& reader = readers_[it->second];
+  if (!reader) reader = std::make_shared<SafetensorsReader>(dir + "/" + it->second);
+  return reader->read(tensor);
+}
+
 std::string save_checkpoint(const std::string& checkpoint_dir, const TrainingState& state, const Config& config,
                             Transformer& model, Optimizer& optimizer, ProcessGroups& groups) {
   Communicator& world = *groups.world;
@@ -250,30 +432,29 @@ std::string save_checkpoint(const std::string& checkpoint_dir, const TrainingSta
   world.all_gather(mine.data(), all.data(), 3, DType::kF64);
 
   if (world.rank() == 0) {
-    const int ep = groups.ep_size();
-    const int local = config.moe.num_experts / ep;
-    JsonWriter j;
-    j.begin_object();
-    j.field("format", kFormat).field("version", kVersion).field("step", state.step);
-    j.field("seed", config.train.seed).field("next_sequence", state.next_sequence);
-    j.field("optimizer_steps", optimizer.steps_taken());
-    j.field("world_size", world.size()).field("ep", ep);
-    j.key("config").begin_object();
-    for (const auto& [k, v] : config_values(config)) j.field(k, v);
-    j.end_object();
-    j.key("files").begin_array();
+    CheckpointInfo info;
+    info.step = state.step;
+    info.next_sequence = state.next_sequence;
+    info.optimizer_steps = optimizer.steps_taken();
+    info.world_size = world.size();
+    info.ep = groups.ep_size();
+    info.experts_per_file = config.moe.num_experts / info.ep;
+    info.config = config_values(config);
+    // Experts [r * local, (r + 1) * local) are in world rank r's file (ranks 0 .. ep-1 are ep group 0, dp rank 0).
+    std::vector<CheckpointFile> files;
     for (int r = 0; r < world.size(); ++r) {
       if (all[3 * r] == 0) continue;
-      j.begin_object().field("name", rank_file(r));
-      j.field("bytes", static_cast<uint64_t>(all[3 * r + 1])).field("crc32", static_cast<uint64_t>(all[3 * r + 2]));
-      j.end_object();
+      files.push_back(CheckpointFile{rank_file(r), {static_cast<uint64_t>(all[3 * r + 1]), static_cast<uint32_t>(all[3 * r + 2])}, {}});
     }
-    j.end_array();
-    // Where each expert lives: experts [r * local, (r + 1) * local) in rank r's file (dp rank 0 = ep rank r).
-    j.field("experts_per_file", local);
-    j.end_object();
-    write_file_atomic(dir + "/manifest.json", j.str() + "\n");
-    write_file_atomic(checkpoint_dir + "/latest", step_name(state.step) + "\n");
+    auto file_of = [&](const Slot& s) -> CheckpointFile& {
+      const std::string name = rank_file(s.expert ? static_cast<int>(s.expert_idx / info.experts_per_file) : 0);
+      for (CheckpointFile& f : files) {
+        if (f.name == name) return f;
+      }
+      throw InternalError("checkpoint: no file was written for " + s.name + " (" + name + ")");
+    };
+    for (const Slot& s : slots(model, &optimizer, /*all_experts=*/true)) file_of(s).tensors.push_back(s.name);
+    commit_checkpoint(checkpoint_dir, info, files);
     prune_checkpoints(checkpoint_dir, config.train.keep_checkpoints, state.step);
   }
   world.barrier();
@@ -325,7 +506,7 @@ std::string resolve_resume(const Config& config, Communicator& world) {
 TrainingState load_checkpoint(const std::string& step_dir, const Config& config, Transformer& model,
                               Optimizer* optimizer, ProcessGroups& groups) {
   Communicator& world = *groups.world;
-  std::string manifest_text;
+  std::string manifest_text, index_text;
   if (world.rank() == 0) {
     std::string path = step_dir + "/manifest.json";
     struct stat st {};
@@ -336,29 +517,30 @@ TrainingState load_checkpoint(const std::string& step_dir, const Config& config,
     manifest_text = read_file(path, "checkpoint manifest");
     YAML::Node m = parse_json(manifest_text, path);
     try {
-      if (m["format"].as<std::string>("") != kFormat || m["version"].as<int>(0) != kVersion) {
-        throw InputError(path, "not a moe-checkpoint version " + std::to_string(kVersion) + " manifest (version " +
-                                   m["version"].as<std::string>("?") + ")", "train.resume");
-      }
+      check_format(path, m);
       YAML::Node stored = m["config"];
       auto values = config_values(config);
       std::map<std::string, std::string> now(values.begin(), values.end());
       for (const char* key : kStructuralKeys) {
         std::string was = stored[key].as<std::string>("");
         if (was != now[key]) {
+          const bool upcycle = std::string(key) == "moe.num_experts" && was == "0";
           throw ConfigError(key, "checkpoint " + step_dir + " was written with " + key + " = " + was +
-                                     ", this run has " + now[key]);
+                                     ", this run has " + now[key] +
+                                     (upcycle ? " (to turn a dense checkpoint into an MoE model: launch/moe upcycle)"
+                                              : ""));
         }
       }
-      verify_files(step_dir, m);
+      index_text = verify_files(step_dir, m);
     } catch (const YAML::Exception& e) {
       throw InputError(path, "malformed manifest: " + e.msg, "train.resume");
     }
   }
   broadcast_string(world, manifest_text, 0);
+  broadcast_string(world, index_text, 0);
 
   YAML::Node m = parse_json(manifest_text, step_dir + "/manifest.json");
-  const int64_t per_file = m["experts_per_file"].as<int64_t>();
+  const std::map<std::string, std::string> weight_map = parse_weight_map(index_text, step_dir + "/" + kCheckpointIndexFile);
   std::map<std::string, std::unique_ptr<SafetensorsReader>> readers;
   auto reader = [&](const std::string& name) -> SafetensorsReader& {
     auto& r = readers[name];
@@ -367,9 +549,13 @@ TrainingState load_checkpoint(const std::string& step_dir, const Config& config,
   };
   Backend& backend = *model.backend();
   for (Slot& s : slots(model, optimizer)) {
-    int file_rank = s.expert ? static_cast<int>(s.expert_idx / per_file) : 0;
+    auto file = weight_map.find(s.name);
+    if (file == weight_map.end()) {
+      throw InputError(step_dir + "/" + kCheckpointIndexFile, "checkpoint has no tensor " + s.name +
+                                                                  " (written by another model?)", "train.resume");
+    }
     Tensor host = host_tensor(s.tensor.shape(), s.tensor.dtype());
-    reader(rank_file(file_rank)).read(s.name, host);
+    reader(file->second).read(s.name, host);
     backend.copy_from_host(host.raw(), s.tensor);
   }
   TrainingState state;

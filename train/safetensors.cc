@@ -6,6 +6,7 @@
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstring>
@@ -186,6 +187,27 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
       throw InputError(path, "malformed safetensors entry for " + name);
     }
   }
+}
+
+std::vector<std::string> SafetensorsReader::names() const {
+  std::vector<std::pair<uint64_t, std::string>> by_offset;
+  for (const auto& [name, e] : entries_) by_offset.emplace_back(e.begin, name);
+  std::sort(by_offset.begin(), by_offset.end());
+  std::vector<std::string> out;
+  for (auto& [offset, name] : by_offset) out.push_back(std::move(name));
+  return out;
+}
+
+Tensor SafetensorsReader::read(const std::string& name) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) throw InputError(path_, "checkpoint has no tensor " + name);
+  for (DType d : {DType::kF32, DType::kF64, DType::kI32, DType::kBF16}) {
+    if (it->second.dtype != dtype_name(d)) continue;
+    Tensor t = host_tensor_uninitialized(it->second.shape, d);
+    read(name, t);
+    return t;
+  }
+  throw InputError(path_, "tensor " + name + " has dtype " + it->second.dtype + ", which this runtime does not read");
 }
 
 void SafetensorsReader::read(const std::string& name, Tensor& dst) const {

@@ -43,6 +43,11 @@ class SafetensorsReader {
   // tensor's offsets do not fit the file.
   explicit SafetensorsReader(const std::string& path);
   bool has(const std::string& name) const { return entries_.count(name) > 0; }
+  // Every tensor's name, in the order of their bytes in the file.
+  std::vector<std::string> names() const;
+  // Tensor `name` as stored (its dtype and shape) in a new host tensor; throws InputError when it is
+  // missing or of a dtype this runtime does not know.
+  Tensor read(const std::string& name) const;
   // Copies tensor `name` into dst (host memory of dst's dtype and shape); throws InputError on a
   // missing tensor or a dtype/shape mismatch.
   void read(const std::string& name, Tensor& dst) const;

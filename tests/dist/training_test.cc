@@ -56,26 +56,7 @@ std::vector<StepRecord> train(const Config& config, ProcessGroups& groups) {
   return trainer.run();
 }
 
-// A directory every rank agrees on, removed at the end of the test.
-class SharedDir {
- public:
-  explicit SharedDir(Communicator& world) : world_(world) {
-    if (world.rank() == 0) {
-      path_ = (fs::temp_directory_path() / ("moe_train_test_" + std::to_string(::getpid()))).string();
-      fs::create_directories(path_);
-    }
-    broadcast_string(world, path_, 0);
-  }
-  ~SharedDir() {
-    world_.barrier();
-    if (world_.rank() == 0) fs::remove_all(path_);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  Communicator& world_;
-  std::string path_;
-};
+using test::SharedDir;
 
 TEST(Training, LossFallsAndRerunsAreBitIdentical) {
   Config c = tiny_model(40);
