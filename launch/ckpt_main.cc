@@ -8,8 +8,10 @@
 //
 // CHECKPOINT is a step directory, or a checkpoint directory (its latest step). Output directories must
 // not hold a checkpoint (or an export) yet.
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <set>
 #include <string>
 
 #include "comm/mpi/mpi_communicator.h"
@@ -40,6 +42,7 @@ struct Args {
   double noise = 0;
   bool granular = false;
   std::vector<std::string> overrides;  // "section.key=value" (upcycle)
+  std::set<std::string> given;         // the options given, for refusing those of another command
 };
 
 [[noreturn]] void usage_error(const std::string& key, const std::string& message) {
@@ -51,8 +54,17 @@ struct Args {
 double number(const std::string& flag, const std::string& text) {
   char* end = nullptr;
   const double v = std::strtod(text.c_str(), &end);
-  if (text.empty() || *end != '\0') usage_error(flag, "expected a number, got '" + text + "'");
+  if (text.empty() || *end != '\0' || !std::isfinite(v)) usage_error(flag, "expected a number, got '" + text + "'");
   return v;
+}
+
+int count(const std::string& flag, const std::string& text) {
+  char* end = nullptr;
+  const long v = std::strtol(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || v < 1 || v > (1 << 24)) {
+    usage_error(flag, "expected a whole number from 1 to 16777216, got '" + text + "'");
+  }
+  return static_cast<int>(v);
 }
 
 Args parse(int argc, char** argv) {
@@ -83,6 +95,7 @@ Args parse(int argc, char** argv) {
     } else {
       usage_error(flag, "missing value");
     }
+    a.given.insert(flag);
     if (flag.find('.') != std::string::npos) {
       a.overrides.push_back(flag.substr(2) + "=" + value);
     } else if (flag == "--out") {
@@ -92,9 +105,9 @@ Args parse(int argc, char** argv) {
     } else if (flag == "--dtype") {
       a.dtype = value;
     } else if (flag == "--ep") {
-      a.ep = static_cast<int>(number(flag, value));
+      a.ep = count(flag, value);
     } else if (flag == "--dp") {
-      a.dp = static_cast<int>(number(flag, value));
+      a.dp = count(flag, value);
     } else if (flag == "--noise") {
       a.noise = number(flag, value);
     } else {
@@ -108,6 +121,13 @@ Args parse(int argc, char** argv) {
   if (a.command == "upcycle" && a.config.empty()) usage_error("--config", "upcycle needs the MoE configuration");
   if (a.command != "upcycle" && (!a.overrides.empty() || !a.config.empty() || a.granular || a.noise != 0)) {
     usage_error("", "--config, --noise, --granular and configuration keys belong to upcycle");
+  }
+  const std::set<std::string> own = a.command == "reshard" ? std::set<std::string>{"--ep", "--dp", "--out"}
+                                    : a.command == "export" ? std::set<std::string>{"--dtype", "--out"}
+                                    : a.command == "import" ? std::set<std::string>{"--out"}
+                                                            : std::set<std::string>{"--config", "--out", "--noise"};
+  for (const std::string& flag : a.given) {
+    if (flag.find('.') == std::string::npos && !own.count(flag)) usage_error(flag, "not an option of " + a.command);
   }
   return a;
 }

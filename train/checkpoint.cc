@@ -100,6 +100,12 @@ std::vector<Slot> slots(Transformer& model, Optimizer* optimizer, bool all_exper
   return out;
 }
 
+// A checkpoint written by a newer format than this build reads: never skipped, never removed.
+class NewerFormatError : public InputError {
+ public:
+  using InputError::InputError;
+};
+
 // The manifest's format and version: this build reads versions kOldest.. kCheckpointFormatVersion.
 // Returns the version.
 int check_format(const std::string& path, const YAML::Node& m) {
@@ -111,7 +117,7 @@ int check_format(const std::string& path, const YAML::Node& m) {
   }
   const int version = m["version"].as<int>(0);
   if (version > kCheckpointFormatVersion) {
-    throw InputError(path, "checkpoint format version " + std::to_string(version) + ", written by " +
+    throw NewerFormatError(path, "checkpoint format version " + std::to_string(version) + ", written by " +
                                m["software"].as<std::string>("a newer build") + ", is newer than this build (" +
                                software_version() + ") reads (" + readable + "): read it with that software or a newer one",
                      "train.resume");
@@ -230,6 +236,8 @@ bool complete_checkpoint(const std::string& step_dir, std::string* why) {
     check_format(path, m);
     verify_files(step_dir, m);
     return true;
+  } catch (const NewerFormatError&) {
+    throw;  // not incomplete: a newer build's, which must stop the job rather than be skipped or pruned
   } catch (const Error& e) {
     if (why) *why = e.what();
   } catch (const YAML::Exception& e) {
@@ -259,7 +267,13 @@ void prune_checkpoints(const std::string& dir, int64_t keep, int64_t newest) {
   int64_t kept = 0;
   for (const auto& [step, path] : step_dirs(dir)) {
     if (step > newest) continue;  // a later run's leftovers are not ours to judge
-    if (kept < keep && complete_checkpoint(path, nullptr)) {
+    bool complete = false;
+    try {
+      complete = complete_checkpoint(path, nullptr);
+    } catch (const NewerFormatError&) {
+      continue;  // a newer build's checkpoint is not ours to remove
+    }
+    if (kept < keep && complete) {
       ++kept;
       continue;
     }
@@ -532,6 +546,13 @@ TrainingState load_checkpoint(const std::string& step_dir, const Config& config,
         }
       }
       index_text = verify_files(step_dir, m);
+      const std::map<std::string, std::string> index = parse_weight_map(index_text, step_dir + "/" + kCheckpointIndexFile);
+      for (const Slot& s : slots(model, optimizer, /*all_experts=*/true)) {
+        if (!index.count(s.name)) {
+          throw InputError(step_dir + "/" + kCheckpointIndexFile, "checkpoint has no tensor " + s.name +
+                                                                      " (written by another model?)", "train.resume");
+        }
+      }
     } catch (const YAML::Exception& e) {
       throw InputError(path, "malformed manifest: " + e.msg, "train.resume");
     }
@@ -575,11 +596,16 @@ Config checkpoint_config(const std::string& step_dir, const std::vector<std::str
       failure = step_dir + ": not a checkpoint: no manifest.json (an incomplete or wrong directory)";
     } else {
       text = read_file(path, "checkpoint manifest");
+      try {
+        check_format(path, parse_json(text, path));  // a newer format says so before its keys are read
+      } catch (const Error& e) {
+        failure = e.what();
+      }
     }
   }
   broadcast_string(comm, failure, 0);
   if (!failure.empty()) {
-    InputError e(failure, "give a step directory (<checkpoint_dir>/step_NNNNNNNN)");
+    InputError e(failure, "give a step directory (<checkpoint_dir>/step_NNNNNNNN) this build can read");
     e.mark_collective();
     throw e;
   }

@@ -26,6 +26,14 @@ bool exists(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0;
 }
 
+void make_output_dir(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec || !std::filesystem::is_directory(dir)) {
+    throw InputError(dir, "cannot create the output directory" + (ec ? ": " + ec.message() : std::string()), "--out");
+  }
+}
+
 // out_dir must not hold a checkpoint yet: nothing is overwritten.
 void require_fresh_checkpoint_dir(const std::string& out_dir) {
   if (out_dir.empty()) throw ConfigError("--out", "give an output directory");
@@ -34,11 +42,15 @@ void require_fresh_checkpoint_dir(const std::string& out_dir) {
   }
   std::error_code ec;
   for (const auto& e : std::filesystem::directory_iterator(out_dir, ec)) {
-    if (e.path().filename().string().rfind("step_", 0) == 0) {
-      throw InputError(out_dir, "already holds " + e.path().filename().string() +
-                                    "; choose another --out (nothing is overwritten)");
-    }
+    const std::string name = e.path().filename().string();
+    if (name.rfind("step_", 0) != 0) continue;
+    throw InputError(out_dir, "already holds " + name +
+                                  (exists(e.path().string() + "/manifest.json")
+                                       ? std::string()
+                                       : " (incomplete, no manifest.json: an interrupted run left it; remove it)") +
+                                  "; choose another --out (nothing is overwritten)");
   }
+  make_output_dir(out_dir);
 }
 
 // The global expert index of a stored tensor ("[optim.m.]layers.3.moe.experts.5.w_up" -> 5), or -1.
@@ -114,7 +126,7 @@ std::string write_new_checkpoint(Config config, const TrainingState& state, cons
 
 std::string reshard_checkpoint(const std::string& step_dir, int ep, int dp, const std::string& out_dir) {
   const StoredCheckpoint src = open_checkpoint(step_dir);
-  const int experts = std::stoi(src.value("moe.num_experts"));
+  const int experts = stored_config(src.config, step_dir + "/manifest.json").moe.num_experts;
   if (ep < 1) throw ConfigError("--ep", "must be at least 1, got " + std::to_string(ep));
   if (dp < 1) throw ConfigError("--dp", "must be at least 1, got " + std::to_string(dp));
   if (experts == 0 && ep != 1) {
@@ -126,7 +138,7 @@ std::string reshard_checkpoint(const std::string& step_dir, int ep, int dp, cons
   require_fresh_checkpoint_dir(out_dir);
   const int64_t per_file = experts / ep;
   const std::string dir = out_dir + "/" + checkpoint_step_name(src.step);
-  std::filesystem::create_directories(dir);
+  make_output_dir(dir);
   std::vector<CheckpointFile> files;
   for (int r = 0; r < ep; ++r) {  // one file at a time: memory holds one file's tensors
     CheckpointFile f{checkpoint_rank_file(r), {}, {}};
@@ -146,6 +158,7 @@ std::string reshard_checkpoint(const std::string& step_dir, int ep, int dp, cons
   info.step = src.step;
   info.next_sequence = src.next_sequence;
   info.optimizer_steps = src.optimizer_steps;
+  if (int64_t{ep} * dp > (int64_t{1} << 30)) throw ConfigError("--dp", "ep x dp is too large");
   info.world_size = ep * dp;
   info.ep = ep;
   info.experts_per_file = per_file;
@@ -163,9 +176,11 @@ void export_checkpoint(const std::string& step_dir, const std::string& out_dir, 
   const Config config = stored_config(src.config, step_dir + "/manifest.json");
   if (out_dir.empty()) throw ConfigError("--out", "give an output directory");
   if (exists(out_dir + "/model.safetensors") || exists(out_dir + "/config.json")) {
-    throw InputError(out_dir, "already holds an export; choose another --out (nothing is overwritten)");
+    throw InputError(out_dir, std::string("already holds ") +
+                                  (exists(out_dir + "/config.json") ? "an export" : "an incomplete export (no config.json: remove it)") +
+                                  "; choose another --out (nothing is overwritten)");
   }
-  std::filesystem::create_directories(out_dir);
+  make_output_dir(out_dir);
 
   // Parameters in stored order, each routed expert tensor gathered into its stacked tensor.
   std::vector<std::string> order;
@@ -174,6 +189,10 @@ void export_checkpoint(const std::string& step_dir, const std::string& out_dir, 
   for (const std::string& name : src.tensors) {
     if (name.rfind("optim.", 0) == 0) continue;
     const int64_t e = expert_of(name);
+    if (e >= experts) {
+      throw InputError(step_dir, "tensor " + name + " names an expert beyond moe.num_experts = " + std::to_string(experts),
+                       "train.resume");
+    }
     const std::string out = e < 0 ? name : stacked_name(name);
     auto& p = parts[out];
     if (p.empty()) {
@@ -342,9 +361,14 @@ std::string upcycle_checkpoint(const std::string& dense_step_dir, const Config& 
     const int64_t h = config.model.hidden, f = mid;
     for (Param* p : model.params().all()) {
       if (p->scope != ParamScope::kExpert) {
-        if (!dense.weight_map.count(p->name)) continue;  // router, shared experts: as initialised
+        const bool moe_only = p->name.find(".moe.router.") != std::string::npos ||
+                              p->name.find(".moe.shared.") != std::string::npos;
+        if (moe_only) continue;  // router, shared experts: as initialised
+        if (!dense.weight_map.count(p->name)) {
+          throw InputError(dense_step_dir, "the dense checkpoint has no tensor " + p->name + ", which the MoE model copies");
+        }
         Tensor t = dense.read(p->name);
-        if (t.shape() != p->value.shape()) {
+        if (t.shape() != p->value.shape() || t.dtype() != p->value.dtype()) {
           throw InputError(dense_step_dir, "tensor " + p->name + " is " + t.str() + ", the MoE model's " + p->value.str());
         }
         backend.copy_from_host(t.raw(), p->value);

@@ -203,6 +203,17 @@ Tensor SafetensorsReader::read(const std::string& name) const {
   if (it == entries_.end()) throw InputError(path_, "checkpoint has no tensor " + name);
   for (DType d : {DType::kF32, DType::kF64, DType::kI32, DType::kBF16}) {
     if (it->second.dtype != dtype_name(d)) continue;
+    // the header's shape must account for exactly its bytes before anything is allocated
+    uint64_t numel = 1;
+    for (int64_t dim : it->second.shape) {
+      if (dim < 0 || (dim > 0 && numel > (it->second.end - it->second.begin) / static_cast<uint64_t>(dim))) {
+        throw InputError(path_, "tensor " + name + " has a shape that does not fit its bytes");
+      }
+      numel *= static_cast<uint64_t>(dim);
+    }
+    if (numel * dtype_size(d) != it->second.end - it->second.begin) {
+      throw InputError(path_, "tensor " + name + " has a shape that does not fit its bytes");
+    }
     Tensor t = host_tensor_uninitialized(it->second.shape, d);
     read(name, t);
     return t;

@@ -29,6 +29,19 @@ refused() {
 # The validation loss `launch/moe eval` prints for a checkpoint ("model <nats> <bits>").
 eval_loss() { "$launch" eval "$@" 2>&1 | awk '$1 == "model" { print $2 }'; }
 
+python=""
+for p in python3 /usr/bin/python3; do
+  if command -v "$p" > /dev/null && "$p" -c "import torch" 2> /dev/null; then python=$p; break; fi
+done
+if [[ $case_name == torch && -z $python ]]; then
+  echo "SKIPPED: no python3 with torch here (tools/export_loss.py needs it)"
+  exit 77
+fi
+if [[ $case_name == tools ]] && command -v python3 > /dev/null; then  # the loader at least compiles
+  python3 -c 'import ast, sys; ast.parse(open(sys.argv[1]).read())' "$root/tools/export_loss.py" 2> out.txt ||
+    { cat out.txt; fail "tools/export_loss.py does not parse"; }
+fi
+
 "$build/moe_data" synthetic val.bin 4097 7 64 > /dev/null || fail "no validation file"
 cat > run.yaml <<YAML
 model: {hidden: 32, layers: 2, heads: 2, seq_len: 16, vocab_size: 64}
@@ -45,11 +58,6 @@ logged=$(grep -o '"val_loss":[^,]*' metrics.jsonl | tail -1 | cut -d: -f2)
 [[ -n $logged ]] || fail "no val_loss in the metrics"
 
 if [[ $case_name == torch ]]; then
-  python=""
-  for p in python3 /usr/bin/python3; do
-    if command -v "$p" > /dev/null && "$p" -c "import torch" 2> /dev/null; then python=$p; break; fi
-  done
-  [[ -n $python ]] || { echo "SKIPPED: no python3 with torch here (tools/export_loss.py needs it)"; exit 77; }
   ok export ck --out "$work/ex"
   ok export ck --out "$work/ex16" --dtype bf16
   for pair in "ex:1e-5" "ex16:2e-2"; do

@@ -82,10 +82,17 @@ std::string text_of(const std::string& path) {
   return s.str();
 }
 
-// Runs f on rank 0 alone; a failure there fails the test on rank 0, the others wait at the barrier.
+// Runs f on rank 0 alone; a failure there (an exception too) fails the test on rank 0, and the others
+// wait at the barrier either way.
 template <typename F>
 void on_rank0(Communicator& world, F f) {
-  if (world.rank() == 0) f();
+  if (world.rank() == 0) {
+    try {
+      f();
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "rank 0: " << e.what();
+    }
+  }
   world.barrier();
 }
 
@@ -133,6 +140,59 @@ TEST(CheckpointTools, ReshardRoundTripsBitForBitAndResumesLikeTheOriginal) {
   resumed.train.resume = dir.path() + "/rn/step_00000004";
   EXPECT_EQ(train(resumed, layout), want);
   ASSERT_EQ(want.size(), 2u);
+}
+
+TEST(CheckpointTools, LoadingFindsEveryTensorThroughTheIndexWhereverItIs) {
+  // A checkpoint laid out as no training run writes it (experts alternating between two files, the
+  // rest in a third) resumes on every layout exactly like the original.
+  const int world = mpi_world_size();
+  Config c = tiny(4, 2);
+  c.parallel.ep = std::gcd(world, 4);
+  c.moe.group_size = static_cast<int>(local_tokens(c, world));
+  ProcessGroups groups = test::world_groups(c.parallel.ep);
+  SharedDir dir(*groups.world, "moe_ckpt_test");
+  const std::string step = train_to_checkpoint(c, groups, dir.path(), "run");
+  const std::string odd = dir.path() + "/odd";
+  on_rank0(*groups.world, [&] {
+    const StoredCheckpoint src = open_checkpoint(step);
+    std::filesystem::create_directories(odd + "/step_00000002");
+    std::vector<CheckpointFile> files{{"odd.safetensors", {}, {}}, {"even.safetensors", {}, {}}, {"rest.safetensors", {}, {}}};
+    std::vector<std::vector<TensorRecord>> records(3);
+    for (const std::string& name : src.tensors) {
+      const size_t at = name.find(".experts.");
+      const int f = at == std::string::npos ? 2 : (name[at + 9] - '0') % 2 == 1 ? 0 : 1;
+      records[f].push_back(TensorRecord{name, src.read(name)});
+      files[f].tensors.push_back(name);
+    }
+    for (int f = 0; f < 3; ++f) files[f].written = write_safetensors(odd + "/step_00000002/" + files[f].name, records[f], {});
+    CheckpointInfo info;
+    info.step = src.step;
+    info.next_sequence = src.next_sequence;
+    info.optimizer_steps = src.optimizer_steps;
+    info.ep = 1;
+    info.experts_per_file = 4;
+    info.config = src.config;
+    commit_checkpoint(odd, info, files);
+    // the manifest must list rank_00000 for ep 1: the files it lists are what it vouches for
+    EXPECT_THROW(open_checkpoint(odd + "/step_00000002"), InputError);
+    files[2].name = checkpoint_rank_file(0);
+    std::filesystem::rename(odd + "/step_00000002/rest.safetensors", odd + "/step_00000002/" + files[2].name);
+    commit_checkpoint(odd, info, files);
+    expect_same_tensors(src, open_checkpoint(odd + "/step_00000002"), "odd layout");
+  });
+  Config resumed = c;
+  resumed.train.steps = 4;
+  resumed.train.checkpoint_dir = "";
+  resumed.train.resume = step;
+  const std::vector<double> want = train(resumed, groups);
+  for (int ep : {1, c.parallel.ep}) {
+    Config d = resumed;
+    d.parallel.ep = ep;
+    d.train.resume = odd + "/step_00000002";
+    ProcessGroups layout = test::world_groups(ep);
+    const std::vector<double> got = train(d, layout);
+    EXPECT_LE(test::rel_diff(got, want), ep == c.parallel.ep ? 0.0 : 1e-5) << "ep " << ep;
+  }
 }
 
 TEST(CheckpointTools, TheIndexMustAgreeWithTheFilesAndNewerFormatsAreRefused) {
