@@ -8,6 +8,7 @@
 #include "launch/layer_bench.h"
 
 #include "launch/bench_options.h"
+#include "runtime/cpu/blas.h"
 
 #include <algorithm>
 #include <chrono>
@@ -247,12 +248,16 @@ int run_layer_bench(const CommandLine& cl) {
                        stats.dropped / stats.assignments, static_cast<int>(w[0])});
     if (o.format == "table" && rows.size() == 1) {
       std::string threads = c.runtime.device == Device::kCpu
-                                ? " (" + std::to_string(c.runtime.threads) + " BLAS thread(s) per rank)"
+                                ? " (" + blas_setup(c.runtime.threads).str() + ", " +
+                                      std::to_string(c.runtime.threads) + " thread(s) per rank)"
                                 : "";
       log_info("# moe_bench layer: MoE layer forward+backward, backend " + backend->name() + threads + ", " +
                dtype_name(dtype) + " master weights, communicator " + groups.world->name() + ", " +
                std::to_string(world) + " rank(s), ep " + std::to_string(world) + common_keys(c, extra_keys) + ", " +
                std::to_string(iters) + " iters after " + std::to_string(warmup) + " warm-up (median)");
+      if (c.runtime.device == Device::kCpu && !blas_setup(c.runtime.threads).warning.empty()) {
+        log_info("# warning: " + blas_setup(c.runtime.threads).warning);
+      }
       log_info("# expert GF/s: useful expert FFN FLOPs (fwd+bwd) / layer time; dense GF/s: the BLAS (cuBLAS on "
                "a GPU) on the same GEMM shapes and FLOPs in the same precision, this run; ratio = expert / dense");
       std::string header = "#  prec  tokens  hidden  experts  top_k  shared   ffn";

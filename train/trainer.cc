@@ -15,8 +15,10 @@
 #include <yaml-cpp/yaml.h>
 
 #include <limits>
+#include <thread>
 
 #include "comm/mpi/mpi_communicator.h"
+#include "runtime/cpu/blas.h"
 #include "runtime/gemm_probe.h"
 #include "runtime/signals.h"
 #include "train/safetensors.h"
@@ -65,6 +67,26 @@ double measure_dense_rate(Backend& backend, DType dtype, Communicator& world) {
   world.barrier();
   const double seconds = slowest(dense_gemm_seconds(backend, dtype, n, reps));
   return static_cast<double>(world.size()) * reps * 2.0 * static_cast<double>(n) * n * n / seconds;
+}
+
+// The CPU BLAS at start-up: the library and kernel, and one warning line when the measured dense rate per
+// core is below what the CPU's vector features promise (runtime/cpu/blas.h), e.g. a kernel that does not
+// know the CPU. Cores used per node: the node's ranks times their BLAS threads, at most its cores.
+void report_blas(const Config& config, double dense_rate, Communicator& world) {
+  const BlasInfo& blas = blas_setup(config.runtime.threads);
+  if (world.rank() != 0) return;
+  log_info("BLAS: " + blas.str() + ", " + std::to_string(config.runtime.threads) + " thread(s) per rank");
+  if (!blas.warning.empty()) log_warn(blas.warning);
+  const int local = mpi_local_size();
+  const int cores = std::max(1u, std::thread::hardware_concurrency());
+  const double per_core = dense_rate / world.size() * local / std::min(local * config.runtime.threads, cores);
+  const double floor = blas_rate_floor(blas, config.runtime.dtype == DType::kF64);
+  if (floor > 0 && per_core < floor) {
+    log_warn("the dense GEMM rate, " + count_str(per_core) + "FLOP/s per core, is below half of what this CPU's " +
+             blas.features + " promises at " + std::to_string(static_cast<int>(blas.mhz)) + " MHz (" +
+             count_str(2 * floor) + "FLOP/s): the BLAS kernel (" + blas.kernel +
+             ") may not suit this CPU (docs/PERFORMANCE.md, \"The CPU BLAS\")");
+  }
 }
 
 std::string gib(double bytes) {
@@ -129,6 +151,7 @@ Trainer::Trainer(const Config& config, Backend& backend, ProcessGroups& groups)
            " layers MoE; " + count_str(size_.flops_per_token) + "FLOP per token (training)");
   log_info("dense GEMM rate: " + count_str(dense_rate_) + "FLOP/s over " + std::to_string(world.size()) +
            " ranks (" + backend.name() + ", " + dtype_name(config_.runtime.dtype) + "), the MFU denominator");
+  if (backend.device() == Device::kCpu) report_blas(config_, dense_rate_, world);
 }
 
 Trainer::~Trainer() {

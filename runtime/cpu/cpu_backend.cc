@@ -1,14 +1,13 @@
 // CPU backend: host memory and copies (runtime/backend.h). The CPU ops, the reference implementation of
 // every op, are in the family files beside this one (gemm.cc, elementwise.cc, ...); GEMMs go through
-// CBLAS (OpenBLAS, `threads` threads per rank).
-#include <cblas.h>
-
+// CBLAS (OpenBLAS or BLIS, `threads` threads per rank; runtime/cpu/blas.h chooses the kernel).
 #include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <string>
 
 #include "runtime/backend.h"
+#include "runtime/cpu/blas.h"
 #include "runtime/cpu/cpu_common.h"
 
 namespace moe {
@@ -18,7 +17,7 @@ class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(const CpuBackendOptions& options) {
     MOE_CHECK(options.threads >= 1, "threads must be >= 1");
-    openblas_set_num_threads(options.threads);
+    blas_setup(options.threads);
   }
 
   std::string name() const override { return "cpu"; }

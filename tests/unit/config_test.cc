@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "runtime/config.h"
+#include "runtime/cpu/blas.h"
 #include "runtime/error.h"
 
 namespace moe {
@@ -121,5 +122,26 @@ TEST(Config, ReferenceDocumentIsGeneratedFromTheTable) {
                                "> docs/CONFIG.md`";
 }
 
+// The OpenBLAS kernel choice (runtime/cpu/blas.h): a kernel narrower than the CPU's FMA width is
+// replaced by the one that uses it; one that already does is kept.
+TEST(Blas, AKernelNarrowerThanTheCpuIsReplacedByOneThatUsesItsVectors) {
+  EXPECT_EQ(wider_openblas_kernel("Haswell", 16), "SKYLAKEX");
+  EXPECT_EQ(wider_openblas_kernel("Zen", 16), "SKYLAKEX");
+  EXPECT_EQ(wider_openblas_kernel("Prescott", 16), "SKYLAKEX");  // the generic fallback on unknown Xeons
+  EXPECT_EQ(wider_openblas_kernel("Prescott", 8), "HASWELL");
+  EXPECT_EQ(wider_openblas_kernel("Sandybridge", 8), "HASWELL");
+  EXPECT_EQ(wider_openblas_kernel("Cooperlake", 16), "");
+  EXPECT_EQ(wider_openblas_kernel("SkylakeX", 16), "");
+  EXPECT_EQ(wider_openblas_kernel("SapphireRapids", 16), "");
+  EXPECT_EQ(wider_openblas_kernel("Haswell", 8), "");
+  EXPECT_EQ(wider_openblas_kernel("Zen", 8), "");
+  EXPECT_EQ(wider_openblas_kernel("Prescott", 4), "");  // nothing wider to use
+  BlasInfo info;
+  info.fma_lanes = 16, info.mhz = 2000;
+  EXPECT_DOUBLE_EQ(blas_rate_floor(info, false), 32e9);  // half of 16 lanes x 2 FLOPs per cycle at 2 GHz
+  EXPECT_DOUBLE_EQ(blas_rate_floor(info, true), 16e9);
+}
+
 }  // namespace
 }  // namespace moe
+
