@@ -67,6 +67,10 @@ BlasInfo setup(int threads) {
   bli_thread_set_num_threads(threads);
   info.library = std::string("BLIS ") + bli_info_get_version_str();
   info.kernel = bli_arch_string(bli_arch_query_id());
+  if (info.kernel == "generic" && info.fma_lanes >= 8) {
+    info.warning = "BLIS runs its generic kernel on this CPU with " + info.features +
+                   " (it does not recognise the CPU): build with MOE_BLAS=openblas (docs/PERFORMANCE.md)";
+  }
 #else
   openblas_set_num_threads(threads);
   const std::string config = openblas_get_config();  // "OpenBLAS 0.3.21 NO_LAPACKE DYNAMIC_ARCH ..."
