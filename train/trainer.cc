@@ -74,10 +74,10 @@ double measure_dense_rate(Backend& backend, DType dtype, Communicator& world) {
 // know the CPU. Cores used per node: the node's ranks times their BLAS threads, at most its cores.
 void report_blas(const Config& config, double dense_rate, Communicator& world) {
   const BlasInfo& blas = blas_setup(config.runtime.threads);
+  const int local = mpi_local_size();  // collective: before rank 0 goes its own way
   if (world.rank() != 0) return;
   log_info("BLAS: " + blas.str() + ", " + std::to_string(config.runtime.threads) + " thread(s) per rank");
   if (!blas.warning.empty()) log_warn(blas.warning);
-  const int local = mpi_local_size();
   const int cores = std::max(1u, std::thread::hardware_concurrency());
   const double per_core = dense_rate / world.size() * local / std::min(local * config.runtime.threads, cores);
   const double floor = blas_rate_floor(blas, config.runtime.dtype == DType::kF64);

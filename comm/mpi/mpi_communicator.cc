@@ -172,6 +172,27 @@ class MpiCommunicator final : public Communicator {
 
 }  // namespace
 
+namespace {
+// This process's rank in, and the size of, the ranks sharing its node: computed once (a collective over
+// the world), in mpi_init, so that later calls are local and any rank may ask alone.
+std::pair<int, int> compute_node_rank_and_size() {
+  MPI_Comm node;
+  MOE_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
+  int r = 0, n = 1;
+  MPI_Comm_rank(node, &r);
+  MPI_Comm_size(node, &n);
+  MPI_Comm_free(&node);
+  return {r, n};
+}
+std::pair<int, int> g_node{-1, -1};
+
+std::pair<int, int> node_rank_and_size() {
+  if (!mpi_initialized()) return {0, 1};
+  if (g_node.first < 0) g_node = compute_node_rank_and_size();  // MPI started elsewhere: first call collective
+  return g_node;
+}
+}  // namespace
+
 void mpi_init(int* argc, char*** argv) {
   int initialized = 0;
   MPI_Initialized(&initialized);
@@ -179,6 +200,7 @@ void mpi_init(int* argc, char*** argv) {
   int provided = 0;
   MOE_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided));
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  g_node = compute_node_rank_and_size();
 }
 
 void mpi_finalize() {
@@ -212,20 +234,6 @@ int mpi_world_size() {
   MPI_Comm_size(MPI_COMM_WORLD, &n);
   return n;
 }
-
-namespace {
-// This process's rank in, and the size of, the ranks sharing its node.
-std::pair<int, int> node_rank_and_size() {
-  if (!mpi_initialized()) return {0, 1};
-  MPI_Comm node;
-  MOE_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
-  int r = 0, n = 1;
-  MPI_Comm_rank(node, &r);
-  MPI_Comm_size(node, &n);
-  MPI_Comm_free(&node);
-  return {r, n};
-}
-}  // namespace
 
 int mpi_local_rank() { return node_rank_and_size().first; }
 

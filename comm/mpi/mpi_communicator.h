@@ -19,9 +19,10 @@ bool mpi_initialized();
 int mpi_world_rank();
 // The size of MPI_COMM_WORLD, or 1 before mpi_init.
 int mpi_world_size();
-// The rank among the processes of this node (shared-memory domain), or 0 before mpi_init. Collective.
+// The rank among the processes of this node (shared-memory domain), or 0 before mpi_init. Found once,
+// collectively, by mpi_init; later calls are local (any rank may ask alone).
 int mpi_local_rank();
-// Ranks of this job on this node.
+// Ranks of this job on this node (like mpi_local_rank: found by mpi_init).
 int mpi_local_size();
 
 std::unique_ptr<Communicator> make_mpi_world();  // MPI_COMM_WORLD (duplicated)

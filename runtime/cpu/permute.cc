@@ -1,16 +1,38 @@
 // CPU permutation family (runtime/ops/permute.h): token rows to the expert-major layout and back, row
 // gather/scatter, the embedding.
 #include <cstring>
+#include <vector>
 
 #include "runtime/cpu/cpu_common.h"
 #include "runtime/ops/permute.h"
 
 namespace moe::cpu {
 
+namespace {
+
+// Zeroes the rows of `out` that row_idx names nowhere (write first: the rows it names are written in
+// full by the caller, so only the others need the memset, e.g. the capacity slack of the padded layout).
+void zero_unnamed_rows(const Tensor& row_idx, Tensor& out) {
+  std::vector<uint8_t> named(static_cast<size_t>(out.dim(0)), 0);
+  const int32_t* rows = row_idx.data<int32_t>();
+  for (int64_t i = 0, n = row_idx.numel(); i < n; ++i) {
+    if (rows[i] >= 0) {
+      MOE_CHECK(rows[i] < out.dim(0), "permute: row ", rows[i], " outside ", out.str());
+      named[static_cast<size_t>(rows[i])] = 1;
+    }
+  }
+  const size_t row_bytes = static_cast<size_t>(row_len(out)) * dtype_size(out.dtype());
+  for (int64_t r = 0; r < out.dim(0); ++r) {
+    if (!named[static_cast<size_t>(r)]) std::memset(static_cast<char*>(out.raw()) + r * row_bytes, 0, row_bytes);
+  }
+}
+
+}  // namespace
+
 void permute(Backend& backend, const Tensor& x, const Tensor& row_idx, Tensor& out) {
   int64_t t_count = x.dim(0), h = x.dim(1), k = row_idx.dim(1);
   MOE_CHECK(row_idx.dim(0) == t_count && out.dim(1) == h, "permute shapes: ", x.str(), row_idx.str(), out.str());
-  backend.fill(out, 0.0);
+  zero_unnamed_rows(row_idx, out);
   const int32_t* rows = row_idx.data<int32_t>();
   dispatch_float(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
@@ -63,7 +85,7 @@ void unpermute_backward(Backend& backend, const Tensor& dy, const Tensor& rows, 
   int64_t t_count = dy.dim(0), h = dy.dim(1), k = row_idx.dim(1);
   check_shape(drows, rows.shape(), "unpermute drows");
   check_shape(dgate, gate.shape(), "unpermute dgate");
-  backend.fill(drows, 0.0);
+  zero_unnamed_rows(row_idx, drows);
   const int32_t* ri = row_idx.data<int32_t>();
   dispatch_float(dy.dtype(), [&](auto tag) {
     using T = decltype(tag);

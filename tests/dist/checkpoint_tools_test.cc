@@ -43,6 +43,15 @@ Config tiny(int experts, int64_t steps) {
   return c;
 }
 
+// tiny() laid out over this world: ep the largest divisor of both the world and the experts, capacity
+// groups of one rank's tokens (so every layout routes alike).
+Config tiny_on_world(int experts, int64_t steps) {
+  Config c = tiny(experts, steps);
+  c.parallel.ep = std::gcd(mpi_world_size(), experts);
+  c.moe.group_size = static_cast<int>(local_tokens(c, mpi_world_size()));
+  return c;
+}
+
 std::vector<double> train(const Config& config, ProcessGroups& groups) {
   validate_config(config, groups.world->size());
   auto backend = make_cpu_backend({});
@@ -98,9 +107,7 @@ void on_rank0(Communicator& world, F f) {
 
 TEST(CheckpointTools, ReshardRoundTripsBitForBitAndResumesLikeTheOriginal) {
   const int world = mpi_world_size();
-  Config c = tiny(8, 4);
-  c.parallel.ep = std::gcd(world, 8);  // 8 ranks: the ep-8 layout of the issue
-  c.moe.group_size = static_cast<int>(local_tokens(c, world));
+  Config c = tiny_on_world(8, 4);  // 8 ranks: the ep-8 layout of the issue
   ProcessGroups groups = test::world_groups(c.parallel.ep);
   SharedDir dir(*groups.world, "moe_ckpt_test");
   const std::string step = train_to_checkpoint(c, groups, dir.path(), "run");
@@ -145,10 +152,7 @@ TEST(CheckpointTools, ReshardRoundTripsBitForBitAndResumesLikeTheOriginal) {
 TEST(CheckpointTools, LoadingFindsEveryTensorThroughTheIndexWhereverItIs) {
   // A checkpoint laid out as no training run writes it (experts alternating between two files, the
   // rest in a third) resumes on every layout exactly like the original.
-  const int world = mpi_world_size();
-  Config c = tiny(4, 2);
-  c.parallel.ep = std::gcd(world, 4);
-  c.moe.group_size = static_cast<int>(local_tokens(c, world));
+  Config c = tiny_on_world(4, 2);
   ProcessGroups groups = test::world_groups(c.parallel.ep);
   SharedDir dir(*groups.world, "moe_ckpt_test");
   const std::string step = train_to_checkpoint(c, groups, dir.path(), "run");
@@ -245,10 +249,7 @@ TEST(CheckpointTools, TheIndexMustAgreeWithTheFilesAndNewerFormatsAreRefused) {
 }
 
 TEST(CheckpointTools, ExportAndImportGiveBackEveryParameterAndTheImportTrainsOnAnyLayout) {
-  const int world = mpi_world_size();
-  Config c = tiny(4, 3);
-  c.parallel.ep = std::gcd(world, 4);
-  c.moe.group_size = static_cast<int>(local_tokens(c, world));
+  Config c = tiny_on_world(4, 3);
   ProcessGroups groups = test::world_groups(c.parallel.ep);
   SharedDir dir(*groups.world, "moe_ckpt_test");
   const std::string step = train_to_checkpoint(c, groups, dir.path(), "run");
