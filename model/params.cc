@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "runtime/parallel.h"
 #include "runtime/rng.h"
 
 namespace moe {
@@ -41,22 +42,23 @@ void ParamSet::allocate(Backend& backend, DType dtype, uint64_t seed) {
   // Initialise on the host, then copy: element i of local expert l is element
   // (expert_offset + l) * per_expert + i of the global tensor.
   for (Param& p : params_) {
-    int64_t n = shape_numel(p.shape);
-    std::vector<double> host(static_cast<size_t>(n), 0.0);
-    if (p.init == ParamInit::kOnes) {
-      std::fill(host.begin(), host.end(), 1.0);
-    } else if (p.init == ParamInit::kNormal) {
-      RngStream rng{seed, rng_stream(RngPurpose::kInit, name_hash(p.name.c_str()))};
-      int64_t base = 0;
-      if (p.scope == ParamScope::kExpert) base = p.expert_offset * (n / p.shape[0]);
-      for (int64_t i = 0; i < n; ++i) host[i] = p.init_std * rng.normal(static_cast<uint64_t>(base + i));
-    }
-    Tensor staged = host_tensor(p.shape, dtype);
-    if (dtype == DType::kF64) {
-      std::copy(host.begin(), host.end(), staged.data<double>());
-    } else {
-      std::copy(host.begin(), host.end(), staged.data<float>());
-    }
+    const int64_t n = shape_numel(p.shape);
+    // Written straight into the staging tensor, every element (no zeroing pass over large buffers).
+    Tensor staged = host_tensor_uninitialized(p.shape, dtype);
+    const RngStream rng{seed, rng_stream(RngPurpose::kInit, name_hash(p.name.c_str()))};
+    const int64_t base = p.scope == ParamScope::kExpert ? p.expert_offset * (n / p.shape[0]) : 0;
+    parallel_chunks(n, int64_t{1} << 18, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const double v = p.init == ParamInit::kOnes     ? 1.0
+                         : p.init == ParamInit::kNormal ? p.init_std * rng.normal(static_cast<uint64_t>(base + i))
+                                                        : 0.0;
+        if (dtype == DType::kF64) {
+          staged.data<double>()[i] = v;
+        } else {
+          staged.data<float>()[i] = static_cast<float>(v);
+        }
+      }
+    });
     backend.copy_from_host(staged.raw(), p.value);
   }
 }

@@ -4,21 +4,24 @@
 #include <chrono>
 
 #include "runtime/error.h"
+#include "runtime/parallel.h"
 
 namespace moe {
 
 Tensor normal_tensor(Backend& backend, const Shape& shape, DType dtype, const RngStream& rng, int64_t offset,
                      double scale) {
   MOE_CHECK(dtype == DType::kF32 || dtype == DType::kF64, "normal_tensor: floating dtype needed");
-  Tensor h = host_tensor(shape, dtype);
-  for (int64_t i = 0; i < h.numel(); ++i) {
-    double v = scale * rng.normal(static_cast<uint64_t>(offset + i));
-    if (dtype == DType::kF64) {
-      h.data<double>()[i] = v;
-    } else {
-      h.data<float>()[i] = static_cast<float>(v);
+  Tensor h = host_tensor_uninitialized(shape, dtype);
+  parallel_chunks(h.numel(), int64_t{1} << 18, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const double v = scale * rng.normal(static_cast<uint64_t>(offset + i));
+      if (dtype == DType::kF64) {
+        h.data<double>()[i] = v;
+      } else {
+        h.data<float>()[i] = static_cast<float>(v);
+      }
     }
-  }
+  });
   Tensor d = backend.empty(shape, dtype);
   backend.copy_from_host(h.raw(), d);
   return d;

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "runtime/backend.h"
 #include "runtime/config.h"
 #include "runtime/cpu/blas.h"
 #include "runtime/error.h"
@@ -142,6 +143,21 @@ TEST(Blas, AKernelNarrowerThanTheCpuIsReplacedByOneThatUsesItsVectors) {
   EXPECT_DOUBLE_EQ(blas_rate_floor(info, true), 16e9);
 }
 
+// Random tensors large enough to be drawn by several threads (runtime/parallel.h) hold exactly the
+// draws of their indices: the chunk boundaries change nothing.
+TEST(Init, DrawsSplitOverThreadsEqualTheSerialOnes) {
+  auto backend = make_cpu_backend({});
+  const RngStream rng{77, rng_stream(RngPurpose::kTest, 5)};
+  const int64_t n = (int64_t{1} << 20) + 3;
+  const std::vector<double> got = to_doubles(*backend, normal_tensor(*backend, {n}, DType::kF64, rng, 11, 0.5));
+  const int64_t half = (n + 1) / 2;  // a chunk boundary with two threads
+  for (int64_t i : {int64_t{0}, half - 1, half, half + 1, n / 4, n - 1}) {
+    EXPECT_EQ(got[static_cast<size_t>(i)], 0.5 * rng.normal(static_cast<uint64_t>(11 + i))) << i;
+  }
+  double sum = 0;
+  for (int64_t i = 0; i < n; i += 997) sum += std::abs(got[static_cast<size_t>(i)] - 0.5 * rng.normal(11 + i));
+  EXPECT_EQ(sum, 0.0);
+}
+
 }  // namespace
 }  // namespace moe
-
