@@ -69,6 +69,16 @@ std::string train_to_checkpoint(Config& c, ProcessGroups& groups, const std::str
   return c.train.checkpoint_dir + "/" + checkpoint_step_name(c.train.steps);
 }
 
+// The losses of resuming `from` under `ep` until step `steps` (writing no checkpoint).
+std::vector<double> resumed_losses(Config c, const std::string& from, int ep, int64_t steps) {
+  c.parallel.ep = ep;
+  c.train.steps = steps;
+  c.train.checkpoint_dir = "";
+  c.train.resume = from;
+  ProcessGroups layout = test::world_groups(ep);
+  return train(c, layout);
+}
+
 // Every tensor of a has the same name, dtype, shape and bytes in b, and b has no other.
 void expect_same_tensors(const StoredCheckpoint& a, const StoredCheckpoint& b, const std::string& what) {
   EXPECT_EQ(a.tensors.size(), b.tensors.size()) << what;
@@ -137,15 +147,8 @@ TEST(CheckpointTools, ReshardRoundTripsBitForBitAndResumesLikeTheOriginal) {
     EXPECT_THROW(reshard_checkpoint(step, 2, 1, dir.path() + "/r2"), InputError);
   });
   // Resumed under the new layout: the resharded checkpoint continues exactly like the original.
-  Config resumed = c;
-  resumed.parallel.ep = ep_new;
-  resumed.train.steps = 6;
-  resumed.train.checkpoint_dir = "";
-  resumed.train.resume = step;
-  ProcessGroups layout = test::world_groups(ep_new);
-  const std::vector<double> want = train(resumed, layout);
-  resumed.train.resume = dir.path() + "/rn/step_00000004";
-  EXPECT_EQ(train(resumed, layout), want);
+  const std::vector<double> want = resumed_losses(c, step, ep_new, 6);
+  EXPECT_EQ(resumed_losses(c, dir.path() + "/rn/step_00000004", ep_new, 6), want);
   ASSERT_EQ(want.size(), 2u);
 }
 
@@ -184,17 +187,9 @@ TEST(CheckpointTools, LoadingFindsEveryTensorThroughTheIndexWhereverItIs) {
     commit_checkpoint(odd, info, files);
     expect_same_tensors(src, open_checkpoint(odd + "/step_00000002"), "odd layout");
   });
-  Config resumed = c;
-  resumed.train.steps = 4;
-  resumed.train.checkpoint_dir = "";
-  resumed.train.resume = step;
-  const std::vector<double> want = train(resumed, groups);
+  const std::vector<double> want = resumed_losses(c, step, c.parallel.ep, 4);
   for (int ep : {1, c.parallel.ep}) {
-    Config d = resumed;
-    d.parallel.ep = ep;
-    d.train.resume = odd + "/step_00000002";
-    ProcessGroups layout = test::world_groups(ep);
-    const std::vector<double> got = train(d, layout);
+    const std::vector<double> got = resumed_losses(c, odd + "/step_00000002", ep, 4);
     EXPECT_LE(test::rel_diff(got, want), ep == c.parallel.ep ? 0.0 : 1e-5) << "ep " << ep;
   }
 }
@@ -283,17 +278,9 @@ TEST(CheckpointTools, ExportAndImportGiveBackEveryParameterAndTheImportTrainsOnA
     EXPECT_FALSE(fp32.has("optim.m.embedding"));
   });
   // The import resumes on every layout: its first step's loss (before any update) is the original's.
-  Config resumed = c;
-  resumed.train.steps = 4;
-  resumed.train.checkpoint_dir = "";
-  resumed.train.resume = step;
-  const std::vector<double> want = train(resumed, groups);
+  const std::vector<double> want = resumed_losses(c, step, c.parallel.ep, 4);
   for (int ep : {1, c.parallel.ep}) {
-    Config d = resumed;
-    d.parallel.ep = ep;
-    d.train.resume = dir.path() + "/imported/step_00000003";
-    ProcessGroups layout = test::world_groups(ep);
-    const std::vector<double> got = train(d, layout);
+    const std::vector<double> got = resumed_losses(c, dir.path() + "/imported/step_00000003", ep, 4);
     ASSERT_EQ(got.size(), 1u);
     EXPECT_LT(test::rel_diff({got[0]}, {want[0]}), 1e-6) << "ep " << ep;
   }
