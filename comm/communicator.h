@@ -40,6 +40,18 @@ class Communicator {
                             const std::vector<size_t>& send_offsets, void* recv,
                             const std::vector<size_t>& recv_counts, const std::vector<size_t>& recv_offsets,
                             DType dtype) = 0;
+  // One piece of an all_to_all_blocks: `count` elements at element `offset` of the buffer, to or from `peer`.
+  struct Block {
+    int peer = 0;
+    size_t offset = 0;
+    size_t count = 0;
+  };
+  // Moves blocks between scattered places, with no packing pass: each block goes from where it lies in
+  // `send` to where it belongs in `recv`. The blocks this rank sends to peer q pair up, in list order, with
+  // the blocks q receives from this rank, in its list order, one to one with equal counts (zero-count
+  // blocks included, or left out on both sides). Blocks of one buffer must not overlap.
+  virtual void all_to_all_blocks(const void* send, const std::vector<Block>& send_blocks, void* recv,
+                                 const std::vector<Block>& recv_blocks, DType dtype) = 0;
   // Elementwise sum over ranks; send == recv is allowed (in place).
   virtual void all_reduce_sum(const void* send, void* recv, size_t count, DType dtype) = 0;
   // Starts an in-place sum without making later work wait for it: a stream-ordered communicator (NCCL)

@@ -103,15 +103,19 @@ MoeRow moe_exchange_row(Backend& backend, ProcessGroups& groups, const Config& c
   ctx.token_offset = rank * tokens;
   ctx.global_tokens = tokens * n;
   const RouteState& route = router.forward(backend, *groups.world, x, ctx);
-  Dispatcher dispatcher(c.moe.num_experts, static_cast<int>(hidden), compact_dispatch(c));
+  Dispatcher dispatcher(c.moe.num_experts, static_cast<int>(hidden), dispatch_layout(c));
   Tensor y;
   const double ours = timed_slowest(backend, *groups.world, iters, warmup, [&] {
+    dispatcher.plan(backend, ep, route);
     Tensor expert_in = dispatcher.dispatch(backend, ep, x, route);
     y = backend.zeros({tokens, hidden}, DType::kF32);
     dispatcher.combine(backend, ep, expert_in, route, y);  // identity experts
   });
-  // The raw collective moving the same bytes per rank, twice (there and back), evenly split over peers.
-  const double bytes = static_cast<double>(dispatcher.send_bytes());
+  // The raw collective moving the same bytes per rank (the mean over ranks: what one rank sends depends on
+  // its routing), twice (there and back), evenly split over peers.
+  std::vector<double> sent{static_cast<double>(dispatcher.send_bytes())};
+  groups.world->all_reduce_sum(sent);
+  const double bytes = sent[0] / groups.world->size();
   const size_t per_peer = std::max<size_t>(1, static_cast<size_t>(bytes / sizeof(float)) / static_cast<size_t>(n));
   Tensor send = backend.zeros({static_cast<int64_t>(per_peer) * n}, DType::kF32);
   Tensor recv = backend.empty({static_cast<int64_t>(per_peer) * n}, DType::kF32);
@@ -135,7 +139,7 @@ MoeRow moe_exchange_row(Backend& backend, ProcessGroups& groups, const Config& c
     }
     wrong += !(err <= 1e-5 * scale);
   }
-  std::vector<double> sums{static_cast<double>(wrong), bytes};
+  std::vector<double> sums{static_cast<double>(wrong)};
   groups.world->all_reduce_sum(sums);
   return MoeRow{tokens,
                 hidden,
@@ -143,7 +147,7 @@ MoeRow moe_exchange_row(Backend& backend, ProcessGroups& groups, const Config& c
                 c.moe.top_k,
                 c.moe.capacity_factor > 0 ? format_double(c.moe.capacity_factor) : "dropless",
                 forced_routing_name(c.moe.force_routing) == "off" ? "learned" : forced_routing_name(c.moe.force_routing),
-                sums[1] / n,
+                bytes,
                 ours * 1e6,
                 raw * 1e6,
                 static_cast<int64_t>(sums[0])};

@@ -496,7 +496,7 @@ StepPrediction predict_step(const Config& c, const CostConstants& k, const Predi
     // exchange buffer per rank: what it sends (its kept choices) or receives (its experts' rows)
     const double sent = T * topk * load.kept_frac;
     double buffer_rows = std::max(sent, load.max_rows);
-    if (!compact_dispatch(c) && c.moe.capacity_factor > 0) {
+    if (dispatch_layout(c) == DispatchLayout::kPadded && c.moe.capacity_factor > 0) {
       const int64_t group = c.moe.group_size > 0 ? c.moe.group_size : static_cast<int64_t>(T);
       buffer_rows = e_count * std::max(1.0, T / group) * group_capacity(c, group);  // padded slots
     }

@@ -1,68 +1,90 @@
-// Token dispatch and combine across the expert-parallel group, forward and backward.
+// Token dispatch and combine across the expert-parallel group, forward and backward, as a plan and steps.
 //
-// dispatch: permute  x (T, H) -> send (R, H), expert-major (RouteState describes the rows)
-//           exchange rows: all_to_all with a capacity (every (expert, group) block padded to C rows),
-//           all_to_all_v when dropless; the compact layout and dropless first exchange the fill
-//           counts (E, G) with an all_to_all of host ints
-//           compact  recv -> expert_in (N, H): this rank's experts' real rows, expert-major, in
-//           (source rank, group, slot) order; expert_rows() gives the rows of each local expert.
-//           With a capacity and the padded layout, expert_in keeps every slot, padding included
-//           (expert-major, (source rank, group, slot) order): its layout then depends on shapes alone, so
-//           the host never waits for the device's fill counts. Padding rows are zero and stay zero
-//           through the experts, so both layouts give the same result.
-// combine:  the exact reverse, with the gate-weighted sum y[t] += sum_j g_tj * out[row_tj] at the end.
+// Two layouts of the same rows meet in the exchange:
+//   token side   send (R, H): this rank's choices, expert-major over all experts (so peer-major too),
+//                one block per (expert, group): `capacity` rows with a capacity (slots past the fill are
+//                padding), the fill rows when dropless. RouteState.row_idx names the rows.
+//   expert side  expert_in (N, H): the rows of this rank's experts, expert-major, in (source rank, group)
+//                order within an expert; expert_rows() gives the rows of each local expert.
+// A block is the rows one rank sends to one (local expert, group) of a peer. The plan lists where every
+// block lies on both sides; the exchange moves each block straight from one side to the other, so there
+// is no packing or compaction pass (MPI: derived datatypes, NCCL: one send/receive per block).
 //
-// The backward of combine is a dispatch of the gradient and the backward of dispatch is a combine
-// without gates: the same two exchanges with the same counts, in the other direction.
-// Pre- and post-processing (permute/compact) never communicate, so the exchanges can be overlapped.
+// Layouts of the expert side:
+//   kPadded   with a capacity, every slot travels and reaches the experts, padding included: the plan
+//             follows from the shapes alone, so the host never waits for the device. Padding rows are
+//             zero and stay zero through the experts, so both layouts give the same result.
+//   kCompact  only the real rows travel and reach the experts (fewer bytes and FLOPs); the plan needs
+//             every peer's fill counts, exchanged with one all-to-all of host ints.
+//   Dropless routing (no capacity) always has real rows only, and exchanges its counts.
+//
+// Steps, in order (plan() first, then as many of the others as the pass needs):
+//   plan          from the routing: fill counts (the only place the host may wait) and the block lists
+//   dispatch      permute x into the token side, exchange to the experts
+//   combine       exchange back, gate-weighted unpermute: y[t] += sum_j g_tj * out[row_tj]
+//   combine_backward   the gradient of combine is a dispatch of dy (with dgate on the way)
+//   dispatch_backward  the gradient of dispatch is a combine without gates
+// With one rank and identical layouts (padded or dropless) the exchange shares storage: no copy at all.
 #pragma once
 
 #include <vector>
 
 #include "comm/communicator.h"
 #include "model/context.h"
+#include "runtime/config.h"
 #include "runtime/ops/routing.h"
 
 namespace moe {
 
+enum class Exchange { kToExperts, kFromExperts };
+
+// Where the rows of one routing lie on both sides of the exchange (element offsets, for hidden H).
+struct DispatchPlan {
+  int64_t token_rows = 0;                     // R
+  int64_t expert_rows_total = 0;              // N
+  std::vector<int64_t> expert_rows;           // per local expert
+  std::vector<Communicator::Block> token_blocks;   // this rank's blocks on the token side, to their expert's rank
+  std::vector<Communicator::Block> expert_blocks;  // this rank's experts' blocks, from their source rank
+  int64_t sent_rows = 0;                      // rows in token_blocks (what this rank puts on the wire)
+  bool shared_storage = false;                // one rank, and the two sides coincide row for row
+  Tensor local_idx;                           // (N) I32, one rank otherwise: the token row of each expert row
+};
+
 class Dispatcher {
  public:
-  // compact: drop padding rows before the experts (saves FLOPs; the host reads the fill counts).
-  Dispatcher(int num_experts, int hidden, bool compact)
-      : num_experts_(num_experts), hidden_(hidden), compact_(compact) {}
+  // layout: kPadded or kCompact (runtime.dispatch_layout resolved); dropless routing needs neither.
+  Dispatcher(int num_experts, int hidden, DispatchLayout layout);
 
-  // Returns expert_in (N, H) for this rank's experts.
+  // Builds the plan of `route` (collective over ep when the layout exchanges fill counts).
+  const DispatchPlan& plan(Backend& backend, Communicator& ep, const RouteState& route);
+
+  // The steps, with the last plan. dispatch returns expert_in (N, H) for this rank's experts.
   Tensor dispatch(Backend& backend, Communicator& ep, const Tensor& x, const RouteState& route);
   // expert_out (N, H) -> y (T, H) += gate-weighted sum. Keeps what combine_backward needs.
   void combine(Backend& backend, Communicator& ep, const Tensor& expert_out, const RouteState& route, Tensor& y);
-
   // dy (T, H) -> d expert_out (N, H); dgate (T, k) overwritten.
   Tensor combine_backward(Backend& backend, Communicator& ep, const Tensor& dy, const RouteState& route, Tensor& dgate);
   // d expert_in (N, H) -> dx (T, H) +=
   void dispatch_backward(Backend& backend, Communicator& ep, const Tensor& d_expert_in, const RouteState& route,
                          Tensor& dx);
 
-  const std::vector<int64_t>& expert_rows() const { return expert_rows_; }
-  // Bytes this rank sent in the last dispatch (for bandwidth figures).
-  int64_t send_bytes() const { return send_rows_total_ * hidden_ * static_cast<int64_t>(elem_size_); }
+  // Moves rows from one side to the other: token side (R, H) -> expert side (N, H), or back. Rows of the
+  // target that no block names (padding left behind in the compact layout) are not written.
+  Tensor exchange(Backend& backend, Communicator& ep, const Tensor& rows, Exchange direction);
+
+  const DispatchPlan& last_plan() const { return plan_; }
+  const std::vector<int64_t>& expert_rows() const { return plan_.expert_rows; }
+  // Bytes this rank put on the wire in the last dispatch (for bandwidth figures).
+  int64_t send_bytes() const { return plan_.sent_rows * hidden_ * static_cast<int64_t>(elem_size_); }
 
  private:
-  // The expert rows cover every receive row (padded layout): scatters need no zeroed target.
-  bool full_scatter() const { return compact_idx_.numel() == recv_rows_total_; }
-  // Moves rows from the send layout to the receive layout (forward = true), or back.
-  Tensor exchange(Backend& backend, Communicator& ep, const Tensor& rows, bool forward);
-
   int num_experts_;
   int hidden_;
-  bool compact_;
+  DispatchLayout layout_;
   size_t elem_size_ = 4;
-  bool padded_ = true;
-  int64_t send_rows_total_ = 0, recv_rows_total_ = 0;
-  std::vector<size_t> send_rows_, send_offsets_, recv_rows_, recv_offsets_;  // per peer, in rows
-  Tensor compact_idx_;                 // (N) I32: recv row of each expert_in row
-  std::vector<int64_t> padded_key_;    // (peers, local, groups, capacity) compact_idx_ was built for
-  std::vector<int64_t> expert_rows_;   // per local expert
-  Tensor returned_;                    // (R, H) expert outputs back in the send layout (for dgate)
+  DispatchPlan plan_;
+  std::vector<int64_t> padded_key_;  // (peers, local, groups, capacity) a padded plan_ was built for
+  Tensor returned_;                  // (R, H) expert outputs back on the token side (for dgate)
 };
 
 }  // namespace moe

@@ -338,9 +338,10 @@ std::vector<ConfigField> build_fields() {
   f.push_back(choice("runtime.dispatch_layout", &C::runtime, &RuntimeConfig::dispatch_layout,
                      {{"auto", DispatchLayout::kAuto}, {"compact", DispatchLayout::kCompact},
                       {"padded", DispatchLayout::kPadded}},
-                     "Expert input rows with a capacity: compact drops padding slots before the experts (fewer "
-                     "FLOPs, the host reads the fill counts); padded keeps every slot (no host synchronisation). "
-                     "auto: compact on the CPU, padded on GPUs. Dropless routing is always compact."));
+                     "Expert input rows with a capacity: compact sends and computes only the real rows (fewer "
+                     "bytes and FLOPs; the host reads the fill counts); padded sends every slot and keeps it "
+                     "through the experts (no host synchronisation). auto: compact on the CPU, padded on GPUs. "
+                     "Dropless routing is always compact."));
   f.push_back(field("runtime.threads", &C::runtime, &RuntimeConfig::threads, "BLAS threads per rank."));
   return f;
 }
@@ -636,13 +637,9 @@ void validate_config(const Config& c, int world) {
   need(r.comm_timeout_s >= 0, "runtime.comm_timeout_s", "must be >= 0");
 }
 
-bool compact_dispatch(const Config& c) {
-  switch (c.runtime.dispatch_layout) {
-    case DispatchLayout::kCompact: return true;
-    case DispatchLayout::kPadded: return false;
-    case DispatchLayout::kAuto: break;
-  }
-  return c.runtime.device == Device::kCpu;
+DispatchLayout dispatch_layout(const Config& c) {
+  if (c.runtime.dispatch_layout != DispatchLayout::kAuto) return c.runtime.dispatch_layout;
+  return c.runtime.device == Device::kCpu ? DispatchLayout::kCompact : DispatchLayout::kPadded;
 }
 
 bool use_nccl(const Config& c) {

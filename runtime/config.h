@@ -158,7 +158,7 @@ bool is_moe_layer(const Config& config, int layer);
 int num_moe_layers(const Config& config);
 int shared_ffn_hidden(const Config& config);  // moe.shared_ffn_hidden, or expert_ffn_hidden
 int64_t local_tokens(const Config& config, int world_size);  // tokens per rank per step
-bool compact_dispatch(const Config& config);  // runtime.dispatch_layout resolved for runtime.device
+DispatchLayout dispatch_layout(const Config& config);  // runtime.dispatch_layout resolved for runtime.device
 bool use_nccl(const Config& config);          // runtime.comm resolved for runtime.device
 
 // moe.force_routing text ("off", "uniform", "zipf:1.2", "hot:0.5") and back; throws ConfigError.

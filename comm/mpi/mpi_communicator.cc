@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <climits>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <utility>
@@ -59,6 +60,59 @@ std::vector<int> to_ints(const std::vector<size_t>& v, const char* what) {
   return out;
 }
 
+// The blocks of one side of an all_to_all_blocks as one datatype per peer (count 1, or 0 without blocks):
+// byte displacements from the buffer's start, adjacent blocks merged. Freed with the object.
+struct PeerTypes {
+  std::vector<MPI_Datatype> types;
+  std::vector<int> counts;
+
+  PeerTypes(int peers, const std::vector<Communicator::Block>& blocks, DType dtype, const char* op)
+      : types(static_cast<size_t>(peers), MPI_BYTE), counts(static_cast<size_t>(peers), 0) {
+    const size_t elem = dtype_size(dtype);
+    std::vector<std::vector<int>> lengths(static_cast<size_t>(peers));
+    std::vector<std::vector<MPI_Aint>> displs(static_cast<size_t>(peers));
+    std::vector<size_t> ends(static_cast<size_t>(peers), SIZE_MAX);
+    for (const Communicator::Block& b : blocks) {
+      if (b.peer < 0 || b.peer >= peers) {
+        throw InternalError(detail::concat(op, ": block for peer ", b.peer, " in a group of ", peers));
+      }
+      if (b.count == 0) continue;
+      const size_t p = static_cast<size_t>(b.peer);
+      if (ends[p] == b.offset) {  // continues the previous block of this peer
+        lengths[p].back() = to_int(static_cast<size_t>(lengths[p].back()) + b.count, op);
+      } else {
+        lengths[p].push_back(to_int(b.count, op));
+        displs[p].push_back(static_cast<MPI_Aint>(b.offset * elem));
+      }
+      ends[p] = b.offset + b.count;
+    }
+    try {
+      for (size_t p = 0; p < types.size(); ++p) {
+        if (lengths[p].empty()) continue;
+        MOE_MPI_CHECK(MPI_Type_create_hindexed(static_cast<int>(lengths[p].size()), lengths[p].data(),
+                                               displs[p].data(), mpi_type(dtype), &types[p]));
+        counts[p] = 1;
+        MOE_MPI_CHECK(MPI_Type_commit(&types[p]));
+      }
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+  ~PeerTypes() { release(); }
+  PeerTypes(const PeerTypes&) = delete;
+  PeerTypes& operator=(const PeerTypes&) = delete;
+
+ private:
+  void release() {
+    for (size_t p = 0; p < types.size(); ++p) {
+      if (types[p] != MPI_BYTE) MPI_Type_free(&types[p]);
+      types[p] = MPI_BYTE;
+      counts[p] = 0;
+    }
+  }
+};
+
 // Reductions and broadcasts of more than INT_MAX elements go in pieces.
 constexpr size_t kChunk = size_t{1} << 30;
 
@@ -103,6 +157,18 @@ class MpiCommunicator final : public Communicator {
     MOE_MPI_CHECK(MPI_Ialltoallv(send, sc.data(), so.data(), mpi_type(dtype), recv, rc.data(), ro.data(),
                                  mpi_type(dtype), comm_, &req));
     wait(req, "all_to_all_v");
+  }
+
+  // One derived datatype per peer and side (the peer's blocks, adjacent ones merged), so MPI moves every
+  // block straight between its places: one MPI_Ialltoallw.
+  void all_to_all_blocks(const void* send, const std::vector<Block>& send_blocks, void* recv,
+                         const std::vector<Block>& recv_blocks, DType dtype) override {
+    PeerTypes st(size_, send_blocks, dtype, "all_to_all_blocks"), rt(size_, recv_blocks, dtype, "all_to_all_blocks");
+    std::vector<int> zero(static_cast<size_t>(size_), 0);
+    MPI_Request req;
+    MOE_MPI_CHECK(MPI_Ialltoallw(send, st.counts.data(), zero.data(), st.types.data(), recv, rt.counts.data(),
+                                 zero.data(), rt.types.data(), comm_, &req));
+    wait(req, "all_to_all_blocks");
   }
 
   void all_reduce_sum(const void* send, void* recv, size_t count, DType dtype) override {

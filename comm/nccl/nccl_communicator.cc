@@ -191,6 +191,37 @@ class NcclCommunicator final : public Communicator {
     end(true);
   }
 
+  // One send or receive per block, all in one group: NCCL pairs a rank's sends to a peer with the peer's
+  // receives in posting order, which the pairing of the lists guarantees.
+  void all_to_all_blocks(const void* send, const std::vector<Block>& send_blocks, void* recv,
+                         const std::vector<Block>& recv_blocks, DType dtype) override {
+    if (!use_device(send, recv, true, "all_to_all_blocks")) {
+      return host_->all_to_all_blocks(send, send_blocks, recv, recv_blocks, dtype);
+    }
+    const size_t elem = dtype_size(dtype);
+    auto* s = static_cast<const char*>(send);
+    auto* r = static_cast<char*>(recv);
+    // Checked before the group opens (see all_to_all_v).
+    for (const auto* list : {&send_blocks, &recv_blocks}) {
+      for (const Block& b : *list) {
+        MOE_CHECK(b.peer >= 0 && b.peer < size_, "all_to_all_blocks: block for peer ", b.peer, " in a group of ",
+                  size_);
+        MOE_CHECK(b.count == 0 || (list == &send_blocks ? s != nullptr : r != nullptr),
+                  "all_to_all_blocks: null buffer with a count");
+      }
+    }
+    begin("all_to_all_blocks");
+    grouped([&] {
+      for (const Block& b : send_blocks) {
+        if (b.count != 0) MOE_NCCL_CHECK(ncclSend(s + b.offset * elem, b.count, nccl_type(dtype), b.peer, comm_, stream_));
+      }
+      for (const Block& b : recv_blocks) {
+        if (b.count != 0) MOE_NCCL_CHECK(ncclRecv(r + b.offset * elem, b.count, nccl_type(dtype), b.peer, comm_, stream_));
+      }
+    });
+    end(true);
+  }
+
   void all_reduce_sum(const void* send, void* recv, size_t count, DType dtype) override {
     if (count == 0) return;
     if (!use_device(send, recv, false, "all_reduce_sum")) return host_->all_reduce_sum(send, recv, count, dtype);

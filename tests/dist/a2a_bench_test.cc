@@ -25,6 +25,13 @@ class CorruptingComm : public Communicator {
     inner_.all_to_all_v(send, sc, so, recv, rc, ro, dtype);
     corrupt(recv);
   }
+  void all_to_all_blocks(const void* send, const std::vector<Block>& sb, void* recv, const std::vector<Block>& rb,
+                         DType dtype) override {
+    inner_.all_to_all_blocks(send, sb, recv, rb, dtype);
+    for (const Block& b : rb) {
+      if (b.count != 0) return corrupt(static_cast<float*>(recv) + b.offset);
+    }
+  }
   void all_reduce_sum(const void* send, void* recv, size_t count, DType dtype) override {
     inner_.all_reduce_sum(send, recv, count, dtype);
   }

@@ -8,6 +8,8 @@
 // With gates summing to one and a single expert multiplier of one, y = x and dx = dy exactly.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include "comm/mpi/mpi_communicator.h"
 #include "model/dispatcher.h"
 #include "tests/test_util.h"
@@ -69,9 +71,10 @@ void run_case(const Case& c, int ep, bool compact) {
 
   Tensor x = test::random_tensor(*backend, {t, h}, DType::kF64, 21, offset * h);
   Tensor dy = test::random_tensor(*backend, {t, h}, DType::kF64, 22, offset * h);
-  Dispatcher dispatcher(experts, static_cast<int>(h), compact);
+  Dispatcher dispatcher(experts, static_cast<int>(h), compact ? DispatchLayout::kCompact : DispatchLayout::kPadded);
   const int64_t first_expert = static_cast<int64_t>(experts / ep) * groups.ep->rank();
 
+  dispatcher.plan(*backend, *groups.ep, route);
   Tensor expert_in = dispatcher.dispatch(*backend, *groups.ep, x, route);
   int64_t received = 0;
   for (int64_t n : dispatcher.expert_rows()) received += n;
@@ -113,6 +116,13 @@ void run_case(const Case& c, int ep, bool compact) {
     EXPECT_EQ(sent, t * k) << where;  // dropless sends everything
   }
 
+  // What travels: the padded layout sends every slot, the others only the real rows.
+  const DispatchPlan& plan = dispatcher.last_plan();
+  EXPECT_EQ(plan.sent_rows, !compact && c.capacity > 0 ? route.num_rows : sent) << where;
+  EXPECT_EQ(dispatcher.send_bytes(), plan.sent_rows * h * 8) << where;
+  // One rank whose two sides coincide shares storage instead of copying.
+  EXPECT_EQ(plan.shared_storage, ep == 1 && (!compact || c.capacity == 0)) << where;
+
   // Every sent assignment arrives exactly once somewhere in the ep group.
   std::vector<double> counts{static_cast<double>(sent), static_cast<double>(received)};
   groups.ep->all_reduce_sum(counts);
@@ -142,6 +152,44 @@ INSTANTIATE_TEST_SUITE_P(Routing, DispatchRoundTrip,
                                            Case{"last_two_only_capacity_no_drops", Skew::kLastTwoOnly, 9}),
                          [](const auto& info) { return std::string(info.param.name); });
 
+// all_to_all_blocks: rank r sends peer q blocks of (r + q + b) % 3 elements (zeros included), at offsets
+// with gaps and in an order that is not the buffer's; each element names (source, destination, block,
+// index), and the receiver places its blocks backwards in its buffer. Adjacent blocks exercise merging.
+TEST(AllToAllBlocks, EveryBlockLandsWhereTheReceiverListedIt) {
+  const int world = mpi_world_size(), rank = mpi_world_rank();
+  auto comm = make_mpi_world();
+  const int per_peer = 4;
+  auto value = [](int src, int dst, int b, size_t i) { return 1e6 * src + 1e4 * dst + 100.0 * b + double(i); };
+  auto count = [](int src, int dst, int b) { return static_cast<size_t>((src + dst + b) % 3); };
+  std::vector<Communicator::Block> send_blocks, recv_blocks;
+  std::vector<double> send(4096, -1), recv(4096, -1);
+  size_t at = 0;
+  for (int b = 0; b < per_peer; ++b) {
+    for (int q = world - 1; q >= 0; --q) {  // peers interleaved, last first
+      size_t n = count(rank, q, b);
+      send_blocks.push_back({q, at, n});
+      for (size_t i = 0; i < n; ++i) send[at + i] = value(rank, q, b, i);
+      at += n + (b % 2);  // a gap after odd blocks, none after even ones
+    }
+  }
+  size_t end = recv.size();
+  for (int q = 0; q < world; ++q)
+    for (int b = 0; b < per_peer; ++b) {
+      size_t n = count(q, rank, b);
+      end -= n + 1;
+      recv_blocks.push_back({q, end, n});
+    }
+  comm->all_to_all_blocks(send.data(), send_blocks, recv.data(), recv_blocks, DType::kF64);
+  size_t written = 0;
+  for (const Communicator::Block& blk : recv_blocks) {
+    const int b = static_cast<int>(&blk - recv_blocks.data()) % per_peer;
+    for (size_t i = 0; i < blk.count; ++i) EXPECT_EQ(recv[blk.offset + i], value(blk.peer, rank, b, i));
+    EXPECT_EQ(recv[blk.offset + blk.count], -1.0) << "the gap after a block stays untouched";
+    written += blk.count;
+  }
+  EXPECT_EQ(static_cast<size_t>(std::count_if(recv.begin(), recv.end(), [](double v) { return v != -1; })), written);
+}
+
 TEST(DispatchRoundTripExact, NormalisedGatesGiveBackTheInputItself) {
   // One expert multiplier of 1 everywhere: the round trip is the identity, y == x and dx == dy.
   const int rank = mpi_world_rank(), world = mpi_world_size();
@@ -157,7 +205,8 @@ TEST(DispatchRoundTripExact, NormalisedGatesGiveBackTheInputItself) {
   RouteState route;
   moe::route(*backend, args, probs, Tensor(), route);
   Tensor x = test::random_tensor(*backend, {t, h}, DType::kF64, 31, rank * t * h);
-  Dispatcher d(experts, static_cast<int>(h), /*compact=*/true);
+  Dispatcher d(experts, static_cast<int>(h), DispatchLayout::kCompact);
+  d.plan(*backend, *groups.ep, route);
   Tensor in = d.dispatch(*backend, *groups.ep, x, route);
   Tensor y = backend->zeros({t, h}, DType::kF64);
   d.combine(*backend, *groups.ep, in, route, y);
