@@ -108,7 +108,7 @@ MoeRow moe_exchange_row(Backend& backend, ProcessGroups& groups, const Config& c
   const double ours = timed_slowest(backend, *groups.world, iters, warmup, [&] {
     dispatcher.plan(backend, ep, route);
     Tensor expert_in = dispatcher.dispatch(backend, ep, x, route);
-    y = backend.zeros({tokens, hidden}, DType::kF32);
+    y = backend.empty({tokens, hidden}, DType::kF32);
     dispatcher.combine(backend, ep, expert_in, route, y);  // identity experts
   });
   // The raw collective moving the same bytes per rank (the mean over ranks: what one rank sends depends on

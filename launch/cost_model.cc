@@ -435,8 +435,8 @@ StepPrediction predict_step(const Config& c, const CostConstants& k, const Predi
   };
 
   std::map<std::string, double>& ph = s.phase_s;
-  for (const char* p : {"attention", "dense", "router", "dispatch", "experts", "combine", "shared", "backward",
-                        "allreduce", "optimizer", "other"})
+  for (const char* p : {"attention", "dense", "router", "dispatch", "exchange", "experts", "combine", "shared",
+                        "backward", "allreduce", "optimizer", "other"})
     ph[p] = 0;
   const double mats = c.moe.expert_type == ExpertType::kSwiGLU ? 3 : 2;
   double hidden_shared = 0, backward_compute = 0;
@@ -504,8 +504,9 @@ StepPrediction predict_step(const Config& c, const CostConstants& k, const Predi
         a2a(buffer_rows * h * xbytes, s.ep) + (s.ep > 1 ? n.all_to_all.alpha_s + n.sync_s : 0);  // + the counts
     s.comm_s += 4 * exchange;  // dispatch and combine, forward and backward
     const double perm = stream(8 * T * topk * h, 1);
-    ph["dispatch"] += perm + exchange;
-    ph["combine"] += perm + exchange;
+    ph["dispatch"] += perm;
+    ph["exchange"] += 2 * exchange;
+    ph["combine"] += perm;
     // the experts of a rank with `rows` rows, forward and backward
     auto experts = [&](double rows, double* fwd_s, double* bwd_s) {
       const double per_expert = rows / local;

@@ -5,6 +5,11 @@
 // Expert GFLOP/s counts the useful FLOPs of the expert FFNs (assignments actually processed, plus the
 // shared experts on every token), forward and backward, over the whole layer's forward+backward time.
 // The dense rate is the BLAS running the same GEMMs (same shapes and FLOPs, one group) in the same run.
+//
+// a2a(ms) is the forward exchanges inside the layer (to the experts and back: the timeline's `exchange`
+// phase, waiting for peers included), raw(ms) two all_to_alls of the ep group moving the same bytes per
+// rank (the mean over ranks of what the dispatch put on the wire), timed alone in the same run: the gap
+// between them is what arriving at the exchange at different times costs.
 #include "launch/layer_bench.h"
 
 #include "launch/bench_options.h"
@@ -100,7 +105,7 @@ struct Row {
   Precision precision;
   int64_t tokens, hidden, experts, top_k, shared, ffn;
   std::vector<std::string> extra;  // values of the other swept keys
-  double time_ms, tokens_per_s, expert_gflops, dense_gflops, ratio, dropped;
+  double time_ms, tokens_per_s, expert_gflops, dense_gflops, ratio, dropped, exchange_ms, raw_ms;
   int wrong;
 };
 
@@ -155,16 +160,23 @@ int run_layer_bench(const CommandLine& cl) {
     ctx.global_tokens = tokens * world;
     ctx.token_offset = rank * tokens;
     Tensor y;
-    std::vector<double> times;
+    std::vector<double> times, exchange_times;
     for (int it = 0; it < warmup + iters; ++it) {
       params.zero_grads(*backend);
       groups.world->barrier();
       auto t0 = std::chrono::steady_clock::now();
+      Timeline timeline(*backend);
+      PhaseTimes phases;
+      ctx.timeline = &timeline;
+      ctx.times = &phases;
       y = layer.forward(*backend, groups, x, ctx);
       layer.backward(*backend, groups, dy);
       backend->synchronize();
-      std::vector<double> t{seconds_since(t0)};
-      if (it >= warmup) times.push_back(t[0]);
+      const double t = seconds_since(t0);
+      timeline.resolve(phases);
+      ctx.timeline = nullptr;
+      ctx.times = nullptr;
+      if (it >= warmup) times.push_back(t), exchange_times.push_back(phases.exchange);
     }
     RouterStats stats = layer.read_stats(*backend);
     double layer_s = median(times);
@@ -173,6 +185,23 @@ int run_layer_bench(const CommandLine& cl) {
     std::vector<double> gathered(static_cast<size_t>(world));
     groups.world->all_gather(slowest.data(), gathered.data(), 1, DType::kF64);
     layer_s = *std::max_element(gathered.begin(), gathered.end());
+    std::vector<double> exchange_s{median(exchange_times)};
+    groups.world->all_gather(exchange_s.data(), gathered.data(), 1, DType::kF64);
+    const double exchange_slowest = *std::max_element(gathered.begin(), gathered.end());
+    // the raw collective: the same bytes per rank, evenly split over the ep group, there and back
+    std::vector<double> sent{static_cast<double>(layer.dispatcher().send_bytes())};
+    groups.world->all_reduce_sum(sent);
+    const size_t per_peer = std::max<size_t>(
+        1, static_cast<size_t>(sent[0] / world / static_cast<double>(dtype_size(dtype))) / static_cast<size_t>(world));
+    double raw_s = 0;
+    if (world > 1) {
+      Tensor a = backend->zeros({static_cast<int64_t>(per_peer) * world}, dtype);
+      Tensor b = backend->empty({static_cast<int64_t>(per_peer) * world}, dtype);
+      raw_s = timed_slowest(*backend, *groups.world, iters, warmup, [&] {
+        groups.ep->all_to_all(a.raw(), b.raw(), per_peer, dtype);
+        groups.ep->all_to_all(b.raw(), a.raw(), per_peer, dtype);
+      });
+    }
 
     // useful FLOPs: processed assignments through the routed experts, every token through the shared ones
     double processed = 0;
@@ -245,7 +274,8 @@ int run_layer_bench(const CommandLine& cl) {
 
     rows.push_back(Row{precision, tokens, hidden, experts, top_k, shared, mid, extra, layer_s * 1e3,
                        tokens * world / layer_s, expert_rate * 1e-9, dense_rate * 1e-9, expert_rate / dense_rate,
-                       stats.dropped / stats.assignments, static_cast<int>(w[0])});
+                       stats.dropped / stats.assignments, exchange_slowest * 1e3, raw_s * 1e3,
+                       static_cast<int>(w[0])});
     if (o.format == "table" && rows.size() == 1) {
       std::string threads = c.runtime.device == Device::kCpu
                                 ? " (" + blas_setup(c.runtime.threads).str() + ", " +
@@ -262,7 +292,7 @@ int run_layer_bench(const CommandLine& cl) {
                "a GPU) on the same GEMM shapes and FLOPs in the same precision, this run; ratio = expert / dense");
       std::string header = "#  prec  tokens  hidden  experts  top_k  shared   ffn";
       for (const std::string& k : extra_keys) header += "  " + k.substr(k.find('.') + 1);
-      log_info(header + "   time(ms)    tokens/s  expert GF/s  dense GF/s  ratio  drop%  #wrong");
+      log_info(header + "   time(ms)    tokens/s  expert GF/s  dense GF/s  ratio  drop%  a2a(ms)  raw(ms)  #wrong");
     }
     const Row& r = rows.back();
     if (o.format == "table") {
@@ -276,8 +306,9 @@ int run_layer_bench(const CommandLine& cl) {
         line += "  " + std::string(name.size() > r.extra[e].size() ? name.size() - r.extra[e].size() : 0, ' ') +
                 r.extra[e];
       }
-      std::snprintf(tail, sizeof(tail), "  %9.2f  %10.0f  %11.2f  %10.2f  %5.2f  %5.2f  %6d", r.time_ms,
-                    r.tokens_per_s, r.expert_gflops, r.dense_gflops, r.ratio, 100 * r.dropped, r.wrong);
+      std::snprintf(tail, sizeof(tail), "  %9.2f  %10.0f  %11.2f  %10.2f  %5.2f  %5.2f  %7.2f  %7.2f  %6d", r.time_ms,
+                    r.tokens_per_s, r.expert_gflops, r.dense_gflops, r.ratio, 100 * r.dropped, r.exchange_ms, r.raw_ms,
+                    r.wrong);
       log_info(line + tail);
     }
   }
@@ -299,6 +330,7 @@ int run_layer_bench(const CommandLine& cl) {
         for (size_t e = 0; e < extra_keys.size(); ++e) j.field(extra_keys[e], r.extra[e]);
         j.field("time_ms", r.time_ms).field("tokens_per_s", r.tokens_per_s).field("expert_gflops", r.expert_gflops);
         j.field("dense_gflops", r.dense_gflops).field("ratio", r.ratio).field("dropped_frac", r.dropped);
+        j.field("exchange_ms", r.exchange_ms).field("raw_a2a_ms", r.raw_ms);
         j.field("wrong", r.wrong).field("ranks", world).field("dtype", dtype_name(dtype));
         j.field("precision", prec).field("device", backend->name());
         j.end_object();
@@ -307,14 +339,15 @@ int run_layer_bench(const CommandLine& cl) {
         if (&r == &rows.front()) {
           std::string header = "precision,tokens,hidden,experts,top_k,shared,ffn";
           for (const std::string& k : extra_keys) header += "," + k;
-          log_info(header + ",time_ms,tokens_per_s,expert_gflops,dense_gflops,ratio,dropped_frac,wrong");
+          log_info(header + ",time_ms,tokens_per_s,expert_gflops,dense_gflops,ratio,dropped_frac,exchange_ms,raw_a2a_ms,"
+                   "wrong");
         }
         std::ostringstream s;
         s << prec << "," << r.tokens << "," << r.hidden << "," << r.experts << "," << r.top_k << "," << r.shared
           << "," << r.ffn;
         for (const std::string& v : r.extra) s << "," << v;
         s << "," << r.time_ms << "," << r.tokens_per_s << "," << r.expert_gflops << "," << r.dense_gflops << ","
-          << r.ratio << "," << r.dropped << "," << r.wrong;
+          << r.ratio << "," << r.dropped << "," << r.exchange_ms << "," << r.raw_ms << "," << r.wrong;
         log_info(s.str());
       }
     }

@@ -27,8 +27,8 @@ std::string num(double v, int digits) {
 std::string ms(double seconds) { return num(seconds * 1e3, seconds < 0.01 ? 3 : 1); }
 
 const std::vector<std::string>& predicted_phases() {
-  static const std::vector<std::string> p{"attention", "dense", "router", "dispatch", "experts", "combine",
-                                          "shared", "backward", "allreduce", "optimizer", "other"};
+  static const std::vector<std::string> p{"attention", "dense",    "router",    "dispatch",  "exchange", "experts",
+                                          "combine",   "shared",   "backward",  "allreduce", "optimizer", "other"};
   return p;
 }
 
@@ -154,7 +154,8 @@ Table validate_study(const std::string& dir, const CostConstants& k, std::string
                       std::to_string(g->measured.size()), ms(measured),
                       g->measured.size() > 1 ? ms(g->measured[by.front()]) + "-" + ms(g->measured[by.back()]) : "-",
                       ms(s.step_s), num(100 * err, 1), ms(phase("experts")), ms(s.phase_s.at("experts")),
-                      ms(phase("dispatch") + phase("combine")), ms(s.phase_s.at("dispatch") + s.phase_s.at("combine")),
+                      ms(phase("dispatch") + phase("exchange") + phase("combine")),
+                      ms(s.phase_s.at("dispatch") + s.phase_s.at("exchange") + s.phase_s.at("combine")),
                       ms(phase("backward")), ms(s.phase_s.at("backward")), num(m.max_mean_load, 2), num(s.imbalance, 2)});
   }
   std::sort(abs_err.begin(), abs_err.end());

@@ -292,8 +292,8 @@ std::vector<StudyRun> plan_study(const std::string& path, const StudyOptions& op
 // metrics
 
 const std::vector<std::string>& phase_names() {
-  static const std::vector<std::string> names{"attention", "dense",    "router",    "dispatch", "experts", "combine",
-                                              "shared",    "backward", "allreduce", "optimizer", "other"};
+  static const std::vector<std::string> names{"attention", "dense",    "router",    "dispatch",  "exchange", "experts",
+                                              "combine",   "shared",   "backward",  "allreduce", "optimizer", "other"};
   return names;
 }
 

@@ -16,9 +16,10 @@ struct PhaseTimes {
   double attention = 0;  // attention sublayers (norm, projections, rotary, scores, softmax, output) forward
   double dense = 0;      // dense FFN sublayers (norm and FFN) forward
   double router = 0;     // MoE norm, router GEMM, scores, top-k/capacity, loss statistics (with their all-reduce)
-  double dispatch = 0;   // permute, all-to-all to the experts, expert-major compaction
+  double dispatch = 0;   // the dispatch plan (fill counts) and the permutation into the send buffer
+  double exchange = 0;   // the forward token exchanges, to the experts and back (waiting for peers included)
   double experts = 0;    // routed expert FFNs (forward)
-  double combine = 0;    // un-compaction, all-to-all back, gate-weighted unpermute
+  double combine = 0;    // gate-weighted unpermute
   double shared = 0;     // shared expert FFNs (forward): the part the main stream waited for
   double backward = 0;   // the whole backward pass
   double allreduce = 0;  // gradient reduction over world / dp groups: the part not hidden behind the backward
@@ -29,8 +30,8 @@ struct PhaseTimes {
   double hidden_allreduce = 0;  // gradient-sum time that overlapped the backward (stream-ordered comm)
 
   double total() const {
-    return attention + dense + router + dispatch + experts + combine + shared + backward + allreduce + optimizer +
-           other;
+    return attention + dense + router + dispatch + exchange + experts + combine + shared + backward + allreduce +
+           optimizer + other;
   }
 };
 

@@ -138,19 +138,27 @@ Tensor Dispatcher::exchange(Backend& backend, Communicator& ep, const Tensor& ro
   return out;
 }
 
-Tensor Dispatcher::dispatch(Backend& backend, Communicator& ep, const Tensor& x, const RouteState& route) {
+Tensor Dispatcher::permute(Backend& backend, const Tensor& x, const RouteState& route) {
   MOE_CHECK(plan_.token_rows == route.num_rows, "dispatch: the plan has ", plan_.token_rows, " rows, the route ",
             route.num_rows, " (plan() first)");
   elem_size_ = dtype_size(x.dtype());
   Tensor send = backend.empty({plan_.token_rows, hidden_}, x.dtype());
-  permute(backend, x, route.row_idx, send);
-  return exchange(backend, ep, send, Exchange::kToExperts);
+  moe::permute(backend, x, route.row_idx, send);
+  return send;
+}
+
+void Dispatcher::unpermute(Backend& backend, const Tensor& returned, const RouteState& route, Tensor& y) {
+  returned_ = returned;
+  moe::unpermute(backend, returned_, route.row_idx, route.gate, y);
+}
+
+Tensor Dispatcher::dispatch(Backend& backend, Communicator& ep, const Tensor& x, const RouteState& route) {
+  return exchange(backend, ep, permute(backend, x, route), Exchange::kToExperts);
 }
 
 void Dispatcher::combine(Backend& backend, Communicator& ep, const Tensor& expert_out, const RouteState& route,
                          Tensor& y) {
-  returned_ = exchange(backend, ep, expert_out, Exchange::kFromExperts);
-  unpermute(backend, returned_, route.row_idx, route.gate, y);
+  unpermute(backend, exchange(backend, ep, expert_out, Exchange::kFromExperts), route, y);
 }
 
 Tensor Dispatcher::combine_backward(Backend& backend, Communicator& ep, const Tensor& dy, const RouteState& route,

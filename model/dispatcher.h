@@ -21,7 +21,7 @@
 // Steps, in order (plan() first, then as many of the others as the pass needs):
 //   plan          from the routing: fill counts (the only place the host may wait) and the block lists
 //   dispatch      permute x into the token side, exchange to the experts
-//   combine       exchange back, gate-weighted unpermute: y[t] += sum_j g_tj * out[row_tj]
+//   combine       exchange back, gate-weighted unpermute: y[t] = sum_j g_tj * out[row_tj]
 //   combine_backward   the gradient of combine is a dispatch of dy (with dgate on the way)
 //   dispatch_backward  the gradient of dispatch is a combine without gates
 // With one rank and identical layouts (padded or dropless) the exchange shares storage: no copy at all.
@@ -58,9 +58,14 @@ class Dispatcher {
   // Builds the plan of `route` (collective over ep when the layout exchanges fill counts).
   const DispatchPlan& plan(Backend& backend, Communicator& ep, const RouteState& route);
 
-  // The steps, with the last plan. dispatch returns expert_in (N, H) for this rank's experts.
+  // The steps, with the last plan. permute: x (T, H) -> the token side (R, H).
+  Tensor permute(Backend& backend, const Tensor& x, const RouteState& route);
+  // The token side back from the experts (R, H) -> y (T, H) = gate-weighted sum (written). Keeps `returned`
+  // for combine_backward.
+  void unpermute(Backend& backend, const Tensor& returned, const RouteState& route, Tensor& y);
+  // permute + exchange: returns expert_in (N, H) for this rank's experts.
   Tensor dispatch(Backend& backend, Communicator& ep, const Tensor& x, const RouteState& route);
-  // expert_out (N, H) -> y (T, H) += gate-weighted sum. Keeps what combine_backward needs.
+  // exchange + unpermute: expert_out (N, H) -> y (T, H).
   void combine(Backend& backend, Communicator& ep, const Tensor& expert_out, const RouteState& route, Tensor& y);
   // dy (T, H) -> d expert_out (N, H); dgate (T, k) overwritten.
   Tensor combine_backward(Backend& backend, Communicator& ep, const Tensor& dy, const RouteState& route, Tensor& dgate);

@@ -34,15 +34,21 @@ Tensor MoeLayer::forward(Backend& backend, ProcessGroups& groups, const Tensor& 
     side_end(backend, ctx, side);
   }
 
+  // The dispatcher's steps, each booked on its own: plan and permutation, the exchange, the experts, the
+  // exchange back, the gate-weighted sum.
   dispatcher_.plan(backend, *groups.ep, route);
-  Tensor expert_in = dispatcher_.dispatch(backend, *groups.ep, x, route);
+  Tensor send = dispatcher_.permute(backend, x, route);
   ctx.lap(&PhaseTimes::dispatch);
+  Tensor expert_in = dispatcher_.exchange(backend, *groups.ep, send, Exchange::kToExperts);
+  ctx.lap(&PhaseTimes::exchange);
 
   Tensor expert_out = experts_.forward(backend, expert_in, dispatcher_.expert_rows(), ctx.training);
   ctx.lap(&PhaseTimes::experts);
 
-  Tensor y = backend.zeros(x.shape(), x.dtype());
-  dispatcher_.combine(backend, *groups.ep, expert_out, route, y);
+  Tensor returned = dispatcher_.exchange(backend, *groups.ep, expert_out, Exchange::kFromExperts);
+  ctx.lap(&PhaseTimes::exchange);
+  Tensor y = backend.empty(x.shape(), x.dtype());
+  dispatcher_.unpermute(backend, returned, route, y);
   ctx.lap(&PhaseTimes::combine);
 
   if (shared_) {

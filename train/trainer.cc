@@ -250,7 +250,8 @@ std::string Trainer::metrics_line(const StepRecord& r) const {
   const PhaseTimes& t = r.times;
   j.key("time_s").begin_object();
   j.field("attention", t.attention).field("dense", t.dense);
-  j.field("router", t.router).field("dispatch", t.dispatch).field("experts", t.experts).field("combine", t.combine);
+  j.field("router", t.router).field("dispatch", t.dispatch).field("exchange", t.exchange).field("experts", t.experts);
+  j.field("combine", t.combine);
   j.field("shared", t.shared).field("backward", t.backward).field("optimizer", t.optimizer);
   j.field("allreduce", t.allreduce).field("other", t.other).field("total", t.total()).field("wall", r.wall_s);
   j.field("hidden_shared", t.hidden_shared).field("hidden_allreduce", t.hidden_allreduce);

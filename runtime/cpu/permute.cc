@@ -1,5 +1,6 @@
 // CPU permutation family (runtime/ops/permute.h): token rows to the expert-major layout and back, row
 // gather/scatter, the embedding.
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -68,15 +69,17 @@ void unpermute(Backend&, const Tensor& rows, const Tensor& row_idx, const Tensor
   dispatch_float(y.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* pg = gate.data<T>();
-    for (int64_t t = 0; t < t_count; ++t)
+    for (int64_t t = 0; t < t_count; ++t) {
+      T* dst = y.data<T>() + t * h;
+      std::fill(dst, dst + h, T(0));
       for (int64_t j = 0; j < k; ++j) {
         int32_t r = ri[t * k + j];
         if (r < 0) continue;
         T g = pg[t * k + j];
         const T* src = rows.data<T>() + int64_t{r} * h;
-        T* dst = y.data<T>() + t * h;
         for (int64_t c = 0; c < h; ++c) dst[c] += g * src[c];
       }
+    }
   });
 }
 

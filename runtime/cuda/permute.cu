@@ -88,12 +88,12 @@ __global__ void permute_backward_kernel(const float* dout, const int* row_idx, f
   }
 }
 
-// y[t] += sum_j gate[t, j] * rows[row_idx[t, j]]: one block per token
+// y[t] = sum_j gate[t, j] * rows[row_idx[t, j]]: one block per token
 __global__ void unpermute_kernel(const float* rows, const int* row_idx, const float* gate, float* y, int64_t tokens,
                                  int k, int64_t h) {
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
-      float acc = y[t * h + c];
+      float acc = 0;
       for (int j = 0; j < k; ++j) {
         int r = row_idx[t * k + j];
         if (r >= 0) acc += gate[t * k + j] * rows[int64_t{r} * h + c];

@@ -15,7 +15,8 @@ MOE_OP(void, permute, (Backend& b, const Tensor& x, const Tensor& row_idx, Tenso
 // dx (T, H) += sum_j dout[row_idx[t, j]]
 MOE_OP(void, permute_backward, (Backend& b, const Tensor& dout, const Tensor& row_idx, Tensor& dx),
        (b, dout, row_idx, dx))
-// y (T, H) += sum_j gate[t, j] * rows[row_idx[t, j]]
+// y (T, H) = sum_j gate[t, j] * rows[row_idx[t, j]] (written, not accumulated: zero for a token with no
+// row; only the rows row_idx names are read)
 MOE_OP(void, unpermute, (Backend& b, const Tensor& rows, const Tensor& row_idx, const Tensor& gate, Tensor& y),
        (b, rows, row_idx, gate, y))
 // drows[row_idx[t, j]] = gate[t, j] * dy[t] (other rows zero); dgate[t, j] = <dy[t], rows[row_idx[t, j]]>

@@ -249,15 +249,15 @@ TEST(Training, MetricsFileHasOneJsonLinePerStep) {
     EXPECT_EQ(j["step"].as<int>(), lines);
     for (const char* key : {"loss", "aux", "z", "dropped_frac", "tokens_per_s"}) EXPECT_TRUE(j[key]) << key;
     double sum = 0;
-    for (const char* key : {"attention", "dense", "router", "dispatch", "experts", "combine", "shared", "backward",
-                            "optimizer", "allreduce", "other"}) {
+    for (const char* key : {"attention", "dense", "router", "dispatch", "exchange", "experts", "combine", "shared",
+                            "backward", "optimizer", "allreduce", "other"}) {
       ASSERT_TRUE(j["time_s"][key]) << key;
       sum += j["time_s"][key].as<double>();
     }
     // Every phase that ran is on the clock (the tiny model has no dense layer; MPI sums block inside the
     // backward, so nothing waits after it) ...
-    for (const char* key : {"attention", "router", "dispatch", "experts", "combine", "shared", "backward", "optimizer",
-                            "other"}) {
+    for (const char* key : {"attention", "router", "dispatch", "exchange", "experts", "combine", "shared", "backward",
+                            "optimizer", "other"}) {
       EXPECT_GT(j["time_s"][key].as<double>(), 0.0) << key;
     }
     EXPECT_NEAR(sum, j["time_s"]["total"].as<double>(), 1e-12 * sum);
