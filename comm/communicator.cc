@@ -41,7 +41,8 @@ void check_all_to_all_v_layout(int ranks, const std::vector<size_t>& send_counts
             "all_to_all_v needs one count and offset per rank");
 }
 
-void broadcast_string(Communicator& comm, std::string& s, int root) {
+void broadcast_string(Communicator& data, std::string& s, int root) {
+  Communicator& comm = data.host();
   std::vector<double> len{static_cast<double>(s.size())};
   comm.broadcast(len.data(), 1, DType::kF64, root);
   std::vector<int32_t> buf((static_cast<size_t>(len[0]) + 3) / 4, 0);

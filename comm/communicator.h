@@ -1,8 +1,11 @@
 // The communicator interface: the collectives the runtime needs, over one group of ranks.
 //
-// Buffers are raw pointers plus element counts and a dtype, so one interface serves host memory (MPI)
-// and device memory (NCCL). Every call is collective over the group: all its ranks must make
-// the same calls in the same order. Failures throw CommError naming the call, file:line and the rank.
+// Buffers are raw pointers plus element counts and a dtype. A communicator moves one kind of memory: the
+// backend's tensors (host memory over MPI on the CPU, device memory over NCCL on a GPU), and host()
+// gives the communicator of the same ranks for host values (counts, loss sums, timings, strings), MPI
+// always. Which one a caller uses is explicit at every call: nothing looks at a pointer to find out
+// where it lives. The host-vector conveniences below go to host() themselves. Every call is collective
+// over the group: all its ranks must make the same calls in the same order. Failures throw CommError naming the call, file:line and the rank.
 // Every collective has a deadline (runtime.comm_timeout_s): a rank that waits longer for its peers gives
 // up with a CommError naming the operation, the group and what the job was doing (comm_where()), so a
 // dead or stuck peer stops the job instead of hanging it.
@@ -32,6 +35,10 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual std::string name() const = 0;  // "mpi", "nccl"
+
+  // The communicator of the same ranks for host memory: this one for a host communicator, the MPI
+  // communicator a device communicator wraps.
+  virtual Communicator& host() { return *this; }
 
   // send holds size() chunks of `count` elements; chunk r goes to rank r; recv gets chunk i from rank i.
   virtual void all_to_all(const void* send, void* recv, size_t count, DType dtype) = 0;
@@ -78,9 +85,14 @@ class Communicator {
   virtual void set_timeout(double seconds) { timeout_s_ = seconds; }
   double timeout() const { return timeout_s_; }
 
-  // ---- typed conveniences over host vectors
+  // ---- typed conveniences: host vectors go over host(), tensors of the backend over this communicator
   void all_reduce_sum(std::vector<double>& values) {
-    all_reduce_sum(values.data(), values.data(), values.size(), DType::kF64);
+    host().all_reduce_sum(values.data(), values.data(), values.size(), DType::kF64);
+  }
+  // recv (size() values): value i from rank i.
+  void all_gather(double value, std::vector<double>& recv) {
+    recv.resize(static_cast<size_t>(size()));
+    host().all_gather(&value, recv.data(), 1, DType::kF64);
   }
   void all_reduce_sum(Tensor& t) { all_reduce_sum(t.raw(), t.raw(), static_cast<size_t>(t.numel()), t.dtype()); }
 
@@ -116,7 +128,7 @@ void check_all_to_all_v_layout(int ranks, const std::vector<size_t>& send_counts
                                const std::vector<size_t>& send_offsets, const std::vector<size_t>& recv_counts,
                                const std::vector<size_t>& recv_offsets);
 
-// Sends root's string to every rank of the group (length, then bytes). Collective.
+// Sends root's string to every rank of the group (length, then bytes, over comm.host()). Collective.
 void broadcast_string(Communicator& comm, std::string& s, int root);
 
 // Splits `world` into the mesh (labelled "world", "ep", "dp"). Throws ConfigError (key parallel.ep) when ep

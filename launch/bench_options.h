@@ -43,7 +43,7 @@ double timed_slowest(Backend& backend, Communicator& world, int iters, int warmu
     if (it >= warmup) times.push_back(seconds_since(t0));
   }
   std::vector<double> mine{median(times)}, all(static_cast<size_t>(world.size()));
-  world.all_gather(mine.data(), all.data(), 1, DType::kF64);
+  world.host().all_gather(mine.data(), all.data(), 1, DType::kF64);
   return *std::max_element(all.begin(), all.end());
 }
 

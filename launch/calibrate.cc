@@ -202,7 +202,7 @@ int run_calibrate(const CommandLine& cl) {
       const double with = timed_slowest(backend, world, iters, 1, [&] {
         for (int i = 0; i < rounds; ++i) {
           work();
-          world.all_reduce_sum(&one, &sum, 1, DType::kF64);
+          world.host().all_reduce_sum(&one, &sum, 1, DType::kF64);
         }
       });
       const double without = timed_slowest(backend, world, iters, 1, [&] {
@@ -264,7 +264,7 @@ int run_calibrate(const CommandLine& cl) {
       if (i >= 8) walls.push_back(r.wall_s);
     }
     std::vector<double> mine{median(walls)}, all(static_cast<size_t>(n));
-    groups.world->all_gather(mine.data(), all.data(), 1, DType::kF64);
+    groups.world->host().all_gather(mine.data(), all.data(), 1, DType::kF64);
     const double measured = *std::max_element(all.begin(), all.end());
     CostConstants one = c;
     one.nodes = {e};

@@ -183,10 +183,10 @@ int run_layer_bench(const CommandLine& cl) {
     std::vector<double> slowest{layer_s};
     // slowest rank sets the pace
     std::vector<double> gathered(static_cast<size_t>(world));
-    groups.world->all_gather(slowest.data(), gathered.data(), 1, DType::kF64);
+    groups.world->host().all_gather(slowest.data(), gathered.data(), 1, DType::kF64);
     layer_s = *std::max_element(gathered.begin(), gathered.end());
     std::vector<double> exchange_s{median(exchange_times)};
-    groups.world->all_gather(exchange_s.data(), gathered.data(), 1, DType::kF64);
+    groups.world->host().all_gather(exchange_s.data(), gathered.data(), 1, DType::kF64);
     const double exchange_slowest = *std::max_element(gathered.begin(), gathered.end());
     // the raw collective: the same bytes per rank, evenly split over the ep group, there and back
     std::vector<double> sent{static_cast<double>(layer.dispatcher().send_bytes())};
@@ -229,7 +229,7 @@ int run_layer_bench(const CommandLine& cl) {
       if (!p) return std::vector<double>();
       std::vector<double> local = to_doubles(*backend, p->value);
       std::vector<double> all(local.size() * static_cast<size_t>(world));
-      groups.ep->all_gather(local.data(), all.data(), local.size(), DType::kF64);
+      groups.ep->host().all_gather(local.data(), all.data(), local.size(), DType::kF64);
       return all;
     };
     auto* wg = params.find("bench.experts.w_gate");

@@ -135,7 +135,7 @@ std::unique_ptr<Backend> make_backend(const Config& config, Communicator& world)
     failure = e.what();
   }
   std::vector<double> failed(static_cast<size_t>(world.size()), 0.0), mine{failure.empty() ? 0.0 : 1.0};
-  world.all_gather(mine.data(), failed.data(), 1, DType::kF64);
+  world.host().all_gather(mine.data(), failed.data(), 1, DType::kF64);
   for (int r = 0; r < world.size(); ++r) {
     if (failed[static_cast<size_t>(r)] == 0.0) continue;
     broadcast_string(world, failure, r);

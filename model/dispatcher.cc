@@ -52,7 +52,7 @@ const DispatchPlan& Dispatcher::plan(Backend& backend, Communicator& ep, const R
   std::vector<int32_t> fill(static_cast<size_t>(num_experts_ * groups));
   backend.copy_to_host(route.fill, fill.data());
   std::vector<int32_t> recv_fill = fill;
-  if (peers > 1) ep.all_to_all(fill.data(), recv_fill.data(), static_cast<size_t>(local * groups), DType::kI32);
+  if (peers > 1) ep.host().all_to_all(fill.data(), recv_fill.data(), static_cast<size_t>(local * groups), DType::kI32);
   const bool dropless = capacity <= 0;
   auto at = [&](int q, int l, int64_t g) { return static_cast<size_t>((int64_t{q} * local + l) * groups + g); };
 

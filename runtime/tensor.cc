@@ -1,8 +1,11 @@
 // Tensor views, dtype names, and host allocation.
 #include "runtime/tensor.h"
 
+#include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <new>
 #include <sstream>
@@ -171,13 +174,35 @@ HostBlockCache& block_cache() {
   return *cache;
 }
 
-Tensor allocate_host(const Shape& shape, DType dtype, bool zero) {
+// The live blocks of the CPU backend's tensors (start -> bytes) while tracking is on.
+struct BackendMemory {
+  std::atomic<bool> on{false};
+  std::mutex mu;
+  std::map<uintptr_t, size_t> blocks;
+};
+BackendMemory& backend_memory() {
+  static BackendMemory* m = new BackendMemory();  // never destroyed, like the block cache
+  return *m;
+}
+
+Tensor allocate_host(const Shape& shape, DType dtype, bool zero, bool backend = false) {
   size_t nbytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
   if (nbytes == 0) return Tensor(std::make_shared<Storage>(nullptr, 0, Device::kCpu, nullptr), 0, shape, dtype);
   size_t bytes = HostBlockCache::size_class(nbytes);
   void* p = block_cache().get(bytes);
   if (zero) std::memset(p, 0, nbytes);
-  auto storage = std::make_shared<Storage>(p, nbytes, Device::kCpu, [bytes](void* q) { block_cache().put(q, bytes); });
+  const bool tracked = backend && backend_memory().on.load();
+  if (tracked) {
+    std::lock_guard<std::mutex> lock(backend_memory().mu);
+    backend_memory().blocks[reinterpret_cast<uintptr_t>(p)] = nbytes;
+  }
+  auto storage = std::make_shared<Storage>(p, nbytes, Device::kCpu, [bytes, tracked](void* q) {
+    if (tracked) {
+      std::lock_guard<std::mutex> lock(backend_memory().mu);
+      backend_memory().blocks.erase(reinterpret_cast<uintptr_t>(q));
+    }
+    block_cache().put(q, bytes);
+  });
   return Tensor(std::move(storage), 0, shape, dtype);
 }
 
@@ -185,6 +210,19 @@ Tensor allocate_host(const Shape& shape, DType dtype, bool zero) {
 
 Tensor host_tensor(const Shape& shape, DType dtype) { return allocate_host(shape, dtype, true); }
 Tensor host_tensor_uninitialized(const Shape& shape, DType dtype) { return allocate_host(shape, dtype, false); }
+Tensor cpu_backend_tensor(const Shape& shape, DType dtype) { return allocate_host(shape, dtype, false, true); }
+
+void track_backend_memory(bool on) { backend_memory().on = on; }
+
+bool in_backend_memory(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  std::lock_guard<std::mutex> lock(backend_memory().mu);
+  const auto& blocks = backend_memory().blocks;
+  auto it = blocks.upper_bound(a);
+  if (it == blocks.begin()) return false;
+  --it;
+  return a < it->first + it->second;
+}
 
 void check_shape(const Tensor& t, const Shape& shape, const char* what) {
   MOE_CHECK(t.defined() && t.shape() == shape, what, ": expected shape ", shape_str(shape), ", got ",

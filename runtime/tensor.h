@@ -107,8 +107,18 @@ class Tensor {
 
 // A zero-filled host tensor (64-byte aligned). Freed blocks are cached for reuse (see tensor.cc).
 Tensor host_tensor(const Shape& shape, DType dtype);
-// The same with unspecified contents (what the CPU backend's empty() returns).
+// The same with unspecified contents.
 Tensor host_tensor_uninitialized(const Shape& shape, DType dtype);
+// What the CPU backend's empty() returns: host_tensor_uninitialized, recorded as backend memory while
+// tracking is on.
+Tensor cpu_backend_tensor(const Shape& shape, DType dtype);
+
+// Tracking of the CPU backend's tensor memory, for tests that check which communicator each buffer goes
+// to (tests/test_util.h): on a GPU the backend's tensors are device memory and everything else is host
+// memory, and the two go to different communicators. in_backend_memory is true for an address inside a
+// live tensor the backend allocated while tracking was on.
+void track_backend_memory(bool on);
+bool in_backend_memory(const void* p);
 
 // Throws InternalError naming `what` when t's shape differs from `shape`.
 void check_shape(const Tensor& t, const Shape& shape, const char* what);

@@ -5,8 +5,11 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <initializer_list>
+#include <memory>
 
 #include "comm/mpi/mpi_communicator.h"
+#include "runtime/error.h"
 #include "train/grad_reduce.h"
 
 namespace moe::test {
@@ -25,8 +28,106 @@ double rel_diff(const std::vector<double>& a, const std::vector<double>& b, doub
   return diff / scale;
 }
 
-ProcessGroups self_groups() { return make_process_groups(make_mpi_self(), 1); }
-ProcessGroups world_groups(int ep) { return make_process_groups(make_mpi_world(), ep); }
+namespace {
+
+// Forwards every collective to `inner` after checking that each non-empty buffer is backend memory
+// (kBackend) or is not (host values).
+template <bool kBackend>
+class KindChecked : public Communicator {
+ public:
+  explicit KindChecked(Communicator& inner) : inner_(inner) {}
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
+  std::string name() const override { return inner_.name(); }
+  void all_to_all(const void* send, void* recv, size_t count, DType dtype) override {
+    check("all_to_all", count, {send, recv});
+    inner_.all_to_all(send, recv, count, dtype);
+  }
+  void all_to_all_v(const void* send, const std::vector<size_t>& sc, const std::vector<size_t>& so, void* recv,
+                    const std::vector<size_t>& rc, const std::vector<size_t>& ro, DType dtype) override {
+    check("all_to_all_v", total(sc) + total(rc), {send, recv});
+    inner_.all_to_all_v(send, sc, so, recv, rc, ro, dtype);
+  }
+  void all_to_all_blocks(const void* send, const std::vector<Block>& sb, void* recv, const std::vector<Block>& rb,
+                         DType dtype) override {
+    size_t n = 0;
+    for (const auto* list : {&sb, &rb})
+      for (const Block& b : *list) n += b.count;
+    check("all_to_all_blocks", n, {send, recv});
+    inner_.all_to_all_blocks(send, sb, recv, rb, dtype);
+  }
+  void all_reduce_sum(const void* send, void* recv, size_t count, DType dtype) override {
+    check("all_reduce_sum", count, {send, recv});
+    inner_.all_reduce_sum(send, recv, count, dtype);
+  }
+  void all_reduce_sum_start(void* buf, size_t count, DType dtype) override {
+    check("all_reduce_sum_start", count, {buf});
+    inner_.all_reduce_sum_start(buf, count, dtype);
+  }
+  void all_gather(const void* send, void* recv, size_t count, DType dtype) override {
+    check("all_gather", count, {send, recv});
+    inner_.all_gather(send, recv, count, dtype);
+  }
+  void broadcast(void* buf, size_t count, DType dtype, int root) override {
+    check("broadcast", count, {buf});
+    inner_.broadcast(buf, count, dtype, root);
+  }
+  void wait_pending() override { inner_.wait_pending(); }
+  double take_started_seconds() override { return inner_.take_started_seconds(); }
+  void barrier() override { inner_.barrier(); }
+  void set_timeout(double seconds) override {
+    Communicator::set_timeout(seconds);
+    inner_.set_timeout(seconds);
+  }
+
+ protected:
+  static size_t total(const std::vector<size_t>& v) {
+    size_t n = 0;
+    for (size_t x : v) n += x;
+    return n;
+  }
+  void check(const char* op, size_t count, std::initializer_list<const void*> buffers) const {
+    if (count == 0) return;
+    for (const void* p : buffers) {
+      if (p != nullptr && in_backend_memory(p) != kBackend) {
+        throw InternalError(detail::concat(op, " on the ", label(), " group: ",
+                                           kBackend ? "a host value given to the tensor communicator (use host())"
+                                                    : "a backend tensor given to host()"));
+      }
+    }
+  }
+  Communicator& inner_;
+};
+
+class HostChecked final : public KindChecked<false> {
+ public:
+  explicit HostChecked(Communicator& inner) : KindChecked<false>(inner) {}
+  std::unique_ptr<Communicator> split(int color, int key) override { return inner_.split(color, key); }
+};
+
+class TensorChecked final : public KindChecked<true> {
+ public:
+  explicit TensorChecked(std::unique_ptr<Communicator> inner)
+      : KindChecked<true>(*inner), owned_(std::move(inner)), host_(owned_->host()) {
+    timeout_s_ = owned_->timeout();
+  }
+  Communicator& host() override { return host_; }
+  std::unique_ptr<Communicator> split(int color, int key) override { return kind_checked(owned_->split(color, key)); }
+
+ private:
+  std::unique_ptr<Communicator> owned_;
+  HostChecked host_;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> kind_checked(std::unique_ptr<Communicator> inner) {
+  track_backend_memory(true);
+  return std::make_unique<TensorChecked>(std::move(inner));
+}
+
+ProcessGroups self_groups() { return make_process_groups(kind_checked(make_mpi_self()), 1); }
+ProcessGroups world_groups(int ep) { return make_process_groups(kind_checked(make_mpi_world()), ep); }
 
 Config small_config(int num_experts, int top_k, int hidden) {
   Config c;

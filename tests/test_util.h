@@ -47,6 +47,10 @@ class SharedDir {
 ProcessGroups self_groups();
 // ProcessGroups over the whole MPI world with the given ep.
 ProcessGroups world_groups(int ep);
+// Both give communicators that check the kind of every buffer (tracking the CPU backend's memory): the
+// collectives take tensors of the backend, host() takes anything else, as on a GPU where the two are
+// device and host memory and a mix-up would hand NCCL a host pointer. A wrong buffer throws InternalError.
+std::unique_ptr<Communicator> kind_checked(std::unique_ptr<Communicator> inner);
 
 // A small layer configuration used across tests.
 Config small_config(int num_experts = 4, int top_k = 2, int hidden = 8);

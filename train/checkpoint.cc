@@ -443,7 +443,7 @@ std::string save_checkpoint(const std::string& checkpoint_dir, const TrainingSta
     mine = {1, static_cast<double>(f.bytes), static_cast<double>(f.crc32)};
   }
   std::vector<double> all(3 * static_cast<size_t>(world.size()));
-  world.all_gather(mine.data(), all.data(), 3, DType::kF64);
+  world.host().all_gather(mine.data(), all.data(), 3, DType::kF64);
 
   if (world.rank() == 0) {
     CheckpointInfo info;

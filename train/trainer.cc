@@ -58,7 +58,7 @@ double measure_dense_rate(Backend& backend, DType dtype, Communicator& world) {
   const int64_t n = gemm_probe_size(backend);
   auto slowest = [&](double seconds) {
     std::vector<double> all(static_cast<size_t>(world.size()));
-    world.all_gather(&seconds, all.data(), 1, DType::kF64);
+    world.host().all_gather(&seconds, all.data(), 1, DType::kF64);
     return *std::max_element(all.begin(), all.end());
   };
   world.barrier();
@@ -107,7 +107,7 @@ void check_memory(const Config& config, Backend& backend, Communicator& world) {
   double share = backend.memory_available() / sharers;
   if (share <= 0) share = std::numeric_limits<double>::infinity();  // unknown: nothing to check against
   std::vector<double> all(static_cast<size_t>(world.size()));
-  world.all_gather(&share, all.data(), 1, DType::kF64);
+  world.host().all_gather(&share, all.data(), 1, DType::kF64);
   share = *std::min_element(all.begin(), all.end());
   if (m.total() <= 0.9 * share) return;
   const double weights = m.parameters + m.optimizer;
@@ -324,7 +324,7 @@ std::vector<StepRecord> Trainer::run() {
       Baselines base;
       if (world.rank() == 0) base = ngram_baselines(*data_, *val_, config_);
       std::vector<double> b{base.unigram, base.bigram};
-      world.broadcast(b.data(), 2, DType::kF64, 0);
+      world.host().broadcast(b.data(), 2, DType::kF64, 0);
       std::snprintf(line, sizeof(line), "; baselines (bits/%s): unigram %.4f, bigram %.4f",
                     config_.model.vocab_size <= 256 ? "byte" : "token", b[0] / std::log(2.0), b[1] / std::log(2.0));
       text += line;
@@ -385,7 +385,7 @@ void Trainer::diverged(const StepRecord& r) {
     }
   }
   std::vector<double> all(static_cast<size_t>(groups_.world->size()));
-  groups_.world->all_gather(&first, all.data(), 1, DType::kF64);
+  groups_.world->host().all_gather(&first, all.data(), 1, DType::kF64);
   const size_t worst = static_cast<size_t>(*std::min_element(all.begin(), all.end()));
   std::string where = worst < 2 * params.size()
                           ? std::string(worst % 2 ? "the gradient of " : "") + params[worst / 2]->name

@@ -1,7 +1,7 @@
 // Communicator over NCCL for device buffers, forwarding host buffers to the MPI communicator it wraps.
 //
-// Every call looks at its buffers (cudaPointerGetAttributes): device or managed memory goes over NCCL,
-// anything else to MPI, so callers need not know which kind of communicator they hold.
+// Collectives take device (or managed) memory; host values go to host(), the MPI communicator of the
+// same ranks that this one wraps. Callers say which at every call (comm/communicator.h).
 //
 // The NCCL communicator is non-blocking (config.blocking = 0), so no NCCL call can hang the host: an
 // init, a split or a group launch may return ncclInProgress and finish on a background thread, and we
@@ -51,29 +51,24 @@ ncclDataType_t nccl_type(DType dtype) {
   throw InternalError("no NCCL datatype for dtype");
 }
 
-// Device (or managed) memory goes over NCCL; host memory, pinned or not, goes over MPI.
-bool on_device(const void* p) {
-  cudaPointerAttributes attr{};
-  cudaError_t err = cudaPointerGetAttributes(&attr, p);
-  if (err == cudaErrorInvalidValue) {  // pre-CUDA-11 answer for unregistered host memory
-    (void)cudaGetLastError();
-    return false;
+// Debug builds check that a collective's buffers are device (or managed) memory: host values go to
+// host(), and a host pointer handed to NCCL is a caller's mistake, named here instead of faulting on the
+// device. Release builds look at no pointer.
+void check_device(const void* a, const void* b, const char* op) {
+#ifndef NDEBUG
+  for (const void* p : {a, b}) {
+    if (p == nullptr) continue;
+    cudaPointerAttributes attr{};
+    cudaError_t err = cudaPointerGetAttributes(&attr, p);
+    if (err == cudaErrorInvalidValue) (void)cudaGetLastError();  // pre-CUDA-11 answer for host memory
+    else MOE_CUDA_CHECK(err);
+    if (err != cudaSuccess || (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)) {
+      throw InternalError(detail::concat("nccl ", op, ": a host buffer; host values go through host()"));
+    }
   }
-  MOE_CUDA_CHECK(err);
-  return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged;
-}
-
-// Whether an op on (a, b) goes over NCCL. A null pointer (an empty buffer) takes the other's kind;
-// `both_null` decides when both are null.
-bool use_device(const void* a, const void* b, bool both_null, const char* op) {
-  if (a == nullptr && b == nullptr) return both_null;
-  if (a == nullptr) return on_device(b);
-  if (b == nullptr) return on_device(a);
-  bool da = on_device(a), db = on_device(b);
-  if (da != db) {
-    throw InternalError(detail::concat("nccl ", op, ": one buffer is in host memory and the other in device memory"));
-  }
-  return da;
+#else
+  (void)a, (void)b, (void)op;
+#endif
 }
 
 // ncclSuccess, and ncclInProgress (non-blocking mode), are fine; anything else throws.
@@ -139,6 +134,7 @@ class NcclCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string name() const override { return "nccl"; }
+  Communicator& host() override { return *host_; }
   void set_timeout(double seconds) override {
     Communicator::set_timeout(seconds);
     if (host_) host_->set_timeout(seconds);  // host values (counts, losses) go over MPI with the same deadline
@@ -146,7 +142,7 @@ class NcclCommunicator final : public Communicator {
 
   void all_to_all(const void* send, void* recv, size_t count, DType dtype) override {
     if (count == 0) return;  // the same count on every rank: nothing moves anywhere
-    if (!use_device(send, recv, false, "all_to_all")) return host_->all_to_all(send, recv, count, dtype);
+    check_device(send, recv, "all_to_all");
     size_t bytes = count * dtype_size(dtype);
     auto* s = static_cast<const char*>(send);
     auto* r = static_cast<char*>(recv);
@@ -167,9 +163,7 @@ class NcclCommunicator final : public Communicator {
                     DType dtype) override {
     size_t n = static_cast<size_t>(size_);
     check_all_to_all_v_layout(size_, send_counts, send_offsets, recv_counts, recv_offsets);
-    if (!use_device(send, recv, true, "all_to_all_v")) {
-      return host_->all_to_all_v(send, send_counts, send_offsets, recv, recv_counts, recv_offsets, dtype);
-    }
+    check_device(send, recv, "all_to_all_v");
     size_t elem = dtype_size(dtype);
     auto* s = static_cast<const char*>(send);
     auto* r = static_cast<char*>(recv);
@@ -195,9 +189,7 @@ class NcclCommunicator final : public Communicator {
   // receives in posting order, which the pairing of the lists guarantees.
   void all_to_all_blocks(const void* send, const std::vector<Block>& send_blocks, void* recv,
                          const std::vector<Block>& recv_blocks, DType dtype) override {
-    if (!use_device(send, recv, true, "all_to_all_blocks")) {
-      return host_->all_to_all_blocks(send, send_blocks, recv, recv_blocks, dtype);
-    }
+    check_device(send, recv, "all_to_all_blocks");
     const size_t elem = dtype_size(dtype);
     auto* s = static_cast<const char*>(send);
     auto* r = static_cast<char*>(recv);
@@ -224,7 +216,7 @@ class NcclCommunicator final : public Communicator {
 
   void all_reduce_sum(const void* send, void* recv, size_t count, DType dtype) override {
     if (count == 0) return;
-    if (!use_device(send, recv, false, "all_reduce_sum")) return host_->all_reduce_sum(send, recv, count, dtype);
+    check_device(send, recv, "all_reduce_sum");
     begin("all_reduce_sum");
     MOE_NCCL_CHECK(ncclAllReduce(send, recv, count, nccl_type(dtype), ncclSum, comm_, stream_));
     end(true);
@@ -232,7 +224,7 @@ class NcclCommunicator final : public Communicator {
 
   void all_reduce_sum_start(void* buf, size_t count, DType dtype) override {
     if (count == 0) return;
-    if (!use_device(buf, buf, false, "all_reduce_sum_start")) return host_->all_reduce_sum(buf, buf, count, dtype);
+    check_device(buf, buf, "all_reduce_sum_start");
     begin("all_reduce_sum_start");
     Timing& t = next_timing();
     MOE_CUDA_CHECK(cudaEventRecord(t.start, stream_));
@@ -262,7 +254,7 @@ class NcclCommunicator final : public Communicator {
 
   void all_gather(const void* send, void* recv, size_t count, DType dtype) override {
     if (count == 0) return;
-    if (!use_device(send, recv, false, "all_gather")) return host_->all_gather(send, recv, count, dtype);
+    check_device(send, recv, "all_gather");
     begin("all_gather");
     MOE_NCCL_CHECK(ncclAllGather(send, recv, count, nccl_type(dtype), comm_, stream_));
     end(true);
@@ -270,7 +262,7 @@ class NcclCommunicator final : public Communicator {
 
   void broadcast(void* buf, size_t count, DType dtype, int root) override {
     if (count == 0) return;
-    if (!use_device(buf, buf, false, "broadcast")) return host_->broadcast(buf, count, dtype, root);
+    check_device(buf, buf, "broadcast");
     begin("broadcast");
     MOE_NCCL_CHECK(ncclBroadcast(buf, buf, count, nccl_type(dtype), root, comm_, stream_));
     end(true);

@@ -1,6 +1,6 @@
-// The NCCL implementation of Communicator: device buffers move over NCCL, host buffers over the MPI
-// communicator it wraps (NCCL only reaches GPU memory; the runtime also exchanges host values such as
-// loss sums and configuration strings over the same group).
+// The NCCL implementation of Communicator: device buffers move over NCCL; host() is the MPI communicator
+// it wraps, for the host values the runtime also exchanges over the same group (counts, loss sums,
+// configuration strings).
 //
 // Device collectives are stream-ordered and never block the host: each runs on the communicator's own
 // stream after the work already issued on the compute stream, and the compute stream waits for it

@@ -23,7 +23,7 @@ class CpuBackend final : public Backend {
   std::string name() const override { return "cpu"; }
   Device device() const override { return Device::kCpu; }
 
-  Tensor empty(const Shape& shape, DType dtype) override { return host_tensor_uninitialized(shape, dtype); }
+  Tensor empty(const Shape& shape, DType dtype) override { return cpu_backend_tensor(shape, dtype); }
 
   void fill(Tensor& t, double value) override {
     if (t.dtype() == DType::kI32) {

@@ -90,10 +90,15 @@ TEST_F(Nccl, CollectivesMatchTheirDefinitions) {
   comm->broadcast(cast.raw(), 2, DType::kF32, world - 1);
   EXPECT_EQ(to_doubles(*backend, cast), (std::vector<double>{world - 0.5, 10.0 * (world - 1)}));
 
-  // host buffers still go over MPI
+  // host values go over host(), the MPI communicator of the same ranks
+  EXPECT_EQ(comm->host().name(), "mpi");
+  EXPECT_EQ(comm->host().size(), world);
   std::vector<double> host{1.0};
   comm->all_reduce_sum(host);
   EXPECT_EQ(host[0], world);
+  double unit = 1, sum = 0;
+  comm->host().all_reduce_sum(&unit, &sum, 1, DType::kF64);
+  EXPECT_EQ(sum, world);
 
   // a split: even and odd ranks
   auto sub = comm->split(rank % 2, rank);
