@@ -89,11 +89,6 @@ class Communicator {
   void all_reduce_sum(std::vector<double>& values) {
     host().all_reduce_sum(values.data(), values.data(), values.size(), DType::kF64);
   }
-  // recv (size() values): value i from rank i.
-  void all_gather(double value, std::vector<double>& recv) {
-    recv.resize(static_cast<size_t>(size()));
-    host().all_gather(&value, recv.data(), 1, DType::kF64);
-  }
   void all_reduce_sum(Tensor& t) { all_reduce_sum(t.raw(), t.raw(), static_cast<size_t>(t.numel()), t.dtype()); }
 
  protected:
