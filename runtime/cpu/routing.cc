@@ -147,13 +147,13 @@ void route(Backend& backend, const RouteArgs& args, const Tensor& sel_probs, con
   out.args = args;
 
   DType ft = sel_probs.dtype();
-  out.expert_idx = host_tensor({t_count, k}, DType::kI32);
-  out.score = host_tensor({t_count, k}, ft);
-  out.gate = host_tensor({t_count, k}, ft);
-  out.row_idx = host_tensor({t_count, k}, DType::kI32);
-  out.fill = host_tensor({e_count, g_count}, DType::kI32);
-  out.choices = host_tensor({e_count}, DType::kI32);
-  out.counts = host_tensor({2}, DType::kI32);
+  out.expert_idx = backend.zeros({t_count, k}, DType::kI32);
+  out.score = backend.zeros({t_count, k}, ft);
+  out.gate = backend.zeros({t_count, k}, ft);
+  out.row_idx = backend.zeros({t_count, k}, DType::kI32);
+  out.fill = backend.zeros({e_count, g_count}, DType::kI32);
+  out.choices = backend.zeros({e_count}, DType::kI32);
+  out.counts = backend.zeros({2}, DType::kI32);
   int32_t& num_dropped = out.counts.data<int32_t>()[0];
   int32_t& num_random_skipped = out.counts.data<int32_t>()[1];
 
