@@ -395,7 +395,8 @@ StepPrediction predict_step(const Config& c, const CostConstants& k, const Predi
   const GemmModel& bf16 = has_bf16 ? n.gemm_bf16 : n.gemm;
   const GemmModel& gexp = c.runtime.precision == Precision::kBf16 || opt.bf16_everywhere ? bf16 : n.gemm;
   const GemmModel& gdense = opt.bf16_everywhere ? bf16 : n.gemm;
-  const double xbytes = opt.bf16_everywhere ? 2.0 : 4.0;  // exchanged bytes per element (fp32 today)
+  // exchanged bytes per element: rows travel in bf16 with bf16 experts (model/dispatcher.h)
+  const double xbytes = c.runtime.precision == Precision::kBf16 || opt.bf16_everywhere ? 2.0 : 4.0;
 
   // Compute terms, each scaled by the node's step efficiency.
   const double eff = n.step_efficiency;

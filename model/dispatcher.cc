@@ -8,8 +8,18 @@
 
 namespace moe {
 
-Dispatcher::Dispatcher(int num_experts, int hidden, DispatchLayout layout)
-    : num_experts_(num_experts), hidden_(hidden), layout_(layout) {
+namespace {
+// t in `dtype`: t itself when it already is, else a converted copy.
+Tensor as_dtype(Backend& backend, const Tensor& t, DType dtype) {
+  if (t.dtype() == dtype) return t;
+  Tensor out = backend.empty(t.shape(), dtype);
+  backend.convert(t, out);
+  return out;
+}
+}  // namespace
+
+Dispatcher::Dispatcher(int num_experts, int hidden, DispatchLayout layout, bool bf16_rows)
+    : num_experts_(num_experts), hidden_(hidden), layout_(layout), bf16_rows_(bf16_rows) {
   MOE_CHECK(layout == DispatchLayout::kPadded || layout == DispatchLayout::kCompact,
             "Dispatcher needs a resolved layout (padded or compact)");
 }
@@ -141,14 +151,15 @@ Tensor Dispatcher::exchange(Backend& backend, Communicator& ep, const Tensor& ro
 Tensor Dispatcher::permute(Backend& backend, const Tensor& x, const RouteState& route) {
   MOE_CHECK(plan_.token_rows == route.num_rows, "dispatch: the plan has ", plan_.token_rows, " rows, the route ",
             route.num_rows, " (plan() first)");
-  elem_size_ = dtype_size(x.dtype());
-  Tensor send = backend.empty({plan_.token_rows, hidden_}, x.dtype());
-  moe::permute(backend, x, route.row_idx, send);
+  const Tensor rows = bf16_rows_ ? as_dtype(backend, x, DType::kBF16) : x;
+  elem_size_ = dtype_size(rows.dtype());
+  Tensor send = backend.empty({plan_.token_rows, hidden_}, rows.dtype());
+  moe::permute(backend, rows, route.row_idx, send);
   return send;
 }
 
 void Dispatcher::unpermute(Backend& backend, const Tensor& returned, const RouteState& route, Tensor& y) {
-  returned_ = returned;
+  returned_ = as_dtype(backend, returned, y.dtype());
   moe::unpermute(backend, returned_, route.row_idx, route.gate, y);
 }
 
@@ -165,12 +176,13 @@ Tensor Dispatcher::combine_backward(Backend& backend, Communicator& ep, const Te
                                     Tensor& dgate) {
   Tensor dreturned = backend.empty(returned_.shape(), dy.dtype());
   unpermute_backward(backend, dy, returned_, route.row_idx, route.gate, dreturned, dgate);
-  return exchange(backend, ep, dreturned, Exchange::kToExperts);
+  return exchange(backend, ep, bf16_rows_ ? as_dtype(backend, dreturned, DType::kBF16) : dreturned,
+                  Exchange::kToExperts);
 }
 
 void Dispatcher::dispatch_backward(Backend& backend, Communicator& ep, const Tensor& d_expert_in,
                                    const RouteState& route, Tensor& dx) {
-  Tensor dsend = exchange(backend, ep, d_expert_in, Exchange::kFromExperts);
+  Tensor dsend = as_dtype(backend, exchange(backend, ep, d_expert_in, Exchange::kFromExperts), dx.dtype());
   permute_backward(backend, dsend, route.row_idx, dx);
 }
 

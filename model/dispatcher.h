@@ -25,6 +25,11 @@
 //   combine_backward   the gradient of combine is a dispatch of dy (with dgate on the way)
 //   dispatch_backward  the gradient of dispatch is a combine without gates
 // With one rank and identical layouts (padded or dropless) the exchange shares storage: no copy at all.
+//
+// BF16 rows (bf16 experts): the rows travel, and reach the experts, in BF16. x is rounded before the
+// permutation, the experts' BF16 outputs come back as they are and are widened before the gate-weighted
+// sum, and the gradients likewise. The bf16 experts round their inputs and outputs to BF16 anyway, so the
+// result is the same bit for bit, with half the bytes on the wire.
 #pragma once
 
 #include <vector>
@@ -53,23 +58,24 @@ struct DispatchPlan {
 class Dispatcher {
  public:
   // layout: kPadded or kCompact (runtime.dispatch_layout resolved); dropless routing needs neither.
-  Dispatcher(int num_experts, int hidden, DispatchLayout layout);
+  // bf16_rows: rows travel in BF16 (for bf16 experts, runtime.precision: bf16).
+  Dispatcher(int num_experts, int hidden, DispatchLayout layout, bool bf16_rows = false);
 
   // Builds the plan of `route` (collective over ep when the layout exchanges fill counts).
   const DispatchPlan& plan(Backend& backend, Communicator& ep, const RouteState& route);
 
-  // The steps, with the last plan. permute: x (T, H) -> the token side (R, H).
+  // The steps, with the last plan. permute: x (T, H) -> the token side (R, H), in BF16 with bf16_rows.
   Tensor permute(Backend& backend, const Tensor& x, const RouteState& route);
-  // The token side back from the experts (R, H) -> y (T, H) = gate-weighted sum (written). Keeps `returned`
-  // for combine_backward.
+  // The token side back from the experts (R, H) -> y (T, H) = gate-weighted sum (written), in y's dtype.
+  // Keeps `returned` (widened to y's dtype) for combine_backward.
   void unpermute(Backend& backend, const Tensor& returned, const RouteState& route, Tensor& y);
   // permute + exchange: returns expert_in (N, H) for this rank's experts.
   Tensor dispatch(Backend& backend, Communicator& ep, const Tensor& x, const RouteState& route);
   // exchange + unpermute: expert_out (N, H) -> y (T, H).
   void combine(Backend& backend, Communicator& ep, const Tensor& expert_out, const RouteState& route, Tensor& y);
-  // dy (T, H) -> d expert_out (N, H); dgate (T, k) overwritten.
+  // dy (T, H) -> d expert_out (N, H) (BF16 with bf16_rows); dgate (T, k) overwritten.
   Tensor combine_backward(Backend& backend, Communicator& ep, const Tensor& dy, const RouteState& route, Tensor& dgate);
-  // d expert_in (N, H) -> dx (T, H) +=
+  // d expert_in (N, H) -> dx (T, H) += (widened to dx's dtype)
   void dispatch_backward(Backend& backend, Communicator& ep, const Tensor& d_expert_in, const RouteState& route,
                          Tensor& dx);
 
@@ -86,6 +92,7 @@ class Dispatcher {
   int num_experts_;
   int hidden_;
   DispatchLayout layout_;
+  bool bf16_rows_;
   size_t elem_size_ = 4;
   DispatchPlan plan_;
   std::vector<int64_t> padded_key_;  // (peers, local, groups, capacity) a padded plan_ was built for

@@ -11,7 +11,8 @@ MoeLayer::MoeLayer(ParamSet& params, const std::string& prefix, const Config& co
       experts_(params, prefix + ".experts", config, config.moe.expert_type, config.moe.num_experts / ep_size,
                expert_ffn_hidden(config), ParamScope::kExpert, /*fused=*/false,
                int64_t{config.moe.num_experts / ep_size} * ep_rank),
-      dispatcher_(config.moe.num_experts, config.model.hidden, dispatch_layout(config)) {
+      dispatcher_(config.moe.num_experts, config.model.hidden, dispatch_layout(config),
+                  /*bf16_rows=*/config.runtime.precision == Precision::kBf16) {
   if (config.moe.num_shared_experts > 0) {
     shared_ = std::make_unique<FfnExperts>(params, prefix + ".shared", config, config.moe.expert_type,
                                            config.moe.num_shared_experts, shared_ffn_hidden(config),

@@ -25,6 +25,28 @@ class CpuBackend final : public Backend {
 
   Tensor empty(const Shape& shape, DType dtype) override { return cpu_backend_tensor(shape, dtype); }
 
+  // F32/F64 <-> BF16 (round to nearest even, as on the CUDA backend); otherwise a same-dtype copy.
+  void convert(const Tensor& src, Tensor& dst) override {
+    MOE_CHECK(src.numel() == dst.numel(), "convert: ", src.str(), " -> ", dst.str());
+    const int64_t n = src.numel();
+    if (dst.dtype() == DType::kBF16 && src.dtype() != DType::kBF16) {
+      uint16_t* d = static_cast<uint16_t*>(dst.raw());
+      return cpu::dispatch_float(src.dtype(), [&](auto tag) {
+        const auto* s = src.data<decltype(tag)>();
+        for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(static_cast<float>(s[i]));
+      });
+    }
+    if (src.dtype() == DType::kBF16 && dst.dtype() != DType::kBF16) {
+      const uint16_t* s = static_cast<const uint16_t*>(src.raw());
+      return cpu::dispatch_float(dst.dtype(), [&](auto tag) {
+        using T = decltype(tag);
+        T* d = dst.data<T>();
+        for (int64_t i = 0; i < n; ++i) d[i] = static_cast<T>(bf16_to_float(s[i]));
+      });
+    }
+    Backend::convert(src, dst);
+  }
+
   void fill(Tensor& t, double value) override {
     if (t.dtype() == DType::kI32) {
       std::fill_n(t.data<int32_t>(), t.numel(), static_cast<int32_t>(value));

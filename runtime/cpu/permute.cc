@@ -33,18 +33,19 @@ void zero_unnamed_rows(const Tensor& row_idx, Tensor& out) {
 void permute(Backend& backend, const Tensor& x, const Tensor& row_idx, Tensor& out) {
   int64_t t_count = x.dim(0), h = x.dim(1), k = row_idx.dim(1);
   MOE_CHECK(row_idx.dim(0) == t_count && out.dim(1) == h, "permute shapes: ", x.str(), row_idx.str(), out.str());
+  same_dtype(x, out, "permute");
+  MOE_CHECK(x.dtype() != DType::kI32, "permute: rows of ", x.str());
   zero_unnamed_rows(row_idx, out);
   const int32_t* rows = row_idx.data<int32_t>();
-  dispatch_float(x.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    for (int64_t t = 0; t < t_count; ++t)
-      for (int64_t j = 0; j < k; ++j) {
-        int32_t r = rows[t * k + j];
-        if (r < 0) continue;
-        MOE_CHECK(r < out.dim(0), "permute: row ", r, " outside ", out.str());
-        std::memcpy(out.data<T>() + int64_t{r} * h, x.data<T>() + t * h, sizeof(T) * h);
-      }
-  });
+  const size_t row_bytes = static_cast<size_t>(h) * dtype_size(x.dtype());  // a copy: F32, F64 or BF16 rows
+  for (int64_t t = 0; t < t_count; ++t)
+    for (int64_t j = 0; j < k; ++j) {
+      int32_t r = rows[t * k + j];
+      if (r < 0) continue;
+      MOE_CHECK(r < out.dim(0), "permute: row ", r, " outside ", out.str());
+      std::memcpy(static_cast<char*>(out.raw()) + r * row_bytes, static_cast<const char*>(x.raw()) + t * row_bytes,
+                  row_bytes);
+    }
 }
 
 void permute_backward(Backend&, const Tensor& dout, const Tensor& row_idx, Tensor& dx) {

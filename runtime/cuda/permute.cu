@@ -61,14 +61,15 @@ void copy_rows(Context& ctx, const Tensor& src, const Tensor& idx, Tensor& dst, 
 }
 
 
-// out[row_idx[t, j]] = x[t]: one block per assignment
-__global__ void permute_kernel(const float* x, const int* row_idx, float* out, int64_t assignments, int k,
+// out[row_idx[t, j]] = x[t]: one block per assignment; a copy of elements of Word's size (F32 or BF16)
+template <typename Word>
+__global__ void permute_kernel(const Word* x, const int* row_idx, Word* out, int64_t assignments, int k,
                                int64_t h) {
   for (int64_t a = blockIdx.x; a < assignments; a += gridDim.x) {
     int r = row_idx[a];
     if (r < 0) continue;
-    const float* src = x + (a / k) * h;
-    float* dst = out + int64_t{r} * h;
+    const Word* src = x + (a / k) * h;
+    Word* dst = out + int64_t{r} * h;
     for (int64_t c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[c];
   }
 }
@@ -182,14 +183,23 @@ void scatter_rows(Backend& backend, const Tensor& src, const Tensor& idx, Tensor
 
 void permute(Backend& backend, const Tensor& x, const Tensor& row_idx, Tensor& out) {
   Context& ctx = context(backend);
-  check_f32(x, "permute");
+  MOE_CHECK((x.dtype() == DType::kF32 || x.dtype() == DType::kBF16) && out.dtype() == x.dtype(),
+            "permute: the CUDA permutation takes F32 or BF16 rows, got ", x.str(), " -> ", out.str());
   int64_t t_count = x.dim(0), h = x.dim(1), k = row_idx.dim(1);
   MOE_CHECK(row_idx.dim(0) == t_count && out.dim(1) == h, "permute shapes: ", x.str(), row_idx.str(), out.str());
   MOE_CUDA_CHECK(cudaMemsetAsync(out.raw(), 0, out.nbytes(), ctx.stream));
   if (t_count == 0) return;
-  permute_kernel<<<block_grid(t_count * k), kBlock, 0, ctx.stream>>>(x.data<float>(), row_idx.data<int32_t>(),
-                                                                    out.data<float>(), t_count * k,
-                                                                    static_cast<int>(k), h);
+  auto run = [&](auto word) {
+    using Word = decltype(word);
+    permute_kernel<Word><<<block_grid(t_count * k), kBlock, 0, ctx.stream>>>(
+        static_cast<const Word*>(x.raw()), row_idx.data<int32_t>(), static_cast<Word*>(out.raw()), t_count * k,
+        static_cast<int>(k), h);
+  };
+  if (x.dtype() == DType::kBF16) {
+    run(uint16_t{});
+  } else {
+    run(float{});
+  }
   MOE_CUDA_LAUNCH_CHECK();
 }
 

@@ -10,7 +10,8 @@
 
 namespace moe {
 
-// out (R, H): rows row_idx[t, j] = x[t]; every other row zero. row_idx (T, k), -1 = not sent.
+// out (R, H): rows row_idx[t, j] = x[t]; every other row zero. row_idx (T, k), -1 = not sent. A copy, so
+// BF16 rows too (on both backends), x and out of one dtype.
 MOE_OP(void, permute, (Backend& b, const Tensor& x, const Tensor& row_idx, Tensor& out), (b, x, row_idx, out))
 // dx (T, H) += sum_j dout[row_idx[t, j]]
 MOE_OP(void, permute_backward, (Backend& b, const Tensor& dout, const Tensor& row_idx, Tensor& dx),

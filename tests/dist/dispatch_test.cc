@@ -38,11 +38,17 @@ void scale_rows(Backend& backend, Tensor& rows, const std::vector<int64_t>& expe
       for (int64_t j = 0; j < h; ++j) v[r * h + j] *= static_cast<double>(first_expert + l + 1);
     }
   }
-  backend.copy_from_host(v.data(), rows);
+  if (rows.dtype() == DType::kF64) return backend.copy_from_host(v.data(), rows);
+  Tensor wide = backend.empty(rows.shape(), DType::kF64);  // BF16 rows: scaled in F64, rounded back
+  backend.copy_from_host(v.data(), wide);
+  backend.convert(wide, rows);
 }
 
-void run_case(const Case& c, int ep, bool compact) {
-  SCOPED_TRACE(compact ? "compact layout" : "padded layout");
+// bf16: the rows travel in BF16. The reference then rounds where the wire does: x before the experts,
+// their outputs, g dy before the experts' backward and its output; every other step is F64 in the same
+// order, so the comparison stays exact.
+void run_case(const Case& c, int ep, bool compact, bool bf16) {
+  SCOPED_TRACE(std::string(compact ? "compact layout" : "padded layout") + (bf16 ? ", bf16 rows" : ""));
   const int world = mpi_world_size(), rank = mpi_world_rank();
   const int experts = ep == 1 ? 4 : 2 * ep;  // two experts per rank of the ep group
   const int k = 2;
@@ -71,7 +77,8 @@ void run_case(const Case& c, int ep, bool compact) {
 
   Tensor x = test::random_tensor(*backend, {t, h}, DType::kF64, 21, offset * h);
   Tensor dy = test::random_tensor(*backend, {t, h}, DType::kF64, 22, offset * h);
-  Dispatcher dispatcher(experts, static_cast<int>(h), compact ? DispatchLayout::kCompact : DispatchLayout::kPadded);
+  Dispatcher dispatcher(experts, static_cast<int>(h), compact ? DispatchLayout::kCompact : DispatchLayout::kPadded,
+                        bf16);
   const int64_t first_expert = static_cast<int64_t>(experts / ep) * groups.ep->rank();
 
   dispatcher.plan(*backend, *groups.ep, route);
@@ -79,6 +86,7 @@ void run_case(const Case& c, int ep, bool compact) {
   int64_t received = 0;
   for (int64_t n : dispatcher.expert_rows()) received += n;
   EXPECT_EQ(received, expert_in.dim(0));
+  EXPECT_EQ(expert_in.dtype(), bf16 ? DType::kBF16 : DType::kF64);
   scale_rows(*backend, expert_in, dispatcher.expert_rows(), first_expert);
   Tensor y = backend->zeros({t, h}, DType::kF64);
   dispatcher.combine(*backend, *groups.ep, expert_in, route, y);
@@ -93,19 +101,19 @@ void run_case(const Case& c, int ep, bool compact) {
   std::vector<double> gate = to_doubles(*backend, route.gate), idx = to_doubles(*backend, route.expert_idx),
                       row = to_doubles(*backend, route.row_idx);
   std::vector<double> want_y(t * h, 0), want_dx(t * h, 0), want_dgate(t * k, 0);
+  auto wire = [bf16](double v) { return bf16 ? double{bf16_to_float(float_to_bf16(static_cast<float>(v)))} : v; };
   int64_t sent = 0;
   for (int64_t i = 0; i < t; ++i) {
-    double dot = 0;
-    for (int64_t j = 0; j < h; ++j) dot += dyv[i * h + j] * xv[i * h + j];
     for (int j = 0; j < k; ++j) {
       if (row[i * k + j] < 0) continue;
       ++sent;
-      double m = gate[i * k + j] * (idx[i * k + j] + 1);
+      const double g = gate[i * k + j], scale = idx[i * k + j] + 1;
       for (int64_t q = 0; q < h; ++q) {
-        want_y[i * h + q] += m * xv[i * h + q];
-        want_dx[i * h + q] += m * dyv[i * h + q];
+        const double out = wire(wire(xv[i * h + q]) * scale);  // the expert's output row, back on the token side
+        want_y[i * h + q] += g * out;
+        want_dx[i * h + q] += wire(wire(g * dyv[i * h + q]) * scale);
+        want_dgate[i * k + j] += dyv[i * h + q] * out;
       }
-      want_dgate[i * k + j] = (idx[i * k + j] + 1) * dot;
     }
   }
   const std::string where = std::string(c.name) + " ep=" + std::to_string(ep) + " world=" + std::to_string(world);
@@ -119,7 +127,7 @@ void run_case(const Case& c, int ep, bool compact) {
   // What travels: the padded layout sends every slot, the others only the real rows.
   const DispatchPlan& plan = dispatcher.last_plan();
   EXPECT_EQ(plan.sent_rows, !compact && c.capacity > 0 ? route.num_rows : sent) << where;
-  EXPECT_EQ(dispatcher.send_bytes(), plan.sent_rows * h * 8) << where;
+  EXPECT_EQ(dispatcher.send_bytes(), plan.sent_rows * h * (bf16 ? 2 : 8)) << where;
   // One rank whose two sides coincide shares storage instead of copying.
   EXPECT_EQ(plan.shared_storage, ep == 1 && (!compact || c.capacity == 0)) << where;
 
@@ -137,8 +145,10 @@ void run_case(const Case& c, int ep, bool compact) {
 TEST_P(DispatchRoundTrip, IdentityExpertsReturnTheInputAndTheGradient) {
   for (int ep = 1; ep <= mpi_world_size(); ++ep) {
     if (mpi_world_size() % ep == 0) {
-      run_case(GetParam(), ep, /*compact=*/true);
-      run_case(GetParam(), ep, /*compact=*/false);
+      for (bool bf16 : {false, true}) {
+        run_case(GetParam(), ep, /*compact=*/true, bf16);
+        run_case(GetParam(), ep, /*compact=*/false, bf16);
+      }
     }
   }
 }

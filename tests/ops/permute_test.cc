@@ -66,6 +66,41 @@ TEST_P(PermuteOps, PermuteUnpermuteAndBackwards) {
 
 MOE_CPU_OPS_DTYPES(PermuteOps);
 
+// The dispatcher's bf16 rows on the CPU: convert rounds to nearest even (ties to even, NaN kept) and
+// widens exactly, and permute moves BF16 rows like any other.
+TEST(PermuteBf16, ConvertRoundsToNearestEvenAndPermuteMovesBf16Rows) {
+  auto backend = make_cpu_backend({});
+  // 1 + 2^-8 is a tie between 1 and 1 + 2^-7 (to even: 1); 1 + 3 * 2^-8 rounds up to 1 + 2^-6.
+  std::vector<float> v{1.0f, 1.0f + 1.0f / 256, 1.0f + 3.0f / 256, -2.5f, 1e-30f, 3.0e38f, std::nanf("")};
+  const int64_t n = static_cast<int64_t>(v.size());
+  Tensor f = backend->empty({n}, DType::kF32), b = backend->empty({n}, DType::kBF16), back = backend->empty({n}, DType::kF32);
+  backend->copy_from_host(v.data(), f);
+  backend->convert(f, b);
+  backend->convert(b, back);
+  std::vector<double> got = to_doubles(*backend, back);
+  for (int64_t i = 0; i < n; ++i) {
+    const float want = bf16_to_float(float_to_bf16(v[i]));
+    if (std::isnan(v[i])) EXPECT_TRUE(std::isnan(got[i]));
+    else EXPECT_EQ(got[i], want) << v[i];
+  }
+  EXPECT_EQ(got[1], 1.0);
+  EXPECT_EQ(got[2], 1.0 + 1.0 / 64);
+
+  const int64_t t = 3, h = 4, rows = 5;
+  Tensor x = backend->empty({t, h}, DType::kBF16), x32 = test::random_tensor(*backend, {t, h}, DType::kF32, 5);
+  backend->convert(x32, x);
+  Tensor idx = host_tensor({t, 1}, DType::kI32);
+  std::vector<int32_t> iv{4, -1, 0};
+  std::copy(iv.begin(), iv.end(), idx.data<int32_t>());
+  Tensor out = backend->empty({rows, h}, DType::kBF16);
+  permute(*backend, x, idx, out);
+  std::vector<double> xv = to_doubles(*backend, x), ov = to_doubles(*backend, out), want(rows * h, 0.0);
+  for (int64_t i = 0; i < t; ++i) {
+    if (iv[i] >= 0) std::copy_n(xv.begin() + i * h, h, want.begin() + iv[i] * h);
+  }
+  EXPECT_EQ(ov, want);
+}
+
 TEST_F(CudaOps, PermutationAndRows) {
   const int64_t t = 50, h = 36, k = 2, rows = 70;
   // Every row named at most once; about a quarter of the assignments unsent.
