@@ -19,6 +19,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <sstream>
 
 #include "comm/mpi/mpi_communicator.h"
@@ -133,6 +134,9 @@ int run_layer_bench(const CommandLine& cl) {
   }
 
   std::vector<Row> rows;
+  // The last row's parameters: a row of the same shapes (another precision, routing, capacity) copies
+  // them instead of drawing them again.
+  std::unique_ptr<ParamSet> previous;
   for (size_t point = 0; point < o.sweep.size(); ++point) {
     const Config c = on_every_rank([&] {
       Config c = parse_config("", "", o.sweep.point(point));
@@ -151,9 +155,11 @@ int run_layer_bench(const CommandLine& cl) {
     std::vector<std::string> extra;
     for (const std::string& k : extra_keys) extra.push_back(config_field(k).get(c));
 
-    ParamSet params;
+    auto owned = std::make_unique<ParamSet>();
+    ParamSet& params = *owned;
     MoeLayer layer(params, "bench", c, 0, world, rank);
-    params.allocate(*backend, dtype, 1);
+    params.allocate(*backend, dtype, 1, previous.get());
+    previous.reset();  // only one earlier set held at a time
     Tensor x = random_tensor(*backend, {tokens, hidden}, dtype, 1, rank * tokens * hidden);
     Tensor dy = random_tensor(*backend, {tokens, hidden}, dtype, 2, rank * tokens * hidden);
     StepContext ctx;
@@ -311,6 +317,7 @@ int run_layer_bench(const CommandLine& cl) {
                     r.wrong);
       log_info(line + tail);
     }
+    previous = std::move(owned);
   }
   bool any_wrong = false;
   double ratio_sum = 0;

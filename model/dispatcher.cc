@@ -31,8 +31,8 @@ const DispatchPlan& Dispatcher::plan(Backend& backend, Communicator& ep, const R
   const int local = num_experts_ / peers;
   const int64_t groups = route.fill.dim(1);
   const int64_t h = hidden_;
-  // A block of `rows` rows: on the token side at row `token_row`, on the expert side of rank `peer` at
-  // row `expert_row` (the sender's blocks and the receiver's are listed in the same (local, group) order).
+  // Appends a block of `rows` rows starting at row `row` of one side, to or from rank `peer`. Both sides
+  // list their blocks in (peer, local expert, group) order, so a sender's and a receiver's pair up.
   auto add = [h](std::vector<Communicator::Block>& list, int peer, int64_t row, int64_t rows) {
     list.push_back({peer, static_cast<size_t>(row * h), static_cast<size_t>(rows * h)});
   };

@@ -16,7 +16,19 @@ Param* ParamSet::add(Param spec) {
   return &params_.back();
 }
 
-void ParamSet::allocate(Backend& backend, DType dtype, uint64_t seed) {
+const Param* ParamSet::same_values(const Param& p, uint64_t seed, DType dtype) const {
+  for (const Param& q : params_) {
+    if (q.name != p.name) continue;
+    const bool same = seed_ == seed && q.value.defined() && q.value.dtype() == dtype && q.shape == p.shape &&
+                      q.scope == p.scope && q.init == p.init && q.init_std == p.init_std &&
+                      q.expert_offset == p.expert_offset;
+    return same ? &q : nullptr;
+  }
+  return nullptr;
+}
+
+void ParamSet::allocate(Backend& backend, DType dtype, uint64_t seed, const ParamSet* same) {
+  seed_ = seed;
   for (int s = 0; s < 2; ++s) {
     ParamScope scope = static_cast<ParamScope>(s);
     int64_t total = 0, total_grad = 0;
@@ -25,7 +37,7 @@ void ParamSet::allocate(Backend& backend, DType dtype, uint64_t seed) {
       total += shape_numel(p.shape);
       if (p.trainable) total_grad += shape_numel(p.shape);
     }
-    values_[s] = backend.zeros({total}, dtype);
+    values_[s] = backend.empty({total}, dtype);  // every element is written below (drawn or copied)
     grads_[s] = backend.zeros({total_grad}, dtype);
     int64_t off = 0, goff = 0;
     for (Param& p : params_) {
@@ -42,6 +54,10 @@ void ParamSet::allocate(Backend& backend, DType dtype, uint64_t seed) {
   // Initialise on the host, then copy: element i of local expert l is element
   // (expert_offset + l) * per_expert + i of the global tensor.
   for (Param& p : params_) {
+    if (const Param* q = same ? same->same_values(p, seed, dtype) : nullptr) {
+      backend.copy(q->value, p.value);
+      continue;
+    }
     const int64_t n = shape_numel(p.shape);
     // Written straight into the staging tensor, every element (no zeroing pass over large buffers).
     Tensor staged = host_tensor_uninitialized(p.shape, dtype);

@@ -42,8 +42,11 @@ class ParamSet {
   // allocate().
   Param* add(Param spec);
   // Allocates the flat buffers and initialises every value from (seed, name, global element index), so
-  // a parameter's values do not depend on the number of ranks or on how experts are sharded.
-  void allocate(Backend& backend, DType dtype, uint64_t seed);
+  // a parameter's values do not depend on the number of ranks or on how experts are sharded. `same`: a
+  // set allocated on the same backend whose parameter of the same name, seed, dtype, shape, scope,
+  // initialisation and expert offset would draw the same values: they are copied from it instead (the
+  // layer benchmark's rows of one shape; drawing 10^8 normal numbers takes tens of seconds on a host).
+  void allocate(Backend& backend, DType dtype, uint64_t seed, const ParamSet* same = nullptr);
 
   std::vector<Param*> all();
   std::vector<Param*> trainable();
@@ -55,7 +58,11 @@ class ParamSet {
   int64_t numel(ParamScope scope) const;
 
  private:
+  // The parameter of `other` that holds exactly the values `p` would draw with `seed`, or null.
+  const Param* same_values(const Param& p, uint64_t seed, DType dtype) const;
+
   std::deque<Param> params_;
+  uint64_t seed_ = 0;
   Tensor values_[2];
   Tensor grads_[2];
 };

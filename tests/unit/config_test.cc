@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "model/params.h"
 #include "runtime/backend.h"
 #include "runtime/config.h"
 #include "runtime/cpu/blas.h"
@@ -157,6 +158,37 @@ TEST(Init, DrawsSplitOverThreadsEqualTheSerialOnes) {
   double sum = 0;
   for (int64_t i = 0; i < n; i += 997) sum += std::abs(got[static_cast<size_t>(i)] - 0.5 * rng.normal(11 + i));
   EXPECT_EQ(sum, 0.0);
+}
+
+// A set allocated beside an earlier one copies the parameters that would draw the same values and draws
+// the others: every value equals a fresh draw.
+TEST(Init, ParametersOfTheSameShapeAreCopiedFromAnEarlierSetAndEqualAFreshDraw) {
+  auto backend = make_cpu_backend({});
+  auto declare = [](ParamSet& set, int64_t rows_b) {
+    Param a;
+    a.name = "a", a.shape = {3, 4}, a.init_std = 0.5;
+    set.add(a);
+    Param b;
+    b.name = "b", b.shape = {rows_b, 2}, b.init_std = 0.25;
+    set.add(b);
+  };
+  ParamSet first, fresh, reused, wrong_seed;
+  declare(first, 5);
+  declare(fresh, 6);
+  declare(reused, 6);
+  declare(wrong_seed, 6);
+  first.allocate(*backend, DType::kF64, 7);
+  fresh.allocate(*backend, DType::kF64, 7);
+  // first's "a" becomes a NaN sentinel: a copied parameter shows it, a drawn one does not
+  first.find("a")->value.data<double>()[0] = std::nan("");
+  reused.allocate(*backend, DType::kF64, 7, &first);
+  wrong_seed.allocate(*backend, DType::kF64, 8, &first);
+  EXPECT_TRUE(std::isnan(to_doubles(*backend, reused.find("a")->value)[0])) << "same name and shape: copied";
+  std::vector<double> ra = to_doubles(*backend, reused.find("a")->value), fa = to_doubles(*backend, fresh.find("a")->value);
+  EXPECT_EQ(std::vector<double>(ra.begin() + 1, ra.end()), std::vector<double>(fa.begin() + 1, fa.end()));
+  EXPECT_EQ(to_doubles(*backend, reused.find("b")->value), to_doubles(*backend, fresh.find("b")->value))
+      << "another shape: drawn";
+  EXPECT_FALSE(std::isnan(to_doubles(*backend, wrong_seed.find("a")->value)[0])) << "another seed: drawn";
 }
 
 }  // namespace
