@@ -112,18 +112,8 @@ MoeRow moe_exchange_row(Backend& backend, ProcessGroups& groups, const Config& c
     y = backend.empty({tokens, hidden}, DType::kF32);
     dispatcher.combine(backend, ep, expert_in, route, y);  // identity experts
   });
-  // The raw collective moving the same bytes per rank (the mean over ranks: what one rank sends depends on
-  // its routing), twice (there and back), evenly split over peers.
-  std::vector<double> sent{static_cast<double>(dispatcher.send_bytes())};
-  groups.world->all_reduce_sum(sent);
-  const double bytes = sent[0] / groups.world->size();
-  const size_t per_peer = std::max<size_t>(1, static_cast<size_t>(bytes / sizeof(float)) / static_cast<size_t>(n));
-  Tensor send = backend.zeros({static_cast<int64_t>(per_peer) * n}, DType::kF32);
-  Tensor recv = backend.empty({static_cast<int64_t>(per_peer) * n}, DType::kF32);
-  const double raw = timed_slowest(backend, *groups.world, iters, warmup, [&] {
-    ep.all_to_all(send.raw(), recv.raw(), per_peer, DType::kF32);
-    ep.all_to_all(recv.raw(), send.raw(), per_peer, DType::kF32);
-  });
+  const RawExchange raw =
+      raw_exchange(backend, groups, static_cast<double>(dispatcher.send_bytes()), DType::kF32, iters, warmup);
   // y[t] = x[t] * (sum of the gates of t's kept choices)
   std::vector<double> xs = to_doubles(backend, x), ys = to_doubles(backend, y), gate = to_doubles(backend, route.gate),
                       rows = to_doubles(backend, route.row_idx);
@@ -148,9 +138,9 @@ MoeRow moe_exchange_row(Backend& backend, ProcessGroups& groups, const Config& c
                 c.moe.top_k,
                 c.moe.capacity_factor > 0 ? format_double(c.moe.capacity_factor) : "dropless",
                 forced_routing_name(c.moe.force_routing) == "off" ? "learned" : forced_routing_name(c.moe.force_routing),
-                bytes,
+                raw.bytes,
                 ours * 1e6,
-                raw * 1e6,
+                raw.seconds * 1e6,
                 static_cast<int64_t>(sums[0])};
 }
 

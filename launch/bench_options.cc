@@ -4,6 +4,25 @@
 #include <cstdlib>
 
 namespace moe {
+
+RawExchange raw_exchange(Backend& backend, ProcessGroups& groups, double bytes_here, DType dtype, int iters,
+                         int warmup) {
+  std::vector<double> sent{bytes_here};
+  groups.world->all_reduce_sum(sent);
+  RawExchange r;
+  r.bytes = sent[0] / groups.world->size();
+  const int n = groups.ep->size();
+  const size_t per_peer =
+      std::max<size_t>(1, static_cast<size_t>(r.bytes / static_cast<double>(dtype_size(dtype))) / static_cast<size_t>(n));
+  Tensor a = backend.zeros({static_cast<int64_t>(per_peer) * n}, dtype);
+  Tensor b = backend.empty({static_cast<int64_t>(per_peer) * n}, dtype);
+  r.seconds = timed_slowest(backend, *groups.world, iters, warmup, [&] {
+    groups.ep->all_to_all(a.raw(), b.raw(), per_peer, dtype);
+    groups.ep->all_to_all(b.raw(), a.raw(), per_peer, dtype);
+  });
+  return r;
+}
+
 namespace {
 
 // Short names of the configuration keys the benchmarks are usually run with.

@@ -47,4 +47,14 @@ double timed_slowest(Backend& backend, Communicator& world, int iters, int warmu
   return *std::max_element(all.begin(), all.end());
 }
 
+// The raw collective an MoE exchange is compared with: two all_to_alls over groups.ep (there and back),
+// each moving the mean over the world of `bytes_here` per rank (what a rank's dispatch sends depends on its
+// routing), evenly split over the ep ranks, in `dtype`. Collective over the world.
+struct RawExchange {
+  double seconds = 0;  // timed_slowest of the pair
+  double bytes = 0;    // per rank, the mean
+};
+RawExchange raw_exchange(Backend& backend, ProcessGroups& groups, double bytes_here, DType dtype, int iters,
+                         int warmup);
+
 }  // namespace moe

@@ -194,20 +194,9 @@ int run_layer_bench(const CommandLine& cl) {
     std::vector<double> exchange_s{median(exchange_times)};
     groups.world->host().all_gather(exchange_s.data(), gathered.data(), 1, DType::kF64);
     const double exchange_slowest = *std::max_element(gathered.begin(), gathered.end());
-    // the raw collective: the same bytes per rank, evenly split over the ep group, there and back
-    std::vector<double> sent{static_cast<double>(layer.dispatcher().send_bytes())};
-    groups.world->all_reduce_sum(sent);
-    const size_t per_peer = std::max<size_t>(
-        1, static_cast<size_t>(sent[0] / world / static_cast<double>(dtype_size(dtype))) / static_cast<size_t>(world));
-    double raw_s = 0;
-    if (world > 1) {
-      Tensor a = backend->zeros({static_cast<int64_t>(per_peer) * world}, dtype);
-      Tensor b = backend->empty({static_cast<int64_t>(per_peer) * world}, dtype);
-      raw_s = timed_slowest(*backend, *groups.world, iters, warmup, [&] {
-        groups.ep->all_to_all(a.raw(), b.raw(), per_peer, dtype);
-        groups.ep->all_to_all(b.raw(), a.raw(), per_peer, dtype);
-      });
-    }
+    const double sent = static_cast<double>(layer.dispatcher().send_bytes());
+    const double raw_s =
+        world > 1 ? raw_exchange(*backend, groups, sent, dtype, iters, warmup).seconds : 0.0;  // no peers: 0
 
     // useful FLOPs: processed assignments through the routed experts, every token through the shared ones
     double processed = 0;
