@@ -4,8 +4,9 @@
 // and keep the CPU backend's arithmetic order; column sums and the z-loss total reduce in double.
 //
 // route() runs in three kernels and never waits for the host (except dropless, for the row count):
-//   1. top-k: one thread per token. Insertion top-k over probs + bias (ties to the lower expert index,
-//      as on the CPU), scores, gates, top-k choice counts, GShard random-routing coins.
+//   1. top-k: one warp per token. k rounds over probs + bias, each the best expert ranking after the
+//      previous round's pick (ties to the lower expert index, as the CPU's insertion top-k); scores,
+//      gates, top-k choice counts, GShard random-routing coins.
 //   2. slots (assign_slots): every assignment gets a key (group, expert) at its position in priority
 //      order (every 1st choice before any 2nd; within a choice rank token order, or top-1 score order for
 //      batch priority: a stable radix sort on (group, descending top-1 score) keys, which unlike a
@@ -25,6 +26,7 @@ namespace moe::cuda {
 namespace {
 
 constexpr int kMaxTopK = 16;
+constexpr int kWarp = 32;
 constexpr int kSkipped = -2;  // slot marker of a 2nd choice dropped by random routing
 
 __device__ inline float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -177,19 +179,48 @@ struct TopKArgs {
   int* counts;
 };
 
+// One warp per token. The lanes pick the k experts in k rounds of topk_lane_offer and a butterfly
+// reduction (coalesced reads of the row, no per-thread list); a row with a NaN, which only a diverged
+// step has, is walked by lane 0 with topk_insert, so every row gets the CPU's list exactly. Lane 0 then
+// writes the token's outputs.
 __global__ void topk_kernel(TopKArgs a) {
-  int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (t >= a.tokens) return;
+  constexpr unsigned kAll = 0xffffffffu;
+  const int64_t t = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / kWarp;
+  const int lane = static_cast<int>(threadIdx.x % kWarp);
+  if (t >= a.tokens) return;  // the whole warp: its lanes share t
   const int k = a.k;
   const float* p = a.probs + t * a.e;
-  float key[kMaxTopK];
   int idx[kMaxTopK];
-  int n = 0;
   if (a.forced.on()) {
-    forced_choice(a.forced, a.e, k, a.forced_rng, static_cast<uint64_t>(a.token_offset + t), idx);
+    if (lane == 0) forced_choice(a.forced, a.e, k, a.forced_rng, static_cast<uint64_t>(a.token_offset + t), idx);
   } else {
-    for (int e = 0; e < a.e; ++e) topk_insert(key, idx, n, k, p[e] + (a.bias ? a.bias[e] : 0.0f), e);
+    bool nan = false;
+    for (int e = lane; e < a.e; e += kWarp) nan |= isnan(p[e] + (a.bias ? a.bias[e] : 0.0f));
+    if (__any_sync(kAll, nan)) {
+      if (lane == 0) {
+        float key[kMaxTopK];
+        int n = 0;
+        for (int e = 0; e < a.e; ++e) topk_insert(key, idx, n, k, p[e] + (a.bias ? a.bias[e] : 0.0f), e);
+      }
+    } else {
+      float last_v = 0.0f;
+      int last_e = -1;
+      for (int j = 0; j < k; ++j) {
+        float bv;
+        int be;
+        topk_lane_offer(p, a.bias, a.e, lane, kWarp, last_v, last_e, &bv, &be);
+        for (int o = kWarp / 2; o > 0; o /= 2) {
+          const float ov = __shfl_xor_sync(kAll, bv, o);
+          const int oe = __shfl_xor_sync(kAll, be, o);
+          if (ranks_before(ov, oe, bv, be)) bv = ov, be = oe;
+        }
+        idx[j] = be;  // the same on every lane: the order is total
+        last_v = bv;
+        last_e = be;
+      }
+    }
   }
+  if (lane != 0) return;
   float sum = 0;
   for (int j = 0; j < k; ++j) {
     float s = p[idx[j]];
@@ -513,7 +544,7 @@ void route(Backend& backend, const RouteArgs& args, const Tensor& sel_probs, con
   a.slot = slot.as<int>();
   a.choices = out.choices.data<int32_t>();
   a.counts = out.counts.data<int32_t>();
-  topk_kernel<<<row_grid(t_count), kBlock, 0, ctx.stream>>>(a);
+  topk_kernel<<<grid_for(t_count * kWarp), kBlock, 0, ctx.stream>>>(a);  // a warp per token
   MOE_CUDA_LAUNCH_CHECK();
 
   // Batch priority: each group's tokens by descending top-1 score, ties in token order (stable).

@@ -3,9 +3,12 @@
 // CUDA: every router op and every gate option against the CPU.
 #include <gtest/gtest.h>
 
+#include <climits>
 #include <cmath>
+#include <random>
 
 #include "model/router.h"
+#include "runtime/topk.h"
 #include "tests/ops/op_test.h"
 
 namespace moe {
@@ -46,6 +49,60 @@ TEST_F(GateTest, TopKOrdersByScoreAndBreaksTiesTowardsLowerIndex) {
   EXPECT_EQ(ints(s.expert_idx), (std::vector<int>{1, 3, 2, /**/ 0, 1, 2}));
   EXPECT_EQ(reals(s.gate), (std::vector<double>{0.4, 0.3, 0.2, 0.25, 0.25, 0.25}));
   EXPECT_EQ(ints(s.choices), (std::vector<int>{1, 2, 2, 1}));
+}
+
+// The CUDA router's warp rounds (topk_lane_offer on 32 lanes, then the kernel's butterfly reduction)
+// give the insertion top-k's list on rows with ties, signed zeros, -inf and more experts than lanes.
+TEST(WarpTopK, LaneRoundsGiveTheInsertionTopK) {
+  constexpr int kLanes = 32;
+  const float kInf = INFINITY;
+  const float p_levels[] = {-0.0f, 0.0f, 0.125f, 0.25f, 0.5f, 1.0f};
+  const float bias_levels[] = {-kInf, -0.25f, -0.0f, 0.0f, 0.25f};
+  std::mt19937 gen(7);
+  int rows = 0;
+  for (int e_count : {1, 5, 31, 32, 33, 64, 80, 160, 257}) {
+    for (int k : {1, 2, 3, 8, 16}) {
+      if (k > e_count) continue;
+      for (int row = 0; row < 12; ++row, ++rows) {
+        std::vector<float> p(e_count), bias(e_count);
+        for (float& v : p) v = p_levels[gen() % 6];
+        for (float& v : bias) v = bias_levels[gen() % 5];
+        const float* b = row % 2 ? bias.data() : nullptr;
+        std::vector<float> key(k);
+        std::vector<int> want(k);
+        int n = 0;
+        for (int e = 0; e < e_count; ++e) topk_insert(key.data(), want.data(), n, k, p[e] + (b ? b[e] : 0.0f), e);
+
+        std::vector<int> got(k);
+        float last_v = 0.0f;
+        int last_e = -1;
+        for (int j = 0; j < k; ++j) {
+          float v[kLanes];
+          int ex[kLanes];
+          for (int lane = 0; lane < kLanes; ++lane)
+            topk_lane_offer(p.data(), b, e_count, lane, kLanes, last_v, last_e, &v[lane], &ex[lane]);
+          for (int o = kLanes / 2; o > 0; o /= 2) {  // __shfl_xor_sync: every lane sees lane ^ o's pair
+            float nv[kLanes];
+            int ne[kLanes];
+            for (int lane = 0; lane < kLanes; ++lane) {
+              const int other = lane ^ o;
+              const bool take = ranks_before(v[other], ex[other], v[lane], ex[lane]);
+              nv[lane] = take ? v[other] : v[lane];
+              ne[lane] = take ? ex[other] : ex[lane];
+            }
+            std::copy(nv, nv + kLanes, v);
+            std::copy(ne, ne + kLanes, ex);
+          }
+          for (int lane = 1; lane < kLanes; ++lane) ASSERT_EQ(ex[lane], ex[0]) << "lanes disagree";
+          got[j] = ex[0];
+          last_v = v[0];
+          last_e = ex[0];
+        }
+        EXPECT_EQ(got, want) << e_count << " experts, top-" << k << ", row " << row << (b ? " with bias" : "");
+      }
+    }
+  }
+  EXPECT_GT(rows, 300);
 }
 
 TEST_F(GateTest, NormalizedGatesSumToOneAndBiasOnlyChangesSelection) {
@@ -287,6 +344,33 @@ TEST_F(CudaOps, RouterScoresAndLosses) {
     add_row_vector(b, x, v, 0.25);
     return std::vector<Tensor>{x};
   });
+}
+
+TEST_F(CudaOps, RouteTopKOnWideRowsWithTiesAndNan) {
+  // More experts than a warp has lanes, probabilities on a coarse grid (many ties, signed zeros), and two
+  // rows with a NaN (which lane 0 walks alone), with and without a bias: the CPU's lists and counts, exactly.
+  const int64_t t = 70;
+  for (int e : {33, 80, 160}) {
+    std::vector<float> host(static_cast<size_t>(t * e));
+    for (size_t i = 0; i < host.size(); ++i) host[i] = i % 11 == 0 ? -0.0f : static_cast<float>(i * 2654435761u % 7) * 0.125f;
+    host[5 * e + 3] = NAN;
+    host[17 * e + e - 1] = NAN;
+    for (int k : {1, 4, 16}) {
+      const std::string name = std::to_string(e) + " experts, top-" + std::to_string(k);
+      compare(name.c_str(), [&](Backend& b) {
+        Tensor probs = b.empty({t, e}, DType::kF32);
+        b.copy_from_host(host.data(), probs);
+        RouteArgs args;
+        args.num_experts = e;
+        args.top_k = k;
+        args.capacity = t * k;  // no drops
+        args.normalize = false;
+        RouteState s;
+        route(b, args, probs, k == 4 ? rnd(b, {e}, 40, 0.01) : Tensor(), s);  // ties stay without bias
+        return std::vector<Tensor>{s.expert_idx, s.choices};
+      });
+    }
+  }
 }
 
 struct RouteCase {
