@@ -1,6 +1,7 @@
 // Grouped expert FFN forward and backward.
 #include "model/experts.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "runtime/ops/elementwise.h"
@@ -53,6 +54,17 @@ Tensor FfnExperts::compute_copy(Backend& backend, const Tensor& t) const {
 
 void FfnExperts::accumulate_weight_grad(Backend& backend, const Tensor& a, const Tensor& b, Param* p) {
   Tensor g = grad(p);
+  const std::vector<int64_t>& rows = saved_.group_rows;
+  const int64_t groups = static_cast<int64_t>(rows.size());
+  if (!rows.empty() && std::all_of(rows.begin(), rows.end(), [&](int64_t m) { return m == rows[0]; })) {
+    // Groups of one size (the padded layout, a fused set): one strided-batched GEMM, straight into the
+    // gradient buffer whatever the operand dtype (bf16 in, fp32 out on CUDA).
+    const int64_t m = rows[0];
+    if (m == 0) return;
+    batched_gemm(backend, a.reshape({groups, m, a.dim(1)}), Trans::kT, b.reshape({groups, m, b.dim(1)}), Trans::kN, g,
+                 1.0, 1.0);
+    return;
+  }
   if (a.dtype() == g.dtype()) {
     grouped_gemm_tn(backend, a, b, g, saved_.group_rows, 1.0, 1.0);
     return;

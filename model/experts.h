@@ -11,9 +11,11 @@
 //
 // Precision bf16 (runtime.precision): the GEMMs take bf16 copies of the input and of the fp32 master
 // weights (made each forward) and accumulate in fp32; the activations between the GEMMs are stored in
-// bf16; the output and the input gradient go back to the activation dtype. Weight gradients come out of
-// the grouped GEMM in bf16 (cuBLAS's grouped GEMM has no bf16-in, fp32-out form) and are added to the
-// fp32 gradient buffers, as mixed-precision training does with bf16 weight gradients.
+// bf16; the output and the input gradient go back to the activation dtype. Weight gradients: when every
+// group has the same number of rows (the padded layout; a fused set is one group) one strided-batched
+// GEMM accumulates them straight into the fp32 gradient buffers (bf16 in, fp32 out); otherwise they come
+// out of the grouped GEMM in bf16 (cuBLAS's grouped GEMM has no bf16-in, fp32-out form) and are added
+// to the fp32 buffers, as mixed-precision training does with bf16 weight gradients.
 #pragma once
 
 #include <string>
@@ -49,7 +51,8 @@ class FfnExperts {
   Tensor grad(Param* p) const;    // the same view of the gradient
   // t in the compute dtype: t itself, or a converted copy.
   Tensor compute_copy(Backend& backend, const Tensor& t) const;
-  // grad(p) += a_g^T b_g per group, through a compute-dtype temporary when the dtypes differ.
+  // grad(p) += a_g^T b_g per group: one batched GEMM when the groups have one size, else grouped,
+  // through a compute-dtype temporary when the dtypes differ.
   void accumulate_weight_grad(Backend& backend, const Tensor& a, const Tensor& b, Param* p);
 
   ExpertType type_;

@@ -178,5 +178,33 @@ TEST_F(CudaOps, Bf16GemmsWithinTheRoundingBound) {
   EXPECT_LE(rel_diff(to_doubles(*gpu, y16), want), 1e-2);
 }
 
+TEST_F(CudaOps, Bf16OperandsIntoF32WithBatchedGemm) {
+  // The experts' weight gradients of equal groups: c[g] += a[g]^T b[g] with bf16 operands accumulated
+  // into an fp32 result. The CPU gets the same bf16-rounded operands in fp32, so only the summation
+  // order differs.
+  const int64_t groups = 3, m = 40, p = 24, q = 56;
+  auto operands = [&](Backend& b) {
+    std::vector<Tensor> out;
+    for (auto [shape, stream] : {std::pair<Shape, uint64_t>{{groups, m, p}, 12}, {{groups, m, q}, 13}}) {
+      Tensor x = rnd(b, shape, stream), x16 = b.empty(shape, DType::kBF16);
+      b.convert(x, x16);
+      out.push_back(x16);
+    }
+    return out;
+  };
+  std::vector<Tensor> host16 = operands(*cpu);
+  Tensor a = cpu->empty(host16[0].shape(), DType::kF32), x = cpu->empty(host16[1].shape(), DType::kF32);
+  cpu->convert(host16[0], a);
+  cpu->convert(host16[1], x);
+  Tensor want = rnd(*cpu, {groups, p, q}, 14);
+  batched_gemm(*cpu, a, Trans::kT, x, Trans::kN, want, 1.0, 1.0);
+
+  std::vector<Tensor> dev16 = operands(*gpu);
+  Tensor got = rnd(*gpu, {groups, p, q}, 14);
+  batched_gemm(*gpu, dev16[0], Trans::kT, dev16[1], Trans::kN, got, 1.0, 1.0);
+  EXPECT_EQ(got.dtype(), DType::kF32);
+  EXPECT_LE(rel_diff(to_doubles(*gpu, got), to_doubles(*cpu, want)), 1e-5);
+}
+
 }  // namespace
 }  // namespace moe

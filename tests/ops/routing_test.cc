@@ -352,7 +352,8 @@ TEST_F(CudaOps, RouteTopKOnWideRowsWithTiesAndNan) {
   const int64_t t = 70;
   for (int e : {33, 80, 160}) {
     std::vector<float> host(static_cast<size_t>(t * e));
-    for (size_t i = 0; i < host.size(); ++i) host[i] = i % 11 == 0 ? -0.0f : static_cast<float>(i * 2654435761u % 7) * 0.125f;
+    for (size_t i = 0; i < host.size(); ++i)
+      host[i] = i % 11 == 0 ? -0.0f : static_cast<float>(i * 2654435761u % 7) * 0.125f;
     host[5 * e + 3] = NAN;
     host[17 * e + e - 1] = NAN;
     for (int k : {1, 4, 16}) {
