@@ -186,7 +186,7 @@ int run_calibrate(const CommandLine& cl) {
     Tensor m = backend.zeros({params}, DType::kF32), v = backend.zeros({params}, DType::kF32);
     AdamArgs args;
     t = timed_slowest(backend, world, iters, 1, [&] {
-      for (int r = 0; r < reps_of(16); ++r) adamw_step(backend, p, gr, m, v, args);
+      for (int r = 0; r < reps_of(16); ++r) adamw_step(backend, p, gr, m, v, args, nullptr);
     });
     e.adamw_params_per_s = static_cast<double>(params) * reps_of(16) / t;
 

@@ -16,7 +16,8 @@ FfnExperts::FfnExperts(ParamSet& params, const std::string& prefix, const Config
       ffn_hidden_(ffn_hidden),
       hidden_(config.model.hidden),
       fused_(fused),
-      bf16_(config.runtime.precision == Precision::kBf16) {
+      bf16_(config.runtime.precision == Precision::kBf16),
+      params_(params) {
   const int64_t h = hidden_, f = ffn_hidden_, n = num_experts_;
   auto add = [&](const char* name, Shape shape, double std) {
     Param p;
@@ -25,6 +26,7 @@ FfnExperts::FfnExperts(ParamSet& params, const std::string& prefix, const Config
     p.scope = scope;
     p.init_std = std;
     p.expert_offset = expert_offset;
+    p.bf16_shadow = bf16_;
     return params.add(p);
   };
   const double std = config.model.init_std;
@@ -35,9 +37,10 @@ FfnExperts::FfnExperts(ParamSet& params, const std::string& prefix, const Config
   w_down_ = add("w_down", out, std / std::sqrt(2.0 * config.model.layers));
 }
 
-Tensor FfnExperts::weight(Param* p) const {
-  if (!fused_) return p->value;
-  return p->value.reshape({1, p->shape[0], p->shape[1]});
+Tensor FfnExperts::weight(Backend& backend, Param* p) const {
+  const Tensor& w = bf16_ ? params_.bf16_value(backend, p) : p->value;
+  if (!fused_) return w;
+  return w.reshape({1, p->shape[0], p->shape[1]});
 }
 
 Tensor FfnExperts::grad(Param* p) const {
@@ -88,9 +91,9 @@ Tensor FfnExperts::forward(Backend& backend, const Tensor& x_in, const std::vect
   s.x = compute_copy(backend, x_in);
   const DType ct = s.x.dtype();
   s.group_rows = group_rows;
-  s.w_gate = w_gate_ ? compute_copy(backend, weight(w_gate_)) : Tensor();
-  s.w_up = compute_copy(backend, weight(w_up_));
-  s.w_down = compute_copy(backend, weight(w_down_));
+  s.w_gate = w_gate_ ? weight(backend, w_gate_) : Tensor();
+  s.w_up = weight(backend, w_up_);
+  s.w_down = weight(backend, w_down_);
   s.a = backend.empty({n, mid}, ct);  // (N, mid)
   s.h = backend.empty({n, mid}, ct);  // (N, mid)
   if (type_ == ExpertType::kSwiGLU) {

@@ -9,8 +9,9 @@
 // size n*F: W_gate, W_up (n*F, H), W_down (H, n*F), FFN j owning mid rows / columns [jF, (j+1)F); its
 // output is the sum of theirs, computed as a single GEMM group.
 //
-// Precision bf16 (runtime.precision): the GEMMs take bf16 copies of the input and of the fp32 master
-// weights (made each forward) and accumulate in fp32; the activations between the GEMMs are stored in
+// Precision bf16 (runtime.precision): the GEMMs take a bf16 copy of the input and the BF16 shadows of
+// the fp32 master weights (model/params.h: written by the optimizer's update, converted again only after
+// another write of the values) and accumulate in fp32; the activations between the GEMMs are stored in
 // bf16; the output and the input gradient go back to the activation dtype. Weight gradients: when every
 // group has the same number of rows (the padded layout; a fused set is one group) one strided-batched
 // GEMM accumulates them straight into the fp32 gradient buffers (bf16 in, fp32 out); otherwise they come
@@ -47,7 +48,8 @@ class FfnExperts {
   Param* first_param() { return w_gate_ ? w_gate_ : w_up_; }
 
  private:
-  Tensor weight(Param* p) const;  // (groups, out, in) view
+  // (groups, out, in) view of the weights in the compute dtype (the BF16 shadow in bf16)
+  Tensor weight(Backend& backend, Param* p) const;
   Tensor grad(Param* p) const;    // the same view of the gradient
   // t in the compute dtype: t itself, or a converted copy.
   Tensor compute_copy(Backend& backend, const Tensor& t) const;
@@ -61,6 +63,7 @@ class FfnExperts {
   int hidden_;
   bool fused_;
   bool bf16_;  // runtime.precision = bf16
+  ParamSet& params_;
   Param* w_gate_ = nullptr;  // swiglu only
   Param* w_up_;
   Param* w_down_;

@@ -77,6 +77,18 @@ void ParamSet::allocate(Backend& backend, DType dtype, uint64_t seed, const Para
     });
     backend.copy_from_host(staged.raw(), p.value);
   }
+  for (Param& p : params_)
+    if (p.bf16_shadow) p.shadow = backend.empty(p.shape, DType::kBF16);
+  values_changed();
+}
+
+const Tensor& ParamSet::bf16_value(Backend& backend, Param* p) {
+  MOE_CHECK(p->bf16_shadow && p->shadow.defined(), "parameter ", p->name, " has no BF16 shadow");
+  if (p->shadow_version != version_) {
+    backend.convert(p->value, p->shadow);
+    p->shadow_version = version_;
+  }
+  return p->shadow;
 }
 
 std::vector<Param*> ParamSet::all() {

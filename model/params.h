@@ -32,8 +32,12 @@ struct Param {
   int64_t expert_offset = 0;  // expert params: global index of local expert 0
   int index = 0;              // declaration order, set by ParamSet::add
 
+  bool bf16_shadow = false;  // keep a BF16 copy of the value (the bf16 experts' weights; see ParamSet)
+
   Tensor value;
-  Tensor grad;  // undefined for buffers
+  Tensor grad;    // undefined for buffers
+  Tensor shadow;  // BF16 copy of value when bf16_shadow; read through ParamSet::bf16_value
+  uint64_t shadow_version = 0;  // the ParamSet values version the shadow holds (0: none yet)
 };
 
 class ParamSet {
@@ -52,6 +56,15 @@ class ParamSet {
   std::vector<Param*> trainable();
   Param* find(const std::string& name);
 
+  // BF16 shadows. The bf16 experts compute with BF16 weights; converting the fp32 masters on every
+  // forward costs a pass over all expert weights, so a parameter with bf16_shadow keeps a BF16 copy. The
+  // optimizer writes it in its update pass (values and shadows written together); any other write of
+  // values (allocate, a checkpoint load) calls values_changed(), and the next bf16_value() converts
+  // again. A write that skips values_changed() leaves the experts computing with stale weights.
+  const Tensor& bf16_value(Backend& backend, Param* p);
+  void values_changed() { ++version_; }
+  uint64_t version() const { return version_; }
+
   // Flat gradient buffer of a scope (may be empty).
   Tensor& grads(ParamScope scope) { return grads_[static_cast<int>(scope)]; }
   void zero_grads(Backend& backend);
@@ -63,6 +76,7 @@ class ParamSet {
 
   std::deque<Param> params_;
   uint64_t seed_ = 0;
+  uint64_t version_ = 0;  // of the values, for the BF16 shadows
   Tensor values_[2];
   Tensor grads_[2];
 };

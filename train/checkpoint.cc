@@ -579,6 +579,7 @@ TrainingState load_checkpoint(const std::string& step_dir, const Config& config,
     reader(file->second).read(s.name, host);
     backend.copy_from_host(host.raw(), s.tensor);
   }
+  model.params().values_changed();  // BF16 shadows convert again
   TrainingState state;
   state.step = m["step"].as<int64_t>();
   state.next_sequence = m["next_sequence"].as<int64_t>();

@@ -119,6 +119,7 @@ std::string write_new_checkpoint(Config config, const TrainingState& state, cons
   Transformer model(config, backend, self);
   Optimizer optimizer(config.train, backend, model.params());
   fill(model);
+  model.params().values_changed();
   return save_checkpoint(out_dir, state, config, model, optimizer, self);
 }
 

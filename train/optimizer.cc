@@ -18,7 +18,7 @@ double learning_rate(const TrainConfig& c, int64_t step) {
 }
 
 Optimizer::Optimizer(const TrainConfig& config, Backend& backend, ParamSet& params)
-    : config_(config), backend_(backend), params_(params.trainable()) {
+    : config_(config), backend_(backend), set_(params), params_(params.trainable()) {
   if (config_.optimizer == OptimizerType::kAdamW) {
     for (Param* p : params_) {
       m_.push_back(backend.zeros(p->shape, p->value.dtype()));
@@ -29,9 +29,11 @@ Optimizer::Optimizer(const TrainConfig& config, Backend& backend, ParamSet& para
 
 void Optimizer::step(double lr) {
   ++steps_;
+  set_.values_changed();
   for (size_t i = 0; i < params_.size(); ++i) {
     Param* p = params_[i];
     double wd = p->decay ? config_.weight_decay : 0.0;
+    Tensor* shadow = p->shadow.defined() ? &p->shadow : nullptr;
     if (config_.optimizer == OptimizerType::kAdamW) {
       AdamArgs a;
       a.lr = lr;
@@ -40,10 +42,11 @@ void Optimizer::step(double lr) {
       a.eps = config_.eps;
       a.weight_decay = wd;
       a.step = steps_;
-      adamw_step(backend_, p->value, p->grad, m_[i], v_[i], a);
+      adamw_step(backend_, p->value, p->grad, m_[i], v_[i], a, shadow);
     } else {
-      sgd_step(backend_, p->value, p->grad, lr, wd);
+      sgd_step(backend_, p->value, p->grad, lr, wd, shadow);
     }
+    if (shadow) p->shadow_version = set_.version();
   }
 }
 

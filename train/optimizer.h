@@ -17,7 +17,8 @@ class Optimizer {
  public:
   Optimizer(const TrainConfig& config, Backend& backend, ParamSet& params);
 
-  // One update of every trainable parameter with the (already reduced and clipped) gradients.
+  // One update of every trainable parameter with the (already reduced and clipped) gradients; BF16
+  // shadows are written in the same pass (ParamSet::bf16_value).
   void step(double lr);
 
   int64_t steps_taken() const { return steps_; }
@@ -33,6 +34,7 @@ class Optimizer {
  private:
   TrainConfig config_;
   Backend& backend_;
+  ParamSet& set_;
   std::vector<Param*> params_;
   std::vector<Tensor> m_, v_;
   int64_t steps_ = 0;

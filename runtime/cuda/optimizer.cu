@@ -1,5 +1,5 @@
 // CUDA optimizer family (runtime/ops/optimizer.h): one fused grid-stride kernel per update (AdamW
-// updates m, v and the parameter in one pass).
+// updates m, v and the parameter in one pass, and writes the parameter's BF16 shadow when it has one).
 #include <cmath>
 
 #include "runtime/cuda/kernels.cuh"
@@ -8,8 +8,9 @@
 namespace moe::cuda {
 namespace {
 
-__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, float beta1, float beta2,
-                             float lr, float wd, float eps, float inv_bc1, float inv_bc2) {
+// shadow (may be null): the updated parameter rounded to BF16, written in the same pass.
+__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, __nv_bfloat16* shadow, int64_t n,
+                             float beta1, float beta2, float lr, float wd, float eps, float inv_bc1, float inv_bc2) {
   GRID_STRIDE_LOOP(i, n) {
     float gi = g[i];
     float mi = beta1 * m[i] + (1.f - beta1) * gi;
@@ -17,17 +18,31 @@ __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64
     m[i] = mi;
     v[i] = vi;
     float update = (mi * inv_bc1) / (sqrtf(vi * inv_bc2) + eps);
-    p[i] -= lr * (update + wd * p[i]);
+    const float pi = p[i] - lr * (update + wd * p[i]);
+    p[i] = pi;
+    if (shadow) shadow[i] = __float2bfloat16(pi);
   }
 }
 
-__global__ void sgd_kernel(float* p, const float* g, int64_t n, float lr, float wd) {
-  GRID_STRIDE_LOOP(i, n) p[i] -= lr * (g[i] + wd * p[i]);
+__global__ void sgd_kernel(float* p, const float* g, __nv_bfloat16* shadow, int64_t n, float lr, float wd) {
+  GRID_STRIDE_LOOP(i, n) {
+    const float pi = p[i] - lr * (g[i] + wd * p[i]);
+    p[i] = pi;
+    if (shadow) shadow[i] = __float2bfloat16(pi);
+  }
+}
+
+__nv_bfloat16* shadow_ptr(const Tensor& param, Tensor* shadow, const char* op) {
+  if (!shadow) return nullptr;
+  MOE_CHECK(shadow->dtype() == DType::kBF16 && shadow->numel() == param.numel(), op, ": shadow ", shadow->str(),
+            " of ", param.str());
+  return static_cast<__nv_bfloat16*>(shadow->raw());
 }
 
 }  // namespace
 
-void adamw_step(Backend& backend, Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamArgs& args) {
+void adamw_step(Backend& backend, Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamArgs& args,
+                Tensor* shadow) {
   Context& ctx = context(backend);
   const int64_t n = param.numel();
   MOE_CHECK(grad.numel() == n && m.numel() == n && v.numel() == n, "adamw shapes: ", param.str(), grad.str(),
@@ -35,17 +50,19 @@ void adamw_step(Backend& backend, Tensor& param, const Tensor& grad, Tensor& m, 
   const double bc1 = 1.0 - std::pow(args.beta1, static_cast<double>(args.step));
   const double bc2 = 1.0 - std::pow(args.beta2, static_cast<double>(args.step));
   launch_elementwise(ctx, n, adamw_kernel, f32_out(param, "adamw param"), f32_in(grad, "adamw grad"),
-                     f32_out(m, "adamw m"), f32_out(v, "adamw v"), n, static_cast<float>(args.beta1),
+                     f32_out(m, "adamw m"), f32_out(v, "adamw v"), shadow_ptr(param, shadow, "adamw"), n,
+                     static_cast<float>(args.beta1),
                      static_cast<float>(args.beta2), static_cast<float>(args.lr),
                      static_cast<float>(args.weight_decay), static_cast<float>(args.eps),
                      static_cast<float>(1.0 / bc1), static_cast<float>(1.0 / bc2));
 }
 
-void sgd_step(Backend& backend, Tensor& param, const Tensor& grad, double lr, double weight_decay) {
+void sgd_step(Backend& backend, Tensor& param, const Tensor& grad, double lr, double weight_decay, Tensor* shadow) {
   Context& ctx = context(backend);
   const int64_t n = param.numel();
   MOE_CHECK(grad.numel() == n, "sgd shapes: ", param.str(), grad.str());
-  launch_elementwise(ctx, n, sgd_kernel, f32_out(param, "sgd param"), f32_in(grad, "sgd grad"), n,
+  launch_elementwise(ctx, n, sgd_kernel, f32_out(param, "sgd param"), f32_in(grad, "sgd grad"),
+                     shadow_ptr(param, shadow, "sgd"), n,
                      static_cast<float>(lr), static_cast<float>(weight_decay));
 }
 

@@ -14,10 +14,13 @@ struct AdamArgs {
 // AdamW with decoupled weight decay, per element:
 //   m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
 //   p -= lr * ( (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps) + weight_decay * p )
-MOE_OP(void, adamw_step, (Backend& b, Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamArgs& args),
-       (b, param, grad, m, v, args))
-// p -= lr * (g + weight_decay * p)
-MOE_OP(void, sgd_step, (Backend& b, Tensor& param, const Tensor& grad, double lr, double weight_decay),
-       (b, param, grad, lr, weight_decay))
+// shadow (may be null): a BF16 tensor of param's size that gets the updated p rounded to nearest even in
+// the same pass (the bf16 experts' weights, model/params.h).
+MOE_OP(void, adamw_step,
+       (Backend& b, Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamArgs& args, Tensor* shadow),
+       (b, param, grad, m, v, args, shadow))
+// p -= lr * (g + weight_decay * p); shadow as for adamw_step.
+MOE_OP(void, sgd_step, (Backend& b, Tensor& param, const Tensor& grad, double lr, double weight_decay, Tensor* shadow),
+       (b, param, grad, lr, weight_decay, shadow))
 
 }  // namespace moe

@@ -293,7 +293,9 @@ double validation_loss(const std::string& step_dir, const std::string& val, Proc
                                     *groups.world);
   auto backend = make_cpu_backend({});
   Transformer model(config, *backend, groups);
+  const uint64_t version = model.params().version();
   load_checkpoint(step_dir, config, model, nullptr, groups);
+  EXPECT_GT(model.params().version(), version) << "a load tells the BF16 shadows";
   auto data = make_val_data(config);
   return evaluate(model, *data, config).loss;
 }

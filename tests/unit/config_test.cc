@@ -10,6 +10,7 @@
 #include "runtime/config.h"
 #include "runtime/cpu/blas.h"
 #include "runtime/error.h"
+#include "train/optimizer.h"
 
 namespace moe {
 namespace {
@@ -189,6 +190,45 @@ TEST(Init, ParametersOfTheSameShapeAreCopiedFromAnEarlierSetAndEqualAFreshDraw) 
   EXPECT_EQ(to_doubles(*backend, reused.find("b")->value), to_doubles(*backend, fresh.find("b")->value))
       << "another shape: drawn";
   EXPECT_FALSE(std::isnan(to_doubles(*backend, wrong_seed.find("a")->value)[0])) << "another seed: drawn";
+}
+
+// BF16 shadows: converted on first use, written by the optimizer's update (no conversion after it), and
+// converted again after any other write of the values that says so (values_changed: allocate, loads).
+TEST(Bf16Shadows, FollowTheOptimizerAndConvertAgainAfterOtherWrites) {
+  auto backend = make_cpu_backend({});
+  ParamSet set;
+  Param spec;
+  spec.name = "w", spec.shape = {4, 8}, spec.init_std = 0.5, spec.bf16_shadow = true;
+  Param* w = set.add(spec);
+  spec.name = "plain", spec.bf16_shadow = false;
+  Param* plain = set.add(spec);
+  set.allocate(*backend, DType::kF32, 3);
+  EXPECT_FALSE(plain->shadow.defined());
+  EXPECT_THROW(set.bf16_value(*backend, plain), InternalError);
+  auto rounded = [&](const Tensor& v) {
+    Tensor r = backend->empty(v.shape(), DType::kBF16);
+    backend->convert(v, r);
+    return to_doubles(*backend, r);
+  };
+  EXPECT_EQ(to_doubles(*backend, set.bf16_value(*backend, w)), rounded(w->value)) << "converted on first use";
+
+  TrainConfig tc;
+  tc.optimizer = OptimizerType::kAdamW;
+  Optimizer optimizer(tc, *backend, set);
+  backend->fill(w->grad, 0.25);
+  backend->fill(plain->grad, 0.25);
+  const std::vector<double> before = to_doubles(*backend, w->value);
+  optimizer.step(0.1);
+  EXPECT_NE(to_doubles(*backend, w->value), before);
+  EXPECT_EQ(w->shadow_version, set.version()) << "the update wrote the shadow";
+  EXPECT_EQ(to_doubles(*backend, w->shadow), rounded(w->value));
+
+  // Another write: the shadow is used as it is until values_changed() says so.
+  const std::vector<double> updated = rounded(w->value);
+  backend->fill(w->value, 2.0);
+  EXPECT_EQ(to_doubles(*backend, set.bf16_value(*backend, w)), updated) << "no conversion without values_changed";
+  set.values_changed();
+  EXPECT_EQ(to_doubles(*backend, set.bf16_value(*backend, w)), std::vector<double>(32, 2.0));
 }
 
 }  // namespace
