@@ -17,6 +17,7 @@ FfnExperts::FfnExperts(ParamSet& params, const std::string& prefix, const Config
       hidden_(config.model.hidden),
       fused_(fused),
       bf16_(config.runtime.precision == Precision::kBf16),
+      path_(config.runtime.expert_gemm),
       params_(params) {
   const int64_t h = hidden_, f = ffn_hidden_, n = num_experts_;
   auto add = [&](const char* name, Shape shape, double std) {
@@ -68,12 +69,12 @@ void FfnExperts::accumulate_weight_grad(Backend& backend, const Tensor& a, const
                  1.0, 1.0);
     return;
   }
-  if (a.dtype() == g.dtype()) {
-    grouped_gemm_tn(backend, a, b, g, saved_.group_rows, 1.0, 1.0);
+  if (a.dtype() == g.dtype() || path_ == GroupedGemmPath::kStreams) {  // cublasGemmEx takes bf16 -> fp32
+    grouped_gemm_tn(backend, a, b, g, saved_.group_rows, 1.0, 1.0, path_);
     return;
   }
   Tensor tmp = backend.empty(g.shape(), a.dtype());
-  grouped_gemm_tn(backend, a, b, tmp, saved_.group_rows, 1.0, 0.0);
+  grouped_gemm_tn(backend, a, b, tmp, saved_.group_rows, 1.0, 0.0, path_);
   axpy(backend, 1.0, tmp, g);
 }
 
@@ -98,15 +99,15 @@ Tensor FfnExperts::forward(Backend& backend, const Tensor& x_in, const std::vect
   s.h = backend.empty({n, mid}, ct);  // (N, mid)
   if (type_ == ExpertType::kSwiGLU) {
     s.g = backend.empty({n, mid}, ct);
-    grouped_gemm(backend, s.x, s.w_gate, Trans::kT, s.a, group_rows, 1.0, 0.0);  // a = x W_gate^T
-    grouped_gemm(backend, s.x, s.w_up, Trans::kT, s.g, group_rows, 1.0, 0.0);    // g = x W_up^T
+    grouped_gemm(backend, s.x, s.w_gate, Trans::kT, s.a, group_rows, 1.0, 0.0, path_);  // a = x W_gate^T
+    grouped_gemm(backend, s.x, s.w_up, Trans::kT, s.g, group_rows, 1.0, 0.0, path_);    // g = x W_up^T
     swiglu_forward(backend, s.a, s.g, s.h);
   } else {
-    grouped_gemm(backend, s.x, s.w_up, Trans::kT, s.a, group_rows, 1.0, 0.0);
+    grouped_gemm(backend, s.x, s.w_up, Trans::kT, s.a, group_rows, 1.0, 0.0, path_);
     activation_forward(backend, type_ == ExpertType::kGelu ? Activation::kGelu : Activation::kRelu, s.a, s.h);
   }
   Tensor y = backend.empty({n, hidden_}, ct);
-  grouped_gemm(backend, s.h, s.w_down, Trans::kT, y, group_rows, 1.0, 0.0);  // y = h W_down^T
+  grouped_gemm(backend, s.h, s.w_down, Trans::kT, y, group_rows, 1.0, 0.0, path_);  // y = h W_down^T
   if (save) saved_ = std::move(s);
   if (ct == x_in.dtype()) return y;
   Tensor out = backend.empty({n, hidden_}, x_in.dtype());
@@ -121,7 +122,7 @@ Tensor FfnExperts::backward(Backend& backend, const Tensor& dy_in) {
   Tensor dy = compute_copy(backend, dy_in);
   const DType ct = dy.dtype();
   Tensor dh = backend.empty({n, mid}, ct);
-  grouped_gemm(backend, dy, s.w_down, Trans::kN, dh, s.group_rows, 1.0, 0.0);  // dh = dy W_down
+  grouped_gemm(backend, dy, s.w_down, Trans::kN, dh, s.group_rows, 1.0, 0.0, path_);  // dh = dy W_down
   accumulate_weight_grad(backend, dy, s.h, w_down_);                           // dW_down += dy^T h
   Tensor dx = backend.empty({n, hidden_}, ct);
   Tensor da = backend.empty({n, mid}, ct);
@@ -130,12 +131,12 @@ Tensor FfnExperts::backward(Backend& backend, const Tensor& dy_in) {
     swiglu_backward(backend, dh, s.a, s.g, da, dg);
     accumulate_weight_grad(backend, da, s.x, w_gate_);  // dW_gate += da^T x
     accumulate_weight_grad(backend, dg, s.x, w_up_);    // dW_up += dg^T x
-    grouped_gemm(backend, da, s.w_gate, Trans::kN, dx, s.group_rows, 1.0, 0.0);
-    grouped_gemm(backend, dg, s.w_up, Trans::kN, dx, s.group_rows, 1.0, 1.0);
+    grouped_gemm(backend, da, s.w_gate, Trans::kN, dx, s.group_rows, 1.0, 0.0, path_);
+    grouped_gemm(backend, dg, s.w_up, Trans::kN, dx, s.group_rows, 1.0, 1.0, path_);
   } else {
     activation_backward(backend, type_ == ExpertType::kGelu ? Activation::kGelu : Activation::kRelu, dh, s.a, da);
     accumulate_weight_grad(backend, da, s.x, w_up_);
-    grouped_gemm(backend, da, s.w_up, Trans::kN, dx, s.group_rows, 1.0, 0.0);
+    grouped_gemm(backend, da, s.w_up, Trans::kN, dx, s.group_rows, 1.0, 0.0, path_);
   }
   saved_ = Saved{};
   if (ct == dy_in.dtype()) return dx;

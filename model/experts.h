@@ -14,9 +14,10 @@
 // another write of the values) and accumulate in fp32; the activations between the GEMMs are stored in
 // bf16; the output and the input gradient go back to the activation dtype. Weight gradients: when every
 // group has the same number of rows (the padded layout; a fused set is one group) one strided-batched
-// GEMM accumulates them straight into the fp32 gradient buffers (bf16 in, fp32 out); otherwise they come
-// out of the grouped GEMM in bf16 (cuBLAS's grouped GEMM has no bf16-in, fp32-out form) and are added
-// to the fp32 buffers, as mixed-precision training does with bf16 weight gradients.
+// GEMM accumulates them straight into the fp32 gradient buffers (bf16 in, fp32 out), as does the streams
+// path (runtime.expert_gemm, one cublasGemmEx per group); otherwise they come out of the grouped GEMM in
+// bf16 (cuBLAS's grouped GEMM has no bf16-in, fp32-out form) and are added to the fp32 buffers, as
+// mixed-precision training does with bf16 weight gradients.
 #pragma once
 
 #include <string>
@@ -63,6 +64,7 @@ class FfnExperts {
   int hidden_;
   bool fused_;
   bool bf16_;  // runtime.precision = bf16
+  GroupedGemmPath path_;  // runtime.expert_gemm
   ParamSet& params_;
   Param* w_gate_ = nullptr;  // swiglu only
   Param* w_up_;

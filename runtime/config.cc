@@ -342,6 +342,12 @@ std::vector<ConfigField> build_fields() {
                      "bytes and FLOPs; the host reads the fill counts); padded sends every slot and keeps it "
                      "through the experts (no host synchronisation). auto: compact on the CPU, padded on GPUs. "
                      "Dropless routing is always compact."));
+  f.push_back(choice("runtime.expert_gemm", &C::runtime, &RuntimeConfig::expert_gemm,
+                     {{"grouped", GroupedGemmPath::kGrouped}, {"streams", GroupedGemmPath::kStreams}},
+                     "How the CUDA backend runs the expert GEMMs (one GEMM per expert): grouped is one "
+                     "cublasGemmGroupedBatchedEx call per weight; streams is one cublasGemmEx per expert, spread over "
+                     "4 CUDA streams (bf16 weight gradients then go straight into the fp32 buffers). The same "
+                     "numbers up to the summation order, to compare in one moe_bench layer run. CUDA only."));
   f.push_back(field("runtime.threads", &C::runtime, &RuntimeConfig::threads, "BLAS threads per rank."));
   return f;
 }
@@ -622,6 +628,7 @@ void validate_config(const Config& c, int world) {
   need(!cuda || r.dtype == DType::kF32, "runtime.dtype", "must be float32 with runtime.device = cuda");
   need(cuda || r.precision == Precision::kFp32, "runtime.precision", "bf16 needs runtime.device = cuda");
   need(cuda || r.comm != CommKind::kNccl, "runtime.comm", "nccl needs runtime.device = cuda");
+  need(cuda || r.expert_gemm == GroupedGemmPath::kGrouped, "runtime.expert_gemm", "streams needs runtime.device = cuda");
   need(!cuda || r.comm != CommKind::kMpi, "runtime.comm",
        "mpi moves host buffers only; runtime.device = cuda needs nccl (or auto)");
   need(!cuda || m.top_k <= 16, "moe.top_k", "must be <= 16 with runtime.device = cuda");

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "runtime/backend.h"
+#include "runtime/ops/gemm.h"
 #include "runtime/ops/routing.h"
 
 namespace moe {
@@ -110,6 +111,7 @@ struct RuntimeConfig {
   CommKind comm = CommKind::kAuto;
   double comm_timeout_s = 300;
   DispatchLayout dispatch_layout = DispatchLayout::kAuto;
+  GroupedGemmPath expert_gemm = GroupedGemmPath::kGrouped;
   int threads = 1;
 };
 

@@ -44,7 +44,7 @@ void gemm(Backend&, const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor
 }
 
 void grouped_gemm(Backend&, const Tensor& a, const Tensor& b, Trans tb, Tensor& c, const std::vector<int64_t>& group_rows,
-                  double alpha, double beta) {
+                  double alpha, double beta, GroupedGemmPath) {
   MOE_CHECK(a.rank() == 2 && b.rank() == 3 && c.rank() == 2, "grouped_gemm shapes: ", a.str(), b.str(), c.str());
   MOE_CHECK(static_cast<int64_t>(group_rows.size()) == b.dim(0), "grouped_gemm: ", group_rows.size(),
             " groups for weights ", b.str());
@@ -71,7 +71,7 @@ void grouped_gemm(Backend&, const Tensor& a, const Tensor& b, Trans tb, Tensor& 
 }
 
 void grouped_gemm_tn(Backend&, const Tensor& a, const Tensor& b, Tensor& c, const std::vector<int64_t>& group_rows,
-                     double alpha, double beta) {
+                     double alpha, double beta, GroupedGemmPath) {
   MOE_CHECK(a.rank() == 2 && b.rank() == 2 && c.rank() == 3, "grouped_gemm_tn shapes: ", a.str(), b.str(), c.str());
   same_dtype(a, b, "grouped_gemm_tn");
   same_dtype(a, c, "grouped_gemm_tn");

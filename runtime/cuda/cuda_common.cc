@@ -37,11 +37,44 @@ void Context::destroy() {
     if (e) cudaEventDestroy(e);
     e = nullptr;
   }
+  for (int i = 0; i < kGemmStreams; ++i) {
+    if (gemm_join[i]) cudaEventDestroy(gemm_join[i]);
+    if (gemm_cublas[i]) cublasDestroy(gemm_cublas[i]);
+    if (gemm_streams[i]) cudaStreamDestroy(gemm_streams[i]);
+    gemm_join[i] = nullptr;
+    gemm_cublas[i] = nullptr;
+    gemm_streams[i] = nullptr;
+  }
+  if (gemm_fork) cudaEventDestroy(gemm_fork);
+  gemm_fork = nullptr;
   if (staged) cudaFree(staged);
   if (pinned) cudaFreeHost(pinned);
   if (cublas) cublasDestroy(cublas);
   staged = pinned = nullptr;
   cublas = nullptr;
+}
+
+void Context::fork_gemm_streams(int n) {
+  MOE_CHECK(n >= 1 && n <= kGemmStreams, "fork_gemm_streams: ", n, " of ", kGemmStreams, " streams");
+  if (gemm_fork == nullptr) {
+    MOE_CUDA_CHECK(cudaEventCreateWithFlags(&gemm_fork, cudaEventDisableTiming));
+    for (int i = 0; i < kGemmStreams; ++i) {
+      MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&gemm_streams[i], cudaStreamNonBlocking));
+      MOE_CUDA_CHECK(cudaEventCreateWithFlags(&gemm_join[i], cudaEventDisableTiming));
+      MOE_CUBLAS_CHECK(cublasCreate(&gemm_cublas[i]));
+      MOE_CUBLAS_CHECK(cublasSetStream(gemm_cublas[i], gemm_streams[i]));
+      MOE_CUBLAS_CHECK(cublasSetMathMode(gemm_cublas[i], CUBLAS_DEFAULT_MATH));  // as the main handle
+    }
+  }
+  MOE_CUDA_CHECK(cudaEventRecord(gemm_fork, stream));
+  for (int i = 0; i < n; ++i) MOE_CUDA_CHECK(cudaStreamWaitEvent(gemm_streams[i], gemm_fork, 0));
+}
+
+void Context::join_gemm_streams(int n) {
+  for (int i = 0; i < n; ++i) {
+    MOE_CUDA_CHECK(cudaEventRecord(gemm_join[i], gemm_streams[i]));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(stream, gemm_join[i], 0));
+  }
 }
 
 void* Context::stage(const void* host_src, size_t bytes) {

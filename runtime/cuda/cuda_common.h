@@ -43,6 +43,17 @@ struct Context {
 
   void init(int device_index, cudaStream_t s);  // creates the handle, the ring and its events
   void destroy();
+
+  // The streams path of grouped GEMMs (GroupedGemmPath::kStreams): kGemmStreams streams, each with its
+  // own cuBLAS handle, made on first use. fork_gemm_streams(n): the first n wait for the work issued on
+  // `stream` so far; join_gemm_streams(n): `stream` waits for theirs.
+  void fork_gemm_streams(int n);
+  void join_gemm_streams(int n);
+  static constexpr int kGemmStreams = 4;
+  cudaStream_t gemm_streams[kGemmStreams] = {};
+  cublasHandle_t gemm_cublas[kGemmStreams] = {};
+  cudaEvent_t gemm_fork = nullptr;
+  cudaEvent_t gemm_join[kGemmStreams] = {};
 };
 
 // The context ops issue on: b's current stream (main, or side inside a side window). b must be the CUDA

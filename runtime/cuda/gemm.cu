@@ -1,10 +1,12 @@
 // CUDA GEMM family (runtime/ops/gemm.h): cuBLAS, row-major by the transpose trick: C (M, N) row-major
 // is C^T (N, M) column-major, so we ask cuBLAS for C^T = op(B)^T op(A)^T with the operands swapped.
 // CUBLAS_COMPUTE_32F always (F32 operands stay FP32, no TF32). k = 0 is done by us (c = beta * c,
-// exactly 0 when beta = 0, as the CPU). grouped_gemm / grouped_gemm_tn issue one
-// cublasGemmGroupedBatchedEx per 2730 non-empty groups (each its own cuBLAS group of batch 1); the three
-// device pointer arrays go up in one ctx.stage() slot, the other per-group arrays are host arrays. Empty
-// groups of grouped_gemm_tn get c[g] *= beta.
+// exactly 0 when beta = 0, as the CPU). grouped_gemm / grouped_gemm_tn issue, on the grouped path, one
+// cublasGemmGroupedBatchedEx per 2730 non-empty groups (each its own cuBLAS group of batch 1; the three
+// device pointer arrays go up in one ctx.stage() slot, the other per-group arrays are host arrays); on
+// the streams path one cublasGemmEx per non-empty group, round-robin over the context's GEMM streams.
+// Empty groups of grouped_gemm_tn get c[g] *= beta.
+#include <algorithm>
 #include <vector>
 
 #include "runtime/cuda/kernels.cuh"
@@ -97,6 +99,29 @@ void run_grouped(Context& ctx, cublasOperation_t ta, cublasOperation_t tb, const
   }
 }
 
+// The streams path: one cublasGemmEx per problem, round-robin over the context's GEMM streams, forked
+// from ctx.stream and joined back (a single problem runs on ctx.stream itself).
+void run_streams(Context& ctx, cublasOperation_t ta, cublasOperation_t tb, const std::vector<GroupProblem>& problems,
+                 GemmTypes types, double alpha, double beta) {
+  if (problems.empty()) return;
+  const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
+  const int used = static_cast<int>(std::min<size_t>(Context::kGemmStreams, problems.size()));
+  if (used > 1) ctx.fork_gemm_streams(used);
+  for (size_t i = 0; i < problems.size(); ++i) {
+    const GroupProblem& p = problems[i];
+    cublasHandle_t handle = used > 1 ? ctx.gemm_cublas[i % used] : ctx.cublas;
+    MOE_CUBLAS_CHECK(cublasGemmEx(handle, ta, tb, p.m, p.n, p.k, &alpha_f, p.a, types.ab, p.lda, p.b, types.ab, p.ldb,
+                                  &beta_f, p.c, types.c, p.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+  if (used > 1) ctx.join_gemm_streams(used);
+}
+
+void run_problems(Context& ctx, GroupedGemmPath path, cublasOperation_t ta, cublasOperation_t tb,
+                  const std::vector<GroupProblem>& problems, GemmTypes types, double alpha, double beta) {
+  if (path == GroupedGemmPath::kStreams) return run_streams(ctx, ta, tb, problems, types, alpha, beta);
+  run_grouped(ctx, ta, tb, problems, types, alpha, beta);
+}
+
 char* element_ptr(const Tensor& t, int64_t offset) {
   return static_cast<char*>(const_cast<void*>(t.raw())) + offset * static_cast<int64_t>(dtype_size(t.dtype()));
 }
@@ -130,12 +155,12 @@ void gemm(Backend& backend, const Tensor& a, Trans ta, const Tensor& b, Trans tb
 }
 
 void grouped_gemm(Backend& backend, const Tensor& a, const Tensor& b, Trans tb, Tensor& c,
-                  const std::vector<int64_t>& group_rows, double alpha, double beta) {
+                  const std::vector<int64_t>& group_rows, double alpha, double beta, GroupedGemmPath path) {
   Context& ctx = context(backend);
   MOE_CHECK(a.rank() == 2 && b.rank() == 3 && c.rank() == 2, "grouped_gemm shapes: ", a.str(), b.str(), c.str());
   MOE_CHECK(static_cast<int64_t>(group_rows.size()) == b.dim(0), "grouped_gemm: ", group_rows.size(),
             " groups for weights ", b.str());
-  const GemmTypes types = gemm_types(a, b, c, true, "grouped_gemm");
+  const GemmTypes types = gemm_types(a, b, c, path == GroupedGemmPath::kGrouped, "grouped_gemm");
   const bool bt = tb == Trans::kT;
   const int64_t k = a.dim(1), n = bt ? b.dim(1) : b.dim(2);
   MOE_CHECK((bt ? b.dim(2) : b.dim(1)) == k && c.dim(1) == n && c.dim(0) == a.dim(0), "grouped_gemm shapes: ",
@@ -159,14 +184,14 @@ void grouped_gemm(Backend& backend, const Tensor& a, const Tensor& b, Trans tb, 
     }
     row += m;
   }
-  run_grouped(ctx, blas_op(tb), CUBLAS_OP_N, problems, types, alpha, beta);
+  run_problems(ctx, path, blas_op(tb), CUBLAS_OP_N, problems, types, alpha, beta);
 }
 
 void grouped_gemm_tn(Backend& backend, const Tensor& a, const Tensor& b, Tensor& c,
-                     const std::vector<int64_t>& group_rows, double alpha, double beta) {
+                     const std::vector<int64_t>& group_rows, double alpha, double beta, GroupedGemmPath path) {
   Context& ctx = context(backend);
   MOE_CHECK(a.rank() == 2 && b.rank() == 2 && c.rank() == 3, "grouped_gemm_tn shapes: ", a.str(), b.str(), c.str());
-  const GemmTypes types = gemm_types(a, b, c, true, "grouped_gemm_tn");
+  const GemmTypes types = gemm_types(a, b, c, path == GroupedGemmPath::kGrouped, "grouped_gemm_tn");
   const int64_t p = a.dim(1), q = b.dim(1);
   MOE_CHECK(a.dim(0) == b.dim(0) && c.dim(0) == static_cast<int64_t>(group_rows.size()) && c.dim(1) == p &&
                 c.dim(2) == q,
@@ -201,7 +226,7 @@ void grouped_gemm_tn(Backend& backend, const Tensor& a, const Tensor& b, Tensor&
     Tensor part = c.rows(first, last);
     scale_by_beta(backend, ctx, part, beta);
   }
-  run_grouped(ctx, CUBLAS_OP_N, CUBLAS_OP_T, problems, types, alpha, beta);
+  run_problems(ctx, path, CUBLAS_OP_N, CUBLAS_OP_T, problems, types, alpha, beta);
 }
 
 void batched_gemm(Backend& backend, const Tensor& a, Trans ta, const Tensor& w, Trans tw, Tensor& c, double alpha,

@@ -12,6 +12,13 @@ namespace moe {
 
 enum class Trans : uint8_t { kN, kT };
 
+// How the CUDA backend runs the groups of grouped_gemm / grouped_gemm_tn (runtime.expert_gemm):
+//   kGrouped  one cublasGemmGroupedBatchedEx call per 2730 non-empty groups;
+//   kStreams  one cublasGemmEx per non-empty group, round-robin over the context's GEMM streams (forked
+//             from its stream and joined back). cublasGemmEx also takes BF16 operands with an F32 result.
+// The CPU runs the groups one after another either way.
+enum class GroupedGemmPath : uint8_t { kGrouped, kStreams };
+
 // Problem sizes of gemm (2-D operands, batch 1) or batched_gemm (3-D operands, batch = leading dimension):
 // op(a) (m, k), op(w) (k, n), c (m, n). Throws InternalError naming `op` when the shapes do not fit.
 struct GemmDims {
@@ -44,15 +51,15 @@ MOE_OP(void, gemm,
 // host; empty groups are allowed.
 MOE_OP(void, grouped_gemm,
        (Backend& b, const Tensor& a, const Tensor& w, Trans tw, Tensor& c, const std::vector<int64_t>& group_rows,
-        double alpha, double beta),
-       (b, a, w, tw, c, group_rows, alpha, beta))
+        double alpha, double beta, GroupedGemmPath path),
+       (b, a, w, tw, c, group_rows, alpha, beta, path))
 
 // Weight gradients of grouped_gemm: c[g] (P, Q) = alpha * a[rows_g]^T (P, m_g) x[rows_g] (m_g, Q) + beta * c[g]
 // (an empty group leaves beta * c[g]).
 MOE_OP(void, grouped_gemm_tn,
        (Backend& b, const Tensor& a, const Tensor& x, Tensor& c, const std::vector<int64_t>& group_rows, double alpha,
-        double beta),
-       (b, a, x, c, group_rows, alpha, beta))
+        double beta, GroupedGemmPath path),
+       (b, a, x, c, group_rows, alpha, beta, path))
 
 // c[i] (M, N) = alpha * op(a[i]) op(w[i]) + beta * c[i] for every i < batch; a, w, c are 3-D (batch, rows,
 // cols), each matrix contiguous and row-major.

@@ -43,7 +43,7 @@ TEST_P(GemmOps, GroupedGemmsWithEmptyGroupsMatchLoops) {
   Tensor a = rnd({total, k}, 4);
   Tensor bt = rnd({g, n, k}, 5);  // tb = kT
   Tensor c = backend->zeros({total, n}, dt());
-  grouped_gemm(*backend, a, bt, Trans::kT, c, rows, 1.0, 0.0);
+  grouped_gemm(*backend, a, bt, Trans::kT, c, rows, 1.0, 0.0, GroupedGemmPath::kGrouped);
   std::vector<double> av = to_doubles(*backend, a), bv = to_doubles(*backend, bt), want(total * n);
   int64_t r0 = 0;
   for (int64_t e = 0; e < g; ++e) {
@@ -73,7 +73,7 @@ TEST_P(GemmOps, GroupedGemmsWithEmptyGroupsMatchLoops) {
     }
     r0 += rows[e];
   }
-  grouped_gemm_tn(*backend, a, dy, dw, rows, 1.0, 1.0);
+  grouped_gemm_tn(*backend, a, dy, dw, rows, 1.0, 1.0, GroupedGemmPath::kGrouped);
   EXPECT_LT(rel_diff(to_doubles(*backend, dw), want_dw), tol());
 }
 
@@ -134,23 +134,49 @@ TEST_F(CudaOps, BatchedGemmEveryTranspose) {
 }
 
 TEST_F(CudaOps, GroupedGemmsWithEmptyGroups) {
-  const std::vector<int64_t> rows{13, 0, 21, 1, 0, 9};
-  const int64_t total = 44, k = 24, n = 40, g = 6;
-  for (Trans tb : {Trans::kN, Trans::kT}) {
-    compare("grouped_gemm", [&](Backend& b) {
-      Tensor a = rnd(b, {total, k}, 4);
-      Tensor w = rnd(b, tb == Trans::kT ? Shape{g, n, k} : Shape{g, k, n}, 5);
-      Tensor c = rnd(b, {total, n}, 6);
-      grouped_gemm(b, a, w, tb, c, rows, 1.0, 0.5);
+  // Both CUDA paths (the streams path with more groups than streams) against the CPU.
+  const std::vector<int64_t> rows{13, 0, 21, 1, 0, 9, 4, 2};
+  const int64_t total = 50, k = 24, n = 40, g = 8;
+  for (GroupedGemmPath path : {GroupedGemmPath::kGrouped, GroupedGemmPath::kStreams}) {
+    const char* name = path == GroupedGemmPath::kGrouped ? "grouped" : "streams";
+    for (Trans tb : {Trans::kN, Trans::kT}) {
+      compare(name, [&](Backend& b) {
+        Tensor a = rnd(b, {total, k}, 4);
+        Tensor w = rnd(b, tb == Trans::kT ? Shape{g, n, k} : Shape{g, k, n}, 5);
+        Tensor c = rnd(b, {total, n}, 6);
+        grouped_gemm(b, a, w, tb, c, rows, 1.0, 0.5, path);
+        return std::vector<Tensor>{c};
+      });
+    }
+    compare(name, [&](Backend& b) {
+      Tensor a = rnd(b, {total, k}, 7), x = rnd(b, {total, n}, 8);
+      Tensor c = rnd(b, {g, k, n}, 9);
+      grouped_gemm_tn(b, a, x, c, rows, 1.0, 1.0, path);
       return std::vector<Tensor>{c};
     });
   }
-  compare("grouped_gemm_tn", [&](Backend& b) {
-    Tensor a = rnd(b, {total, k}, 7), x = rnd(b, {total, n}, 8);
-    Tensor c = rnd(b, {g, k, n}, 9);
-    grouped_gemm_tn(b, a, x, c, rows, 1.0, 1.0);
-    return std::vector<Tensor>{c};
-  });
+}
+
+TEST_F(CudaOps, StreamsPathTakesBf16OperandsIntoF32) {
+  // The streams path's weight gradients of unequal groups: bf16 operands accumulated into fp32, against
+  // the CPU on the same rounded values; the grouped path refuses the pair (cuBLAS has no such form).
+  const std::vector<int64_t> rows{8, 0, 16, 24, 8};
+  const int64_t total = 56, p = 16, q = 32, g = 5;
+  auto rounded = [&](Backend& b, const Shape& shape, uint64_t stream, DType dtype) {
+    Tensor x = rnd(b, shape, stream), x16 = b.empty(shape, DType::kBF16), out = b.empty(shape, dtype);
+    b.convert(x, x16);
+    if (dtype == DType::kBF16) return x16;
+    b.convert(x16, out);
+    return out;
+  };
+  Tensor want = rnd(*cpu, {g, p, q}, 17);
+  grouped_gemm_tn(*cpu, rounded(*cpu, {total, p}, 15, DType::kF32), rounded(*cpu, {total, q}, 16, DType::kF32), want,
+                  rows, 1.0, 1.0, GroupedGemmPath::kGrouped);
+  Tensor a16 = rounded(*gpu, {total, p}, 15, DType::kBF16), x16 = rounded(*gpu, {total, q}, 16, DType::kBF16);
+  Tensor got = rnd(*gpu, {g, p, q}, 17);
+  grouped_gemm_tn(*gpu, a16, x16, got, rows, 1.0, 1.0, GroupedGemmPath::kStreams);
+  EXPECT_LE(rel_diff(to_doubles(*gpu, got), to_doubles(*cpu, want)), 1e-5);
+  EXPECT_THROW(grouped_gemm_tn(*gpu, a16, x16, got, rows, 1.0, 1.0, GroupedGemmPath::kGrouped), InternalError);
 }
 
 TEST_F(CudaOps, Bf16GemmsWithinTheRoundingBound) {
@@ -174,7 +200,7 @@ TEST_F(CudaOps, Bf16GemmsWithinTheRoundingBound) {
 
   Tensor g16 = gpu->empty({1, n, k}, DType::kBF16), y16 = gpu->empty({m, n}, DType::kBF16);
   gpu->convert(w, g16);
-  grouped_gemm(*gpu, a16, g16, Trans::kT, y16, {m}, 1.0, 0.0);
+  grouped_gemm(*gpu, a16, g16, Trans::kT, y16, {m}, 1.0, 0.0, GroupedGemmPath::kGrouped);
   EXPECT_LE(rel_diff(to_doubles(*gpu, y16), want), 1e-2);
 }
 

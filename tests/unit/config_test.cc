@@ -98,6 +98,7 @@ TEST(Config, CrossFieldRulesNameTheKey) {
   EXPECT_EQ(invalid({"train.batch_size=6"}, 4), "train.batch_size");
   EXPECT_EQ(invalid({"moe.group_size=7"}, 1), "moe.group_size");
   EXPECT_EQ(invalid({"data.source=file"}, 1), "data.path");
+  EXPECT_EQ(invalid({"runtime.expert_gemm=streams"}, 1), "runtime.expert_gemm");  // CUDA only
   // the transformer, evaluation and sampling
   EXPECT_EQ(invalid({"model.heads=3"}, 1), "model.heads");                        // 64 / 3
   EXPECT_EQ(invalid({"model.heads=64"}, 1), "model.heads");                       // odd head size 1
