@@ -346,8 +346,9 @@ std::vector<ConfigField> build_fields() {
                      {{"grouped", GroupedGemmPath::kGrouped}, {"streams", GroupedGemmPath::kStreams}},
                      "How the CUDA backend runs the expert GEMMs (one GEMM per expert): grouped is one "
                      "cublasGemmGroupedBatchedEx call per weight; streams is one cublasGemmEx per expert, spread over "
-                     "4 CUDA streams (bf16 weight gradients then go straight into the fp32 buffers). The same "
-                     "numbers up to the summation order, to compare in one moe_bench layer run. CUDA only."));
+                     "4 CUDA streams (bf16 weight gradients then go straight into the fp32 buffers; weight "
+                     "gradients of equal groups, as in the padded layout, are one strided-batched GEMM either way). "
+                     "The same numbers up to the summation order, to compare in one moe_bench layer run. CUDA only."));
   f.push_back(field("runtime.threads", &C::runtime, &RuntimeConfig::threads, "BLAS threads per rank."));
   return f;
 }

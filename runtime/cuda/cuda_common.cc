@@ -56,15 +56,15 @@ void Context::destroy() {
 
 void Context::fork_gemm_streams(int n) {
   MOE_CHECK(n >= 1 && n <= kGemmStreams, "fork_gemm_streams: ", n, " of ", kGemmStreams, " streams");
-  if (gemm_fork == nullptr) {
-    MOE_CUDA_CHECK(cudaEventCreateWithFlags(&gemm_fork, cudaEventDisableTiming));
+  if (gemm_fork == nullptr) {  // first use; gemm_fork is set last, so a failed set-up is redone next time
     for (int i = 0; i < kGemmStreams; ++i) {
-      MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&gemm_streams[i], cudaStreamNonBlocking));
-      MOE_CUDA_CHECK(cudaEventCreateWithFlags(&gemm_join[i], cudaEventDisableTiming));
-      MOE_CUBLAS_CHECK(cublasCreate(&gemm_cublas[i]));
+      if (!gemm_streams[i]) MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&gemm_streams[i], cudaStreamNonBlocking));
+      if (!gemm_join[i]) MOE_CUDA_CHECK(cudaEventCreateWithFlags(&gemm_join[i], cudaEventDisableTiming));
+      if (!gemm_cublas[i]) MOE_CUBLAS_CHECK(cublasCreate(&gemm_cublas[i]));
       MOE_CUBLAS_CHECK(cublasSetStream(gemm_cublas[i], gemm_streams[i]));
       MOE_CUBLAS_CHECK(cublasSetMathMode(gemm_cublas[i], CUBLAS_DEFAULT_MATH));  // as the main handle
     }
+    MOE_CUDA_CHECK(cudaEventCreateWithFlags(&gemm_fork, cudaEventDisableTiming));
   }
   MOE_CUDA_CHECK(cudaEventRecord(gemm_fork, stream));
   for (int i = 0; i < n; ++i) MOE_CUDA_CHECK(cudaStreamWaitEvent(gemm_streams[i], gemm_fork, 0));

@@ -106,14 +106,27 @@ void run_streams(Context& ctx, cublasOperation_t ta, cublasOperation_t tb, const
   if (problems.empty()) return;
   const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
   const int used = static_cast<int>(std::min<size_t>(Context::kGemmStreams, problems.size()));
-  if (used > 1) ctx.fork_gemm_streams(used);
+  // Joined on every exit: if a call throws, the operands' frees (stream-ordered on ctx.stream) must
+  // still come after the GEMMs already issued on the other streams.
+  struct Fork {
+    Context& ctx;
+    int n;
+    Fork(Context& c, int used) : ctx(c), n(used) {
+      if (n > 1) ctx.fork_gemm_streams(n);
+    }
+    ~Fork() {
+      try {
+        if (n > 1) ctx.join_gemm_streams(n);
+      } catch (...) {
+      }
+    }
+  } fork(ctx, used);
   for (size_t i = 0; i < problems.size(); ++i) {
     const GroupProblem& p = problems[i];
     cublasHandle_t handle = used > 1 ? ctx.gemm_cublas[i % used] : ctx.cublas;
     MOE_CUBLAS_CHECK(cublasGemmEx(handle, ta, tb, p.m, p.n, p.k, &alpha_f, p.a, types.ab, p.lda, p.b, types.ab, p.ldb,
                                   &beta_f, p.c, types.c, p.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
-  if (used > 1) ctx.join_gemm_streams(used);
 }
 
 void run_problems(Context& ctx, GroupedGemmPath path, cublasOperation_t ta, cublasOperation_t tb,

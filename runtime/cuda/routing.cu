@@ -1,7 +1,8 @@
 // CUDA routing family (runtime/ops/routing.h).
 //
 // Router rows are short (E experts, tens to hundreds), so the row-wise ops give one thread a whole row
-// and keep the CPU backend's arithmetic order; column sums and the z-loss total reduce in double.
+// and keep the CPU backend's arithmetic order (top-k, a selection, takes a warp per row); column sums
+// and the z-loss total reduce in double.
 //
 // route() runs in three kernels and never waits for the host (except dropless, for the row count):
 //   1. top-k: one warp per token. k rounds over probs + bias, each the best expert ranking after the
@@ -180,11 +181,10 @@ struct TopKArgs {
 };
 
 // One warp per token. The lanes pick the k experts in k rounds of topk_lane_offer and a butterfly
-// reduction (coalesced reads of the row, no per-thread list); a row with a NaN, which only a diverged
-// step has, is walked by lane 0 with topk_insert, so every row gets the CPU's list exactly. Lane 0 then
-// writes the token's outputs.
+// reduction (coalesced reads of the row; no running list to insert into, only the k picks); a row with
+// a NaN, which only a diverged step has, is walked by lane 0 with topk_insert, so every row gets the
+// CPU's list exactly. Lane 0 then writes the token's outputs. Launched with whole warps per block.
 __global__ void topk_kernel(TopKArgs a) {
-  constexpr unsigned kAll = 0xffffffffu;
   const int64_t t = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / kWarp;
   const int lane = static_cast<int>(threadIdx.x % kWarp);
   if (t >= a.tokens) return;  // the whole warp: its lanes share t
@@ -196,7 +196,7 @@ __global__ void topk_kernel(TopKArgs a) {
   } else {
     bool nan = false;
     for (int e = lane; e < a.e; e += kWarp) nan |= isnan(p[e] + (a.bias ? a.bias[e] : 0.0f));
-    if (__any_sync(kAll, nan)) {
+    if (__any_sync(kFullMask, nan)) {
       if (lane == 0) {
         float key[kMaxTopK];
         int n = 0;
@@ -210,8 +210,8 @@ __global__ void topk_kernel(TopKArgs a) {
         int be;
         topk_lane_offer(p, a.bias, a.e, lane, kWarp, last_v, last_e, &bv, &be);
         for (int o = kWarp / 2; o > 0; o /= 2) {
-          const float ov = __shfl_xor_sync(kAll, bv, o);
-          const int oe = __shfl_xor_sync(kAll, be, o);
+          const float ov = __shfl_xor_sync(kFullMask, bv, o);
+          const int oe = __shfl_xor_sync(kFullMask, be, o);
           if (ranks_before(ov, oe, bv, be)) bv = ov, be = oe;
         }
         idx[j] = be;  // the same on every lane: the order is total
@@ -544,7 +544,10 @@ void route(Backend& backend, const RouteArgs& args, const Tensor& sel_probs, con
   a.slot = slot.as<int>();
   a.choices = out.choices.data<int32_t>();
   a.counts = out.counts.data<int32_t>();
-  topk_kernel<<<grid_for(t_count * kWarp), kBlock, 0, ctx.stream>>>(a);  // a warp per token
+  // A warp per token, every token its own warp (no grid-stride loop, so no cap on the grid).
+  static_assert(kBlock % kWarp == 0, "whole warps per block");
+  const int64_t topk_blocks = (t_count + kBlock / kWarp - 1) / (kBlock / kWarp);
+  topk_kernel<<<static_cast<unsigned>(topk_blocks), kBlock, 0, ctx.stream>>>(a);
   MOE_CUDA_LAUNCH_CHECK();
 
   // Batch priority: each group's tokens by descending top-1 score, ties in token order (stable).
