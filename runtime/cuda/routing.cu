@@ -181,54 +181,62 @@ struct TopKArgs {
 };
 
 // One warp per token. The lanes pick the k experts in k rounds of topk_lane_offer and a butterfly
-// reduction (coalesced reads of the row; no running list to insert into, only the k picks); a row with
-// a NaN, which only a diverged step has, is walked by lane 0 with topk_insert, so every row gets the
-// CPU's list exactly. Lane 0 then writes the token's outputs. Launched with whole warps per block.
+// reduction (coalesced reads of the row, no per-thread list: lane 0 writes each pick to expert_idx); a
+// row with a NaN, which only a diverged step has, is walked by lane 0 with topk_insert, so every row
+// gets the CPU's list exactly. Lane 0 then writes the token's other outputs. Launched with whole warps
+// per block.
 __global__ void topk_kernel(TopKArgs a) {
   const int64_t t = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / kWarp;
   const int lane = static_cast<int>(threadIdx.x % kWarp);
   if (t >= a.tokens) return;  // the whole warp: its lanes share t
   const int k = a.k;
   const float* p = a.probs + t * a.e;
-  int idx[kMaxTopK];
-  if (a.forced.on()) {
-    if (lane == 0) forced_choice(a.forced, a.e, k, a.forced_rng, static_cast<uint64_t>(a.token_offset + t), idx);
-  } else {
+  int* eidx = a.eidx + t * k;  // the token's picks, written by lane 0
+  // Forced routing and rows with a NaN (only a diverged step has them): lane 0 alone, with a list.
+  bool alone = a.forced.on();  // the same on every lane
+  if (!alone) {
     bool nan = false;
     for (int e = lane; e < a.e; e += kWarp) nan |= isnan(p[e] + (a.bias ? a.bias[e] : 0.0f));
-    if (__any_sync(kFullMask, nan)) {
-      if (lane == 0) {
+    alone = __any_sync(kFullMask, nan);
+  }
+  if (alone) {
+    if (lane == 0) {
+      int idx[kMaxTopK];
+      if (a.forced.on()) {
+        forced_choice(a.forced, a.e, k, a.forced_rng, static_cast<uint64_t>(a.token_offset + t), idx);
+      } else {
         float key[kMaxTopK];
         int n = 0;
         for (int e = 0; e < a.e; ++e) topk_insert(key, idx, n, k, p[e] + (a.bias ? a.bias[e] : 0.0f), e);
       }
-    } else {
-      float last_v = 0.0f;
-      int last_e = -1;
-      for (int j = 0; j < k; ++j) {
-        float bv;
-        int be;
-        topk_lane_offer(p, a.bias, a.e, lane, kWarp, last_v, last_e, &bv, &be);
-        for (int o = kWarp / 2; o > 0; o /= 2) {
-          const float ov = __shfl_xor_sync(kFullMask, bv, o);
-          const int oe = __shfl_xor_sync(kFullMask, be, o);
-          if (ranks_before(ov, oe, bv, be)) bv = ov, be = oe;
-        }
-        idx[j] = be;  // the same on every lane: the order is total
-        last_v = bv;
-        last_e = be;
+      for (int j = 0; j < k; ++j) eidx[j] = idx[j];
+    }
+  } else {
+    float last_v = 0.0f;
+    int last_e = -1;
+    for (int j = 0; j < k; ++j) {
+      float bv;
+      int be;
+      topk_lane_offer(p, a.bias, a.e, lane, kWarp, last_v, last_e, &bv, &be);
+      for (int o = kWarp / 2; o > 0; o /= 2) {
+        const float ov = __shfl_xor_sync(kFullMask, bv, o);
+        const int oe = __shfl_xor_sync(kFullMask, be, o);
+        if (ranks_before(ov, oe, bv, be)) bv = ov, be = oe;
       }
+      if (lane == 0) eidx[j] = be;  // the same on every lane: the order is total
+      last_v = bv;
+      last_e = be;
     }
   }
   if (lane != 0) return;
   float sum = 0;
   for (int j = 0; j < k; ++j) {
-    float s = p[idx[j]];
-    a.eidx[t * k + j] = idx[j];
+    const int e = eidx[j];
+    const float s = p[e];
     a.score[t * k + j] = s;
     a.slot[t * k + j] = -1;
     sum += s;
-    atomicAdd(&a.choices[idx[j]], 1);
+    atomicAdd(&a.choices[e], 1);
   }
   for (int j = 0; j < k; ++j) {
     float s = a.score[t * k + j];
