@@ -52,7 +52,7 @@ Table predict_table(const Config& config, const CostConstants& k, const PredictR
   t.columns.insert(t.columns.end(), {"hidden ms", "imbalance", "dropped %"});
   std::vector<std::vector<std::vector<double>>> observed;
   if (!request.load_from.empty()) {
-    observed = observed_expert_load(summarize_metrics(read_file(request.load_from, "metrics file"), request.load_from));
+    observed = observed_expert_load(summarize_metrics_file(request.load_from));
     if (observed.empty()) throw InputError(request.load_from, "records no expert load (no MoE layer or no step)");
   }
   const double flops_per_token = model_size(config).flops_per_token;
@@ -98,7 +98,7 @@ Table validate_study(const std::string& dir, const CostConstants& k, std::string
     const YAML::Node j = parse_json(read_file(info.string(), "run description"), info.string());
     if (j["mode"].as<std::string>("") == "layer") continue;
     // the second half of the steps: allocation and routing settle over the first ones
-    const RunSummary m = summarize_metrics(read_file(metrics.string(), "metrics file"), metrics.string(), 0.5);
+    const RunSummary m = summarize_metrics_file(metrics.string(), 0.5);
     if (m.steps < 3 || m.tokens_per_s <= 0) continue;
     // the mean wall time of the measured steps (the prediction is an expectation over steps too)
     const double measured = m.phase_s.count("wall") && m.phase_s.at("wall") > 0

@@ -16,6 +16,7 @@
 #include "runtime/json.h"
 #include "runtime/sweep.h"
 #include "train/safetensors.h"
+#include "train/trainer.h"
 
 namespace moe {
 namespace fs = std::filesystem;
@@ -297,6 +298,13 @@ const std::vector<std::string>& phase_names() {
   return names;
 }
 
+RunSummary summarize_metrics_file(const std::string& metrics_path, double warmup) {
+  const std::string events = metrics_events_path(metrics_path);
+  const std::string text = (fs::exists(events) ? read_file(events, "events file") : std::string()) +
+                           read_file(metrics_path, "metrics file");
+  return summarize_metrics(text, metrics_path, warmup);
+}
+
 RunSummary summarize_metrics(const std::string& jsonl, const std::string& what, double warmup) {
   RunSummary s;
   std::istringstream lines(jsonl);
@@ -568,7 +576,7 @@ std::string report_study(const std::string& out, std::string* plot_note) {
     if (r.mode == "layer") {
       if (fs::exists(bench)) r.bench_csv = read_file(bench.string(), "benchmark output");
     } else if (fs::exists(metrics)) {
-      r.m = summarize_metrics(read_file(metrics.string(), "metrics file"), metrics.string());
+      r.m = summarize_metrics_file(metrics.string());
     }
     r.status = r.done ? "done" : (r.m.steps > 0 || !r.bench_csv.empty()) ? "incomplete" : "not run";
     runs.push_back(std::move(r));

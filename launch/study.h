@@ -45,7 +45,8 @@ struct StudyOptions {
 // InputError naming the study file, the run and the key.
 std::vector<StudyRun> plan_study(const std::string& study_path, const StudyOptions& options);
 
-// What one training run's metrics file says (moe_train's JSON lines: a start event, then one line per step).
+// What one training run's metrics say (moe_train's JSON lines: the events file's start event, then the
+// metrics file's line per step).
 struct RunSummary {
   bool started = false;
   int64_t steps = 0;  // step lines read
@@ -68,7 +69,11 @@ struct RunSummary {
   std::vector<std::vector<std::vector<double>>> load;  // [layer][step][expert]
 };
 // `warmup` is the fraction of the steps left out of the medians and means (at least one step, never all).
+// `jsonl`: event and step lines in any order (a metrics file of an earlier version holds both).
 RunSummary summarize_metrics(const std::string& jsonl, const std::string& what, double warmup = 0.1);
+// The same for the run whose train.metrics_path is `metrics_path`: its events file (when there is one)
+// and its metrics file.
+RunSummary summarize_metrics_file(const std::string& metrics_path, double warmup = 0.1);
 
 // The phases of a step in the order the tables and plots show them.
 const std::vector<std::string>& phase_names();

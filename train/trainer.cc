@@ -413,6 +413,13 @@ void Trainer::diverged(const StepRecord& r) {
   throw e;
 }
 
+std::string metrics_events_path(const std::string& metrics_path) {
+  const std::string ext = ".jsonl";
+  const bool jsonl = metrics_path.size() > ext.size() &&
+                     metrics_path.compare(metrics_path.size() - ext.size(), ext.size(), ext) == 0;
+  return (jsonl ? metrics_path.substr(0, metrics_path.size() - ext.size()) : metrics_path) + ".events.jsonl";
+}
+
 void Trainer::open_metrics() {
   Communicator& world = *groups_.world;
   const std::string& path = config_.train.metrics_path;
@@ -423,7 +430,7 @@ void Trainer::open_metrics() {
       std::error_code ec;
       if (!parent.empty()) std::filesystem::create_directories(parent, ec);
       if (ec) throw InputError(parent.string(), "cannot create the metrics directory: " + ec.message());
-      // Resuming: keep the lines up to the resumed step (whole JSON objects with "step" <= it; events too).
+      // Resuming: keep the lines up to the resumed step (whole JSON objects with "step" <= it).
       std::string kept;
       int64_t last_logged = 0;
       if (state_.step > 0 && std::filesystem::exists(path, ec)) {
@@ -461,9 +468,14 @@ void Trainer::open_metrics() {
         j.field("routing", forced_routing_name(config_.moe.force_routing));
       }
       j.end_object();
+      // Events go to their own file, so that the metrics file is one line per step for every reader.
+      const std::string events_path = metrics_events_path(path);
+      std::FILE* events = std::fopen(events_path.c_str(), state_.step > 0 ? "a" : "w");
+      if (!events) throw InputError(events_path, std::string("cannot open the events file: ") + std::strerror(errno));
       const std::string line = j.str() + "\n";
-      if (std::fputs(line.c_str(), metrics_) < 0 || std::fflush(metrics_) != 0) {
-        throw InputError(path, std::string("cannot write the metrics file: ") + std::strerror(errno));
+      const bool written = std::fputs(line.c_str(), events) >= 0;
+      if (std::fclose(events) != 0 || !written) {
+        throw InputError(events_path, std::string("cannot write the events file: ") + std::strerror(errno));
       }
     } catch (const Error& e) {
       failure = e.what();

@@ -33,6 +33,11 @@ struct StepRecord {
   PhaseTimes times;
 };
 
+// The run's events file beside the metrics file: "<stem>.events.jsonl" for "<stem>.jsonl", else
+// "<path>.events.jsonl". The metrics file holds one line per step and nothing else; the events file holds
+// the start event of a fresh run and a resume event per resume.
+std::string metrics_events_path(const std::string& metrics_path);
+
 class Trainer {
  public:
   Trainer(const Config& config, Backend& backend, ProcessGroups& groups);
@@ -59,7 +64,8 @@ class Trainer {
   std::string metrics_line(const StepRecord& r) const;
   void print_sample();
   // Opens the metrics file (rank 0): after resuming at step S, lines of later steps (a run that died
-  // after S) and a torn last line are cut off first, and a resume event records how many steps are redone.
+  // after S) and a torn last line are cut off first. The events file (metrics_events_path) gets the start
+  // event of a fresh run, or a resume event recording how many steps are redone.
   void open_metrics();
   // The divergence error of a step with a non-finite loss or gradient norm.
   [[noreturn]] void diverged(const StepRecord& r);

@@ -230,11 +230,13 @@ TEST(Training, MetricsFileHasOneJsonLinePerStep) {
   c.train.metrics_path = dir.path() + "/metrics.jsonl";
   train(c, groups);
   if (groups.world->rank() != 0) return;
-  std::ifstream in(c.train.metrics_path);
   std::string line;
-  // A start event first: what the study reports need besides the steps.
-  ASSERT_TRUE(std::getline(in, line));
+  // The start event, in the events file beside: what the study reports need besides the steps.
+  EXPECT_EQ(metrics_events_path(c.train.metrics_path), dir.path() + "/metrics.events.jsonl");
+  std::ifstream events(metrics_events_path(c.train.metrics_path));
+  ASSERT_TRUE(std::getline(events, line));
   YAML::Node start = parse_json(line, "metrics start line");
+  EXPECT_FALSE(std::getline(events, line)) << "one event";
   EXPECT_EQ(start["event"].as<std::string>(), "start");
   EXPECT_EQ(start["ranks"].as<int>(), groups.world->size());
   const ModelSize size = model_size(c);
@@ -242,6 +244,9 @@ TEST(Training, MetricsFileHasOneJsonLinePerStep) {
   EXPECT_EQ(start["params_active"].as<int64_t>(), size.active_params);
   EXPECT_EQ(start["tokens_per_step"].as<int64_t>(), int64_t{c.train.batch_size} * c.model.seq_len);
   EXPECT_EQ(start["routing"].as<std::string>(), "off");
+  // The metrics file: a line per step with its loss and nothing else (what every reader of it, the GPU
+  // check's loss-curve comparison among them, takes it to be).
+  std::ifstream in(c.train.metrics_path);
   int lines = 0;
   while (std::getline(in, line)) {
     ++lines;

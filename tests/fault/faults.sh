@@ -159,10 +159,11 @@ case $case_name in
     grep -q "restart 1 of 2" job.err || { cat job.err; fail "no restart"; }
     grep -q -- "--elastic: 2 ranks available" job.err || { cat job.err; fail "the restart did not shrink to 2 ranks"; }
     grep -q "moe_train: 2 ranks, ep 2" job.out || fail "the restart did not run on 2 ranks with ep 2"
-    grep -E '"event":"resume".*"lost_steps":[0-9]+' metrics.jsonl || fail "no resume event in the metrics"
+    grep -E '"event":"resume".*"lost_steps":[0-9]+' metrics.events.jsonl || fail "no resume event in the events file"
     [[ $(curve metrics.jsonl | tail -1) == '{"step":120,'* ]] || fail "the restarted run did not reach step 120"
     [[ $(curve metrics.jsonl | wc -l) -eq 120 ]] || fail "the metrics do not hold each step once"
-    echo "restarted on 2 ranks after the kill; $(grep -o '"lost_steps":[0-9]*' metrics.jsonl) redone" ;;
+    [[ $(wc -l < metrics.jsonl) -eq 120 ]] || fail "the metrics file holds more than its 120 step lines"
+    echo "restarted on 2 ranks after the kill; $(grep -o '"lost_steps":[0-9]*' metrics.events.jsonl) redone" ;;
   two_jobs)  # a second job on the same checkpoint directory refuses
     "$launch" run "$config" -n 4 --train.steps=100000 >a.out 2>a.err &
     wait_for_steps 10

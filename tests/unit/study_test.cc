@@ -9,6 +9,7 @@
 #include "launch/study.h"
 #include "runtime/error.h"
 #include "train/safetensors.h"
+#include "train/trainer.h"
 
 namespace moe {
 namespace {
@@ -86,6 +87,25 @@ TEST(StudyMetrics, SummarySkipsWarmUpReplacesResumedStepsAndIgnoresTornLines) {
   ASSERT_EQ(r.load[0].size(), 20u);
   EXPECT_DOUBLE_EQ(r.load[0][5][0], 1.5);  // 3 over the mean 2
   EXPECT_DOUBLE_EQ(r.load[0][5][1], 0.5);
+}
+
+// A run as moe_train writes it: the start and resume events in metrics.events.jsonl beside a metrics
+// file of step lines only.
+TEST(StudyMetrics, TheEventsFileBesideTheMetricsFileIsRead) {
+  TempDir d;
+  const std::string dir = d.path.string(), metrics = dir + "/metrics.jsonl";
+  EXPECT_EQ(metrics_events_path(metrics), dir + "/metrics.events.jsonl");
+  EXPECT_EQ(metrics_events_path(dir + "/log"), dir + "/log.events.jsonl");
+  std::string steps;
+  for (int s = 1; s <= 10; ++s) steps += step_line(s);
+  std::ofstream(metrics) << steps;
+  EXPECT_FALSE(summarize_metrics_file(metrics).started) << "no events file";
+  std::ofstream(metrics_events_path(metrics)) << start_line();
+  RunSummary r = summarize_metrics_file(metrics);
+  EXPECT_TRUE(r.started);
+  EXPECT_EQ(r.ranks, 2);
+  EXPECT_EQ(r.routing, "zipf:1.2");
+  EXPECT_EQ(r.steps, 10);
 }
 
 std::string error_of(const std::function<void()>& f) {
