@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 
 #include "comm/mpi/mpi_communicator.h"
 #include "runtime/log.h"
@@ -31,7 +32,16 @@ class FailurePrinter : public testing::EmptyTestEventListener {
 
 }  // namespace
 
+// A test binary may name the tests it runs when given no filter (cuda_tests: its CUDA cases, so that run
+// bare, as the GPU check runs it, it reports them skipped without a GPU instead of passing the CPU cases
+// of the op tables it links). Defined by that binary; null (weak, undefined) in the others.
+extern const char* moe_default_gtest_filter __attribute__((weak));
+
 int main(int argc, char** argv) {
+  // Before InitGoogleTest: a --gtest_filter on the command line (or GTEST_FILTER) still wins.
+  if (&moe_default_gtest_filter != nullptr && std::getenv("GTEST_FILTER") == nullptr) {
+    GTEST_FLAG_SET(filter, moe_default_gtest_filter);
+  }
   testing::InitGoogleTest(&argc, argv);
   moe::mpi_init(&argc, &argv);
   int rank = moe::mpi_world_rank();
