@@ -299,10 +299,11 @@ const std::vector<std::string>& phase_names() {
 }
 
 RunSummary summarize_metrics_file(const std::string& metrics_path, double warmup) {
-  const std::string events = metrics_events_path(metrics_path);
-  const std::string text = (fs::exists(events) ? read_file(events, "events file") : std::string()) +
-                           read_file(metrics_path, "metrics file");
-  return summarize_metrics(text, metrics_path, warmup);
+  const std::string events_path = metrics_events_path(metrics_path);
+  std::string events = fs::exists(events_path) ? read_file(events_path, "events file") : std::string();
+  if (!events.empty() && events.back() != '\n') events += '\n';  // a torn last event stays on its own line
+  return summarize_metrics(events + read_file(metrics_path, "metrics file"), metrics_path + " (and its events file)",
+                           warmup);
 }
 
 RunSummary summarize_metrics(const std::string& jsonl, const std::string& what, double warmup) {

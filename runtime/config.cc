@@ -275,7 +275,8 @@ std::vector<ConfigField> build_fields() {
                     "Clip the global gradient norm (over all ranks' shards) to this value. 0: off."));
   f.push_back(field("train.log_every", &C::train, &TrainConfig::log_every, "Print a progress line every this many steps."));
   f.push_back(field("train.metrics_path", &C::train, &TrainConfig::metrics_path,
-                    "Append one JSON line per step to this file (written by rank 0). Empty: none."));
+                    "One JSON line per step goes to this file, written by rank 0; the run's start and resume events go to "
+                    "<stem>.events.jsonl beside it. A resume cuts both back to the resumed step. Empty: none."));
   f.push_back(field("train.checkpoint_dir", &C::train, &TrainConfig::checkpoint_dir,
                     "Directory for checkpoints (step_NNNNNNNN/ subdirectories). Empty: no checkpoints."));
   f.push_back(field("train.checkpoint_every", &C::train, &TrainConfig::checkpoint_every,

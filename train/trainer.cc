@@ -430,24 +430,37 @@ void Trainer::open_metrics() {
       std::error_code ec;
       if (!parent.empty()) std::filesystem::create_directories(parent, ec);
       if (ec) throw InputError(parent.string(), "cannot create the metrics directory: " + ec.message());
-      // Resuming: keep the lines up to the resumed step (whole JSON objects with "step" <= it).
-      std::string kept;
+      const std::string events_path = metrics_events_path(path);
+      // Resuming at step S: keep the step lines up to S and the events up to S (a resume event after S
+      // belongs to a run this one replaces). A metrics file of the earlier format holds its events inline:
+      // they move to the events file when there is none yet.
+      std::string kept_steps, kept_events, inline_events;
       int64_t last_logged = 0;
-      if (state_.step > 0 && std::filesystem::exists(path, ec)) {
-        std::istringstream lines(read_file(path, "metrics file"));
+      auto keep = [&](const std::string& text, const std::string& what, bool from_metrics) {
+        std::istringstream lines(text);
         std::string line;
         while (std::getline(lines, line)) {
           if (line.empty() || line.back() != '}') continue;  // a torn last line
           try {
-            YAML::Node j = parse_json(line, path);
+            YAML::Node j = parse_json(line, what);
             const int64_t step = j["step"].as<int64_t>(0);
-            last_logged = std::max(last_logged, step);
-            if (step <= state_.step) kept += line + "\n";
+            const bool event = static_cast<bool>(j["event"]);
+            if (!event) last_logged = std::max(last_logged, step);
+            if (step > state_.step) continue;
+            (event ? (from_metrics ? inline_events : kept_events) : kept_steps) += line + "\n";
           } catch (const std::exception&) {
           }
         }
+      };
+      if (state_.step > 0) {
+        if (std::filesystem::exists(path, ec)) keep(read_file(path, "metrics file"), path, true);
+        if (std::filesystem::exists(events_path, ec)) {
+          keep(read_file(events_path, "events file"), events_path, false);
+        } else {
+          kept_events = inline_events;
+        }
+        write_file_atomic(path, kept_steps);
       }
-      if (state_.step > 0) write_file_atomic(path, kept);
       metrics_ = std::fopen(path.c_str(), state_.step > 0 ? "a" : "w");
       if (!metrics_) throw InputError(path, std::string("cannot open the metrics file: ") + std::strerror(errno));
       JsonWriter j;
@@ -469,14 +482,7 @@ void Trainer::open_metrics() {
       }
       j.end_object();
       // Events go to their own file, so that the metrics file is one line per step for every reader.
-      const std::string events_path = metrics_events_path(path);
-      std::FILE* events = std::fopen(events_path.c_str(), state_.step > 0 ? "a" : "w");
-      if (!events) throw InputError(events_path, std::string("cannot open the events file: ") + std::strerror(errno));
-      const std::string line = j.str() + "\n";
-      const bool written = std::fputs(line.c_str(), events) >= 0;
-      if (std::fclose(events) != 0 || !written) {
-        throw InputError(events_path, std::string("cannot write the events file: ") + std::strerror(errno));
-      }
+      write_file_atomic(events_path, kept_events + j.str() + "\n");
     } catch (const Error& e) {
       failure = e.what();
     }

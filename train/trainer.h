@@ -64,8 +64,9 @@ class Trainer {
   std::string metrics_line(const StepRecord& r) const;
   void print_sample();
   // Opens the metrics file (rank 0): after resuming at step S, lines of later steps (a run that died
-  // after S) and a torn last line are cut off first. The events file (metrics_events_path) gets the start
-  // event of a fresh run, or a resume event recording how many steps are redone.
+  // after S) and a torn last line are cut off first, in the metrics file and in the events file
+  // (metrics_events_path), which gets the start event of a fresh run or a resume event recording how many
+  // steps are redone. Events inline in a metrics file of the earlier format move to the events file.
   void open_metrics();
   // The divergence error of a step with a non-finite loss or gradient norm.
   [[noreturn]] void diverged(const StepRecord& r);

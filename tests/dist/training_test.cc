@@ -223,6 +223,51 @@ TEST(Training, ACheckpointResumesUnderAnotherLayout) {
   EXPECT_LT(test::rel_diff(got, std::vector<double>(want.begin() + 4, want.end())), 1e-10);
 }
 
+// Resuming cuts the metrics file back to the resumed step and keeps it a line per step, also when it was
+// written in the earlier format (events inline): those events move to the events file, a resume event
+// past the resumed step is dropped, and the new resume event follows.
+TEST(Training, ResumeKeepsTheMetricsFileALinePerStepAndMovesInlineEvents) {
+  ProcessGroups groups = test::world_groups(tiny_model(1).parallel.ep);
+  SharedDir dir(*groups.world);
+  Config c = tiny_model(6);
+  c.train.checkpoint_dir = dir.path();
+  c.train.checkpoint_every = 3;
+  c.train.metrics_path = dir.path() + "/m.jsonl";
+  const std::string events = metrics_events_path(c.train.metrics_path);
+  train(c, groups);
+  if (groups.world->rank() == 0) {  // the earlier format: the start event first, a resume event inline
+    std::string start, steps, line;
+    std::ifstream e(events), m(c.train.metrics_path);
+    std::getline(e, start);
+    while (std::getline(m, line)) steps += line + "\n";
+    std::ofstream(c.train.metrics_path) << start << "\n" << steps << "{\"event\":\"resume\",\"step\":5,\"lost_steps\":0}\n";
+    fs::remove(events);
+  }
+  groups.world->barrier();
+  Config resumed = c;
+  resumed.train.resume = dir.path() + "/step_00000003";
+  EXPECT_EQ(train(resumed, groups).size(), 3u);
+  if (groups.world->rank() != 0) return;
+  std::ifstream m(c.train.metrics_path);
+  std::string line;
+  int lines = 0;
+  while (std::getline(m, line)) {
+    YAML::Node j = parse_json(line, "metrics line");
+    EXPECT_FALSE(j["event"]) << line;
+    EXPECT_EQ(j["step"].as<int>(), ++lines);
+  }
+  EXPECT_EQ(lines, 6);
+  std::ifstream e(events);
+  ASSERT_TRUE(std::getline(e, line));
+  EXPECT_EQ(parse_json(line, "event")["event"].as<std::string>(), "start") << "moved from the metrics file";
+  ASSERT_TRUE(std::getline(e, line));
+  YAML::Node resume = parse_json(line, "event");
+  EXPECT_EQ(resume["event"].as<std::string>(), "resume");
+  EXPECT_EQ(resume["step"].as<int>(), 3);
+  EXPECT_EQ(resume["lost_steps"].as<int>(), 3);
+  EXPECT_FALSE(std::getline(e, line)) << "the resume event past step 3 is dropped: " << line;
+}
+
 TEST(Training, MetricsFileHasOneJsonLinePerStep) {
   Config c = tiny_model(3);
   ProcessGroups groups = test::world_groups(c.parallel.ep);

@@ -50,7 +50,7 @@ wait_for_steps() {
     sleep 0.05
   done
 }
-# step, loss, ce of every step line (resume events left out): what a bit-exact resume must reproduce.
+# step, loss, ce of every step line: what a bit-exact resume must reproduce.
 curve() { grep -o '^{"step":[0-9]*,"loss":[^,]*,"ce":[^,]*' "$1"; }
 
 cat > run.yaml <<YAML
