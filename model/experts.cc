@@ -70,11 +70,11 @@ void FfnExperts::accumulate_weight_grad(Backend& backend, const Tensor& a, const
     return;
   }
   if (a.dtype() == g.dtype() || path_ == GroupedGemmPath::kStreams) {  // cublasGemmEx takes bf16 -> fp32
-    grouped_gemm_tn(backend, a, b, g, saved_.group_rows, 1.0, 1.0, path_);
+    grouped_gemm_tn(backend, a, b, g, rows, 1.0, 1.0, path_);
     return;
   }
   Tensor tmp = backend.empty(g.shape(), a.dtype());
-  grouped_gemm_tn(backend, a, b, tmp, saved_.group_rows, 1.0, 0.0, path_);
+  grouped_gemm_tn(backend, a, b, tmp, rows, 1.0, 0.0, path_);
   axpy(backend, 1.0, tmp, g);
 }
 

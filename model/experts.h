@@ -55,7 +55,7 @@ class FfnExperts {
   // t in the compute dtype: t itself, or a converted copy.
   Tensor compute_copy(Backend& backend, const Tensor& t) const;
   // grad(p) += a_g^T b_g per group: one batched GEMM when the groups have one size, else grouped,
-  // through a compute-dtype temporary when the dtypes differ.
+  // through a compute-dtype temporary when the dtypes differ on the grouped path.
   void accumulate_weight_grad(Backend& backend, const Tensor& a, const Tensor& b, Param* p);
 
   ExpertType type_;
