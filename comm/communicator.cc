@@ -5,7 +5,7 @@
 #include <cstring>
 
 #include "comm/mpi/mpi_communicator.h"
-#include "runtime/error.h"
+#include "base/error.h"
 
 namespace moe {
 

@@ -22,8 +22,8 @@
 #include "model/dispatcher.h"
 #include "model/params.h"
 #include "model/router.h"
-#include "runtime/json.h"
-#include "runtime/log.h"
+#include "base/json.h"
+#include "base/log.h"
 
 namespace moe {
 namespace {

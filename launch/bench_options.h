@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "launch/main_common.h"
-#include "runtime/sweep.h"
+#include "config/sweep.h"
 
 namespace moe {
 

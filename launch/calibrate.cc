@@ -21,7 +21,7 @@
 #include "comm/mpi/mpi_communicator.h"
 #include "launch/a2a_bench.h"
 #include "launch/bench_options.h"
-#include "runtime/log.h"
+#include "base/log.h"
 #include "runtime/ops/attention.h"
 #include "runtime/ops/elementwise.h"
 #include "runtime/ops/gemm.h"

@@ -16,7 +16,7 @@
 
 #include "comm/mpi/mpi_communicator.h"
 #include "launch/main_common.h"
-#include "runtime/log.h"
+#include "base/log.h"
 #include "train/checkpoint.h"
 #include "train/checkpoint_tools.h"
 

@@ -7,9 +7,9 @@
 #include <filesystem>
 
 #include "model/transformer.h"
-#include "runtime/error.h"
+#include "base/error.h"
 #include "runtime/forced_routing.h"
-#include "runtime/json.h"
+#include "base/json.h"
 #include "runtime/rng.h"
 #include "train/safetensors.h"
 

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "launch/main_common.h"
-#include "runtime/log.h"
+#include "base/log.h"
 #include "train/corpus.h"
 #include "train/data.h"
 

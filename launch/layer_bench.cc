@@ -24,8 +24,8 @@
 
 #include "comm/mpi/mpi_communicator.h"
 #include "model/moe_layer.h"
-#include "runtime/json.h"
-#include "runtime/log.h"
+#include "base/json.h"
+#include "base/log.h"
 #include "runtime/ops/gemm.h"
 
 namespace moe {

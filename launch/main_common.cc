@@ -8,7 +8,7 @@
 
 #include "comm/mpi/mpi_communicator.h"
 #include "comm/nccl/nccl_communicator.h"
-#include "runtime/log.h"
+#include "base/log.h"
 
 namespace moe {
 

@@ -9,8 +9,8 @@
 
 #include "comm/communicator.h"
 #include "runtime/backend.h"
-#include "runtime/config.h"
-#include "runtime/error.h"
+#include "config/config.h"
+#include "base/error.h"
 
 namespace moe {
 

@@ -9,8 +9,8 @@
 #include <numeric>
 
 #include "model/transformer.h"
-#include "runtime/error.h"
-#include "runtime/json.h"
+#include "base/error.h"
+#include "base/json.h"
 #include "train/safetensors.h"
 
 namespace moe {

@@ -11,10 +11,10 @@
 #include <set>
 #include <sstream>
 
-#include "runtime/config.h"
-#include "runtime/error.h"
-#include "runtime/json.h"
-#include "runtime/sweep.h"
+#include "config/config.h"
+#include "base/error.h"
+#include "base/json.h"
+#include "config/sweep.h"
 #include "train/safetensors.h"
 #include "train/trainer.h"
 

@@ -23,9 +23,9 @@
 
 #include "launch/predict.h"
 #include "launch/study.h"
-#include "runtime/error.h"
-#include "runtime/json.h"
-#include "runtime/sweep.h"
+#include "base/error.h"
+#include "base/json.h"
+#include "config/sweep.h"
 #include "train/safetensors.h"
 
 using namespace moe;

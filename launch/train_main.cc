@@ -8,8 +8,8 @@
 
 #include "comm/mpi/mpi_communicator.h"
 #include "launch/main_common.h"
-#include "runtime/json.h"
-#include "runtime/log.h"
+#include "base/json.h"
+#include "base/log.h"
 #include "runtime/signals.h"
 #include "train/trainer.h"
 

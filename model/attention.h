@@ -14,7 +14,7 @@
 
 #include "model/context.h"
 #include "model/params.h"
-#include "runtime/config.h"
+#include "config/config.h"
 
 namespace moe {
 

@@ -36,7 +36,7 @@
 
 #include "comm/communicator.h"
 #include "model/context.h"
-#include "runtime/config.h"
+#include "config/config.h"
 #include "runtime/ops/routing.h"
 
 namespace moe {

@@ -17,7 +17,8 @@
 #include "comm/communicator.h"
 #include "model/context.h"
 #include "model/params.h"
-#include "runtime/config.h"
+#include "config/config.h"
+#include "runtime/ops/routing.h"
 
 namespace moe {
 

@@ -14,19 +14,11 @@
 #include <cmath>
 #include <cstdint>
 
-#include "runtime/host_device.h"
+#include "base/host_device.h"
+#include "config/enums.h"
 #include "runtime/rng.h"
 
 namespace moe {
-
-enum class ForcedKind : uint8_t { kOff, kUniform, kZipf, kHot };
-
-struct ForcedRouting {
-  ForcedKind kind = ForcedKind::kOff;
-  double param = 0;  // zipf: the exponent S; hot: the fraction F
-  MOE_HOST_DEVICE bool on() const { return kind != ForcedKind::kOff; }
-  bool operator==(const ForcedRouting& o) const { return kind == o.kind && param == o.param; }
-};
 
 // Weight of expert i among e_count (not normalised).
 MOE_HOST_DEVICE inline double forced_weight(const ForcedRouting& f, int i, int e_count) {

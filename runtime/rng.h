@@ -10,7 +10,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "runtime/host_device.h"
+#include "base/host_device.h"
 
 // The generator and uniform() also compile as device code, so kernels draw the very same numbers.
 namespace moe {

@@ -13,16 +13,6 @@
 
 namespace moe {
 
-const char* error_kind_name(ErrorKind kind) {
-  switch (kind) {
-    case ErrorKind::kConfig: return "config";
-    case ErrorKind::kInput: return "input";
-    case ErrorKind::kComm: return "comm";
-    case ErrorKind::kInternal: return "internal";
-  }
-  return "unknown";
-}
-
 size_t dtype_size(DType dtype) {
   switch (dtype) {
     case DType::kF32: return 4;

@@ -11,13 +11,10 @@
 #include <string>
 #include <vector>
 
-#include "runtime/error.h"
+#include "base/error.h"
+#include "config/enums.h"
 
 namespace moe {
-
-// BF16 exists for device GEMM operands and activations only (the CPU backend computes in F32/F64).
-enum class DType : uint8_t { kF32, kF64, kI32, kBF16 };
-enum class Device : uint8_t { kCpu, kCuda };
 
 size_t dtype_size(DType dtype);
 // bfloat16 bits <-> float on the host (round to nearest even; NaN stays NaN).

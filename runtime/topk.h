@@ -5,7 +5,7 @@
 #include <climits>
 #include <cmath>
 
-#include "runtime/host_device.h"
+#include "base/host_device.h"
 
 namespace moe {
 

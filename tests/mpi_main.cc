@@ -8,7 +8,7 @@
 #include <cstdlib>
 
 #include "comm/mpi/mpi_communicator.h"
-#include "runtime/log.h"
+#include "base/log.h"
 
 namespace {
 

@@ -9,7 +9,7 @@
 #include <memory>
 
 #include "comm/mpi/mpi_communicator.h"
-#include "runtime/error.h"
+#include "base/error.h"
 #include "train/grad_reduce.h"
 
 namespace moe::test {

@@ -15,8 +15,8 @@
 #include <map>
 #include <set>
 
-#include "runtime/json.h"
-#include "runtime/log.h"
+#include "base/json.h"
+#include "base/log.h"
 #include "train/safetensors.h"
 
 namespace moe {

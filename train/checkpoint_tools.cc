@@ -9,8 +9,8 @@
 #include <map>
 
 #include "comm/mpi/mpi_communicator.h"
-#include "runtime/json.h"
-#include "runtime/log.h"
+#include "base/json.h"
+#include "base/log.h"
 #include "runtime/rng.h"
 #include "train/checkpoint.h"
 #include "train/safetensors.h"

@@ -13,7 +13,7 @@
 #include <string>
 
 #include "runtime/backend.h"
-#include "runtime/config.h"
+#include "config/config.h"
 
 namespace moe {
 

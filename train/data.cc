@@ -6,6 +6,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "base/error.h"
+
 #include <cerrno>
 #include <cmath>
 #include <cstring>

@@ -26,7 +26,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/config.h"
+#include "config/config.h"
 
 namespace moe {
 

@@ -5,7 +5,7 @@
 #include <vector>
 
 #include "model/params.h"
-#include "runtime/config.h"
+#include "config/config.h"
 
 namespace moe {
 

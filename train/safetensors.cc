@@ -11,7 +11,7 @@
 #include <cerrno>
 #include <cstring>
 
-#include "runtime/json.h"
+#include "base/json.h"
 
 namespace moe {
 namespace {

@@ -22,8 +22,8 @@
 #include "runtime/gemm_probe.h"
 #include "runtime/signals.h"
 #include "train/safetensors.h"
-#include "runtime/json.h"
-#include "runtime/log.h"
+#include "base/json.h"
+#include "base/log.h"
 
 namespace moe {
 namespace {

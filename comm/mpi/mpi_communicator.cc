@@ -18,7 +18,7 @@
 #include <utility>
 
 #include "runtime/device_wait.h"
-#include "runtime/error.h"
+#include "base/error.h"
 
 namespace moe {
 namespace {

@@ -26,7 +26,7 @@
 #include "comm/mpi/mpi_communicator.h"
 #include "runtime/cuda/cuda_common.h"
 #include "runtime/device_wait.h"
-#include "runtime/error.h"
+#include "base/error.h"
 
 namespace moe {
 namespace {

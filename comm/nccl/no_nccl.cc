@@ -1,6 +1,6 @@
 // make_nccl_communicator of a build without NCCL: says so.
 #include "comm/nccl/nccl_communicator.h"
-#include "runtime/error.h"
+#include "base/error.h"
 
 namespace moe {
 

@@ -8,7 +8,7 @@
 #include <type_traits>
 
 #include "runtime/backend.h"
-#include "runtime/error.h"
+#include "base/error.h"
 
 namespace moe::cpu {
 

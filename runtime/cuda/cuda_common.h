@@ -8,7 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "runtime/error.h"
+#include "base/error.h"
 #include "runtime/tensor.h"
 
 namespace moe {

@@ -1,6 +1,6 @@
 // The CUDA entry points of a build without the CUDA toolkit: they say so.
 #include "runtime/backend.h"
-#include "runtime/error.h"
+#include "base/error.h"
 
 namespace moe {
 

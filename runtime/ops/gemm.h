@@ -12,13 +12,6 @@ namespace moe {
 
 enum class Trans : uint8_t { kN, kT };
 
-// How the CUDA backend runs the groups of grouped_gemm / grouped_gemm_tn (runtime.expert_gemm):
-//   kGrouped  one cublasGemmGroupedBatchedEx call per 2730 non-empty groups;
-//   kStreams  one cublasGemmEx per non-empty group, round-robin over the context's GEMM streams (forked
-//             from its stream and joined back). cublasGemmEx also takes BF16 operands with an F32 result.
-// The CPU runs the groups one after another either way.
-enum class GroupedGemmPath : uint8_t { kGrouped, kStreams };
-
 // Problem sizes of gemm (2-D operands, batch 1) or batched_gemm (3-D operands, batch = leading dimension):
 // op(a) (m, k), op(w) (k, n), c (m, n). Throws InternalError naming `op` when the shapes do not fit.
 struct GemmDims {

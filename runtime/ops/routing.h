@@ -12,13 +12,10 @@
 
 namespace moe {
 
-enum class ScoreFn : uint8_t { kSoftmax, kSigmoid };
 // Which values the combine multiplies expert outputs by. kSoft: the (normalised) router scores. kHard: 1
 // per selected expert (1/k when normalised), while the backward still differentiates the soft scores:
 // the straight-through estimator, and hard Gumbel-softmax.
 enum class GateMode : uint8_t { kSoft, kHard };
-// Order in which a group's tokens claim expert slots within one choice rank.
-enum class Priority : uint8_t { kToken, kBatch };
 
 // Arguments of the routing op (top-k + gates + capacity slots) for one layer and step.
 struct RouteArgs {

@@ -11,7 +11,7 @@
 #include "comm/mpi/mpi_communicator.h"
 #include <yaml-cpp/yaml.h>
 
-#include "runtime/json.h"
+#include "base/json.h"
 #include "tests/test_util.h"
 #include "train/trainer.h"
 

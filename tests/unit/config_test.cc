@@ -7,9 +7,9 @@
 
 #include "model/params.h"
 #include "runtime/backend.h"
-#include "runtime/config.h"
+#include "config/config.h"
 #include "runtime/cpu/blas.h"
-#include "runtime/error.h"
+#include "base/error.h"
 #include "train/optimizer.h"
 
 namespace moe {

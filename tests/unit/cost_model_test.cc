@@ -11,7 +11,7 @@
 #include "launch/calibrate.h"
 #include "launch/cost_model.h"
 #include "model/transformer.h"
-#include "runtime/error.h"
+#include "base/error.h"
 
 namespace moe {
 namespace {

@@ -5,7 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "runtime/error.h"
+#include "base/error.h"
 #include "train/data.h"
 #include "train/safetensors.h"
 

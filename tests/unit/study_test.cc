@@ -7,7 +7,7 @@
 #include <fstream>
 
 #include "launch/study.h"
-#include "runtime/error.h"
+#include "base/error.h"
 #include "train/safetensors.h"
 #include "train/trainer.h"
 

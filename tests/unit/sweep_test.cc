@@ -3,9 +3,9 @@
 #include <gtest/gtest.h>
 #include <yaml-cpp/yaml.h>
 
-#include "runtime/config.h"
-#include "runtime/error.h"
-#include "runtime/sweep.h"
+#include "config/config.h"
+#include "base/error.h"
+#include "config/sweep.h"
 
 namespace moe {
 namespace {

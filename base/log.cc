@@ -1,5 +1,5 @@
 // Rank-aware console output.
-#include "runtime/log.h"
+#include "base/log.h"
 
 #include <cstdio>
 

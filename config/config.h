@@ -11,16 +11,9 @@
 #include <string>
 #include <vector>
 
-#include "runtime/backend.h"
-#include "runtime/ops/gemm.h"
-#include "runtime/ops/routing.h"
+#include "config/enums.h"
 
 namespace moe {
-
-enum class ExpertType : uint8_t { kSwiGLU, kGelu, kRelu };
-enum class RouterGrad : uint8_t { kExact, kStraightThrough, kGumbel };
-enum class OptimizerType : uint8_t { kAdamW, kSgd };
-enum class DataSource : uint8_t { kSynthetic, kFile };
 
 struct ParallelConfig {
   int ep = 1;
@@ -99,10 +92,6 @@ struct DataConfig {
   std::string path;
   std::string val_path;
 };
-
-enum class Precision : uint8_t { kFp32, kBf16 };
-enum class CommKind : uint8_t { kAuto, kNccl, kMpi };
-enum class DispatchLayout : uint8_t { kAuto, kCompact, kPadded };
 
 struct RuntimeConfig {
   Device device = Device::kCpu;

@@ -1,9 +1,9 @@
-#include "runtime/sweep.h"
+#include "config/sweep.h"
 
 #include <yaml-cpp/yaml.h>
 
-#include "runtime/config.h"
-#include "runtime/error.h"
+#include "config/config.h"
+#include "base/error.h"
 
 namespace moe {
 

@@ -1,5 +1,5 @@
 // JSON writer and reader.
-#include "runtime/json.h"
+#include "base/json.h"
 
 #include <yaml-cpp/yaml.h>
 
@@ -7,7 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 
-#include "runtime/error.h"
+#include "base/error.h"
 
 namespace moe {
 
