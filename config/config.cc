@@ -145,6 +145,12 @@ ConfigField choice(const char* key, Sec Config::*sec, E Sec::*mem, std::vector<s
   return f;
 }
 
+// Marks a field structural (ConfigField::structural).
+ConfigField structural(ConfigField f) {
+  f.structural = true;
+  return f;
+}
+
 std::vector<ConfigField> build_fields() {
   using C = Config;
   std::vector<ConfigField> f;
@@ -153,38 +159,39 @@ std::vector<ConfigField> build_fields() {
                     "Expert-parallel group size: routed experts are sharded over this many consecutive ranks; the "
                     "world is ep x dp with dp = ranks / ep."));
   // model
-  f.push_back(field("model.hidden", &C::model, &ModelConfig::hidden, "Hidden size H of every token."));
-  f.push_back(field("model.layers", &C::model, &ModelConfig::layers, "Transformer blocks, each attention then an FFN (MoE or dense, see moe.num_experts)."));
-  f.push_back(field("model.vocab_size", &C::model, &ModelConfig::vocab_size,
-                    "Vocabulary size; 256 for byte tokens. Every token id in the data must be below it."));
+  f.push_back(structural(field("model.hidden", &C::model, &ModelConfig::hidden, "Hidden size H of every token.")));
+  f.push_back(structural(field("model.layers", &C::model, &ModelConfig::layers,
+                               "Transformer blocks, each attention then an FFN (MoE or dense, see moe.num_experts).")));
+  f.push_back(structural(field("model.vocab_size", &C::model, &ModelConfig::vocab_size,
+                    "Vocabulary size; 256 for byte tokens. Every token id in the data must be below it.")));
   f.push_back(field("model.seq_len", &C::model, &ModelConfig::seq_len, "Tokens per training sequence."));
-  f.push_back(field("model.heads", &C::model, &ModelConfig::heads,
-                    "Attention query heads; model.hidden must be divisible by it (head size hidden / heads, even)."));
-  f.push_back(field("model.kv_heads", &C::model, &ModelConfig::kv_heads,
+  f.push_back(structural(field("model.heads", &C::model, &ModelConfig::heads,
+                    "Attention query heads; model.hidden must be divisible by it (head size hidden / heads, even).")));
+  f.push_back(structural(field("model.kv_heads", &C::model, &ModelConfig::kv_heads,
                     "Key/value heads; must divide model.heads (grouped-query attention: heads / kv_heads query "
-                    "heads share one). 0: model.heads."));
-  f.push_back(field("model.rope_base", &C::model, &ModelConfig::rope_base,
+                    "heads share one). 0: model.heads.")));
+  f.push_back(structural(field("model.rope_base", &C::model, &ModelConfig::rope_base,
                     "Rotary position embedding base: dimension pair i of a head turns by position * base^(-2i / "
-                    "head size)."));
+                    "head size).")));
   f.push_back(field("model.attn_dropout", &C::model, &ModelConfig::attn_dropout,
                     "Dropout probability on the attention probabilities during training. 0: off."));
-  f.push_back(field("model.ffn_hidden", &C::model, &ModelConfig::ffn_hidden,
-                    "Mid size of the dense SwiGLU FFN layers. 0: round_up(8H/3, moe.multiple_of)."));
-  f.push_back(field("model.tie_embeddings", &C::model, &ModelConfig::tie_embeddings,
-                    "Use the token embedding (V, H) as the LM head too (no separate head tensor)."));
-  f.push_back(field("model.norm_eps", &C::model, &ModelConfig::norm_eps, "RMSNorm epsilon."));
+  f.push_back(structural(field("model.ffn_hidden", &C::model, &ModelConfig::ffn_hidden,
+                    "Mid size of the dense SwiGLU FFN layers. 0: round_up(8H/3, moe.multiple_of).")));
+  f.push_back(structural(field("model.tie_embeddings", &C::model, &ModelConfig::tie_embeddings,
+                    "Use the token embedding (V, H) as the LM head too (no separate head tensor).")));
+  f.push_back(structural(field("model.norm_eps", &C::model, &ModelConfig::norm_eps, "RMSNorm epsilon.")));
   f.push_back(field("model.init_std", &C::model, &ModelConfig::init_std,
                     "Standard deviation of the normal initialisation of weight matrices (output projections are "
                     "scaled by 1/sqrt(2 * layers))."));
   // moe
-  f.push_back(field("moe.num_experts", &C::moe, &MoeConfig::num_experts,
+  f.push_back(structural(field("moe.num_experts", &C::moe, &MoeConfig::num_experts,
                     "Routed experts E per MoE layer; must be divisible by parallel.ep. 0: every layer is a dense "
-                    "SwiGLU FFN."));
-  f.push_back(field("moe.first_dense_layers", &C::moe, &MoeConfig::first_dense_layers,
-                    "The first this many layers have a dense FFN instead of MoE (DeepSeek)."));
-  f.push_back(field("moe.every", &C::moe, &MoeConfig::every,
+                    "SwiGLU FFN.")));
+  f.push_back(structural(field("moe.first_dense_layers", &C::moe, &MoeConfig::first_dense_layers,
+                    "The first this many layers have a dense FFN instead of MoE (DeepSeek).")));
+  f.push_back(structural(field("moe.every", &C::moe, &MoeConfig::every,
                     "After the first dense layers, every this-many-th layer is MoE (layer l is MoE when "
-                    "(l - first_dense_layers) % every == 0); the others are dense."));
+                    "(l - first_dense_layers) % every == 0); the others are dense.")));
   f.push_back(field("moe.top_k", &C::moe, &MoeConfig::top_k, "Experts each token is routed to (1 <= top_k <= num_experts)."));
   f.push_back(field("moe.capacity_factor", &C::moe, &MoeConfig::capacity_factor,
                     "GShard capacity per expert and capacity group of G tokens: C = min(G, max(min_capacity, "
@@ -195,18 +202,19 @@ std::vector<ConfigField> build_fields() {
   f.push_back(field("moe.group_size", &C::moe, &MoeConfig::group_size,
                     "Tokens per capacity group G; must divide the tokens of a rank. 0: all tokens of a rank form "
                     "one group. Fixing it makes results independent of the number of ranks."));
-  f.push_back(field("moe.num_shared_experts", &C::moe, &MoeConfig::num_shared_experts,
+  f.push_back(structural(field("moe.num_shared_experts", &C::moe, &MoeConfig::num_shared_experts,
                     "DeepSeekMoE shared experts: see every local token, are replicated on every rank, never cross "
-                    "the network."));
-  f.push_back(choice("moe.expert_type", &C::moe, &MoeConfig::expert_type,
+                    "the network.")));
+  f.push_back(structural(choice("moe.expert_type", &C::moe, &MoeConfig::expert_type,
                      {{"swiglu", ExpertType::kSwiGLU}, {"gelu", ExpertType::kGelu}, {"relu", ExpertType::kRelu}},
                      "Expert FFN: swiglu is W_down(silu(W_gate x) * W_up x); gelu and relu are the plain "
-                     "two-layer FFN W_down(act(W_up x)). No biases."));
-  f.push_back(field("moe.ffn_hidden", &C::moe, &MoeConfig::ffn_hidden,
-                    "Mid size F of a routed expert. 0: round_up(8H/3, multiple_of) for swiglu, 4H otherwise."));
-  f.push_back(field("moe.shared_ffn_hidden", &C::moe, &MoeConfig::shared_ffn_hidden,
-                    "Mid size of each shared expert. 0: the same as the routed experts."));
-  f.push_back(field("moe.multiple_of", &C::moe, &MoeConfig::multiple_of, "Rounding multiple of the default mid size."));
+                     "two-layer FFN W_down(act(W_up x)). No biases.")));
+  f.push_back(structural(field("moe.ffn_hidden", &C::moe, &MoeConfig::ffn_hidden,
+                    "Mid size F of a routed expert. 0: round_up(8H/3, multiple_of) for swiglu, 4H otherwise.")));
+  f.push_back(structural(field("moe.shared_ffn_hidden", &C::moe, &MoeConfig::shared_ffn_hidden,
+                    "Mid size of each shared expert. 0: the same as the routed experts.")));
+  f.push_back(structural(
+      field("moe.multiple_of", &C::moe, &MoeConfig::multiple_of, "Rounding multiple of the default mid size.")));
   f.push_back(choice("moe.score", &C::moe, &MoeConfig::score,
                      {{"softmax", ScoreFn::kSoftmax}, {"sigmoid", ScoreFn::kSigmoid}},
                      "Router scores s from logits u = W_r x: softmax over experts, or per-expert sigmoid "
@@ -256,14 +264,14 @@ std::vector<ConfigField> build_fields() {
   }
   // train
   f.push_back(field("train.steps", &C::train, &TrainConfig::steps, "Optimizer steps to run (the final step number)."));
-  f.push_back(field("train.seed", &C::train, &TrainConfig::seed,
+  f.push_back(structural(field("train.seed", &C::train, &TrainConfig::seed,
                     "Seed of every random stream: initialisation, synthetic data, jitter, gumbel noise, random "
-                    "routing, attention dropout, the sample printed after training."));
+                    "routing, attention dropout, the sample printed after training.")));
   f.push_back(field("train.batch_size", &C::train, &TrainConfig::batch_size,
                     "Global batch in sequences per step, split evenly over the ranks."));
-  f.push_back(choice("train.optimizer", &C::train, &TrainConfig::optimizer,
+  f.push_back(structural(choice("train.optimizer", &C::train, &TrainConfig::optimizer,
                      {{"adamw", OptimizerType::kAdamW}, {"sgd", OptimizerType::kSgd}},
-                     "AdamW with decoupled weight decay, or plain SGD."));
+                     "AdamW with decoupled weight decay, or plain SGD.")));
   f.push_back(field("train.lr", &C::train, &TrainConfig::lr, "Peak learning rate, reached after warm-up."));
   f.push_back(field("train.min_lr", &C::train, &TrainConfig::min_lr, "Learning rate at the end of the cosine decay."));
   f.push_back(field("train.warmup_steps", &C::train, &TrainConfig::warmup_steps, "Linear warm-up steps."));
@@ -319,10 +327,10 @@ std::vector<ConfigField> build_fields() {
                      {{"cpu", Device::kCpu}, {"cuda", Device::kCuda}},
                      "Where tensors live and ops run: the CPU backend (BLAS), or one CUDA GPU per rank (rank i "
                      "uses local device i mod the number of devices)."));
-  f.push_back(choice("runtime.dtype", &C::runtime, &RuntimeConfig::dtype,
+  f.push_back(structural(choice("runtime.dtype", &C::runtime, &RuntimeConfig::dtype,
                      {{"float32", DType::kF32}, {"float64", DType::kF64}},
                      "Type of parameters (master weights), optimizer state and activations. float64 is for the "
-                     "CPU backend (gradient checks)."));
+                     "CPU backend (gradient checks).")));
   f.push_back(choice("runtime.precision", &C::runtime, &RuntimeConfig::precision,
                      {{"fp32", Precision::kFp32}, {"bf16", Precision::kBf16}},
                      "Expert GEMMs (routed and shared): fp32, or bf16 weights and activations with fp32 "
@@ -695,20 +703,22 @@ std::string config_reference_markdown() {
          "the wrong type, or a value out of range stops the run before any work with one line naming the key. "
          "The resolved configuration is printed once at start-up. Keys marked *sweep* may take a comma "
          "list (`--moe.top_k=1,2`) in `moe_bench layer` and in studies, or a YAML list in a study file: one "
-         "run per combination (docs/STUDIES.md).\n\n"
+         "run per combination (docs/STUDIES.md). Keys marked *structural* fix the shapes or meaning of the "
+         "tensors a checkpoint stores: resuming with another value is an error naming the key.\n\n"
       << "```yaml\nmoe:\n  num_experts: 8\n  top_k: 2\ntrain:\n  steps: 300\n```\n";
   std::string section;
   for (const auto& f : config_fields()) {
     std::string s = f.key.substr(0, f.key.find('.'));
     if (s != section) {
       section = s;
-      out << "\n## " << section << "\n\n| key | type | default | sweep | meaning |\n|---|---|---|---|---|\n";
+      out << "\n## " << section
+          << "\n\n| key | type | default | sweep | structural | meaning |\n|---|---|---|---|---|---|\n";
     }
     std::string def = f.get(defaults);
     std::string type = f.type;
     for (size_t pos = 0; (pos = type.find('|', pos)) != std::string::npos; pos += 2) type.replace(pos, 1, "\\|");
     out << "| `" << f.key << "` | " << type << " | " << (def.empty() ? "''" : "`" + def + "`") << " | "
-        << (f.sweep ? "sweep" : "") << " | " << f.doc << " |\n";
+        << (f.sweep ? "sweep" : "") << " | " << (f.structural ? "structural" : "") << " | " << f.doc << " |\n";
   }
   return out.str();
 }

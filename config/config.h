@@ -121,6 +121,9 @@ struct ConfigField {
   std::function<void(Config&, const std::string&)> set;  // parses text; throws ConfigError naming the key
   std::function<std::string(const Config&)> get;         // the value as text that set() parses back
   bool sweep = false;  // may take a list of values in a study (one run per value)
+  // Fixes the shapes or meaning of the tensors a checkpoint stores: resuming with another value is an
+  // error naming the key (model and MoE shapes, dtype, optimizer, seed).
+  bool structural = false;
 };
 
 const std::vector<ConfigField>& config_fields();

@@ -27,15 +27,6 @@ constexpr const char* kFormat = "moe-checkpoint";
 // 3 adds the index (model.safetensors.index.json) and the software version.
 static_assert(kCheckpointFormatVersion == 3, "update the version notes");
 
-// Keys that fix the shapes and meaning of the stored tensors: they must match on resume.
-const char* const kStructuralKeys[] = {"model.hidden",       "model.layers",        "model.vocab_size",
-                                       "model.heads",        "model.kv_heads",      "model.ffn_hidden",
-                                       "model.tie_embeddings", "moe.num_experts",   "moe.first_dense_layers",
-                                       "moe.every",          "moe.num_shared_experts", "moe.expert_type",
-                                       "moe.ffn_hidden",     "moe.shared_ffn_hidden", "moe.multiple_of",
-                                       "model.rope_base",    "model.norm_eps",      "runtime.dtype",
-                                       "train.optimizer",    "train.seed"};
-
 std::string rank_file(int rank) { return checkpoint_rank_file(rank); }
 std::string step_name(int64_t step) { return checkpoint_step_name(step); }
 
@@ -535,10 +526,12 @@ TrainingState load_checkpoint(const std::string& step_dir, const Config& config,
       YAML::Node stored = m["config"];
       auto values = config_values(config);
       std::map<std::string, std::string> now(values.begin(), values.end());
-      for (const char* key : kStructuralKeys) {
+      for (const ConfigField& f : config_fields()) {
+        if (!f.structural) continue;
+        const std::string& key = f.key;
         std::string was = stored[key].as<std::string>("");
         if (was != now[key]) {
-          const bool upcycle = std::string(key) == "moe.num_experts" && was == "0";
+          const bool upcycle = key == "moe.num_experts" && was == "0";
           throw ConfigError(key, "checkpoint " + step_dir + " was written with " + key + " = " + was +
                                      ", this run has " + now[key] +
                                      (upcycle ? " (to turn a dense checkpoint into an MoE model: launch/moe upcycle)"

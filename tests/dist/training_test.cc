@@ -117,6 +117,40 @@ TEST(Training, ADenseModelResumesBitForBit) {  // no routed experts: the manifes
   EXPECT_EQ(got, std::vector<double>(want.begin() + 4, want.end()));
 }
 
+// A checkpoint fixes the keys the field table marks structural: resuming with another value of one is
+// refused naming it (a dense checkpoint given experts points to upcycle), any other key may change.
+TEST(Training, ResumeRefusesAnotherValueOfAStructuralKeyAndNamesIt) {
+  ProcessGroups groups = test::self_groups();  // each rank on its own: only rank 0 of a job reads the manifest
+  SharedDir dir(*groups.world, "moe_structural");
+  Config base = tiny_model(2);
+  base.parallel.ep = 1;
+  base.moe.num_experts = 0;
+  base.train.checkpoint_dir = dir.path();
+  train(base, groups);
+  auto resume_with = [&](const std::string& key, const std::string& value) {
+    Config c = base;
+    config_field(key).set(c, value);
+    c.train.steps = 3;
+    c.train.resume = dir.path() + "/step_00000002";
+    try {
+      train(c, groups);
+    } catch (const ConfigError& e) {
+      return e.key() + ": " + e.what();
+    }
+    return std::string("resumed");
+  };
+  for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
+           {"model.hidden", "24"}, {"train.seed", "7"}, {"moe.ffn_hidden", "32"}, {"runtime.dtype", "float64"}}) {
+    ASSERT_TRUE(config_field(key).structural) << key;
+    const std::string got = resume_with(key, value);
+    EXPECT_EQ(got.rfind(key + ":", 0), 0u) << got;
+    EXPECT_NE(got.find("was written with " + key), std::string::npos) << got;
+  }
+  EXPECT_NE(resume_with("moe.num_experts", "4").find("launch/moe upcycle"), std::string::npos);
+  ASSERT_FALSE(config_field("train.lr").structural);
+  EXPECT_EQ(resume_with("train.lr", "0.02"), "resumed");
+}
+
 TEST(Training, LossCurveDoesNotDependOnTheNumberOfRanks) {
   Config c = tiny_model(6);
   c.runtime.dtype = DType::kF64;
