@@ -525,6 +525,16 @@ int shared_ffn_hidden(const Config& c) {
   return c.moe.shared_ffn_hidden > 0 ? c.moe.shared_ffn_hidden : expert_ffn_hidden(c);
 }
 
+int64_t moe_capacity(const MoeConfig& moe, int64_t group_tokens) {
+  if (moe.capacity_factor <= 0) return 0;  // dropless
+  const double exact =
+      static_cast<double>(moe.top_k) * static_cast<double>(group_tokens) * moe.capacity_factor / moe.num_experts;
+  // ceil, forgiving the last-bit error of the product (k * S / E * cf = 1280.0000000000002 gives 1280)
+  int64_t c = static_cast<int64_t>(std::ceil(exact * (1.0 - 1e-12)));
+  c = std::max<int64_t>(c, moe.min_capacity);
+  return std::max<int64_t>(1, std::min<int64_t>(c, group_tokens));  // an expert gets at most G per group
+}
+
 int64_t local_tokens(const Config& c, int world_size) {
   return int64_t{c.train.batch_size} / world_size * c.model.seq_len;
 }

@@ -151,6 +151,10 @@ int kv_heads(const Config& config);           // model.kv_heads, or model.heads
 bool is_moe_layer(const Config& config, int layer);
 int num_moe_layers(const Config& config);
 int shared_ffn_hidden(const Config& config);  // moe.shared_ffn_hidden, or expert_ffn_hidden
+// GShard capacity of one expert in a capacity group of `group_tokens` tokens: C = ceil(k * G * cf / E),
+// at least moe.min_capacity, at most G (no expert can take more), at least 1; 0 when dropless
+// (moe.capacity_factor <= 0). The one formula: the router and the cost model both call it.
+int64_t moe_capacity(const MoeConfig& moe, int64_t group_tokens);
 int64_t local_tokens(const Config& config, int world_size);  // tokens per rank per step
 DispatchLayout dispatch_layout(const Config& config);  // runtime.dispatch_layout resolved for runtime.device
 bool use_nccl(const Config& config);          // runtime.comm resolved for runtime.device

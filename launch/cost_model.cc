@@ -319,15 +319,6 @@ KeptRows kept_rows(int64_t n, double p, int64_t capacity) {
 
 namespace {
 
-int64_t group_capacity(const Config& c, int64_t group_tokens) {
-  if (c.moe.capacity_factor <= 0) return 0;
-  const double exact = static_cast<double>(c.moe.top_k) * static_cast<double>(group_tokens) * c.moe.capacity_factor /
-                       c.moe.num_experts;
-  int64_t cap = static_cast<int64_t>(std::ceil(exact * (1.0 - 1e-12)));
-  cap = std::max<int64_t>(cap, c.moe.min_capacity);
-  return std::max<int64_t>(1, std::min<int64_t>(cap, group_tokens));
-}
-
 // Rows each rank's experts process in one MoE layer: the mean over ranks and the expected maximum.
 struct LayerLoad {
   double mean_rows = 0, max_rows = 0, kept_frac = 1;
@@ -337,7 +328,7 @@ LayerLoad layer_load(const Config& c, const std::vector<double>& p, int64_t toke
   const int e_count = c.moe.num_experts, local = e_count / ep;
   const int64_t group = c.moe.group_size > 0 && c.moe.capacity_factor > 0 ? c.moe.group_size : tokens;
   const int64_t groups = std::max<int64_t>(1, tokens / group);
-  const int64_t cap = group_capacity(c, group);
+  const int64_t cap = moe_capacity(c.moe, group);
   LayerLoad out;
   double kept = 0, max_mu = 0, max_sd = 0, total = 0;
   for (int r = 0; r < ep; ++r) {
@@ -499,7 +490,7 @@ StepPrediction predict_step(const Config& c, const CostConstants& k, const Predi
     double buffer_rows = std::max(sent, load.max_rows);
     if (dispatch_layout(c) == DispatchLayout::kPadded && c.moe.capacity_factor > 0) {
       const int64_t group = c.moe.group_size > 0 ? c.moe.group_size : static_cast<int64_t>(T);
-      buffer_rows = e_count * std::max(1.0, T / group) * group_capacity(c, group);  // padded slots
+      buffer_rows = e_count * std::max(1.0, T / group) * moe_capacity(c.moe, group);  // padded slots
     }
     const double exchange =
         a2a(buffer_rows * h * xbytes, s.ep) + (s.ep > 1 ? n.all_to_all.alpha_s + n.sync_s : 0);  // + the counts

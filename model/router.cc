@@ -24,16 +24,6 @@ Router::Router(ParamSet& params, const std::string& prefix, const Config& config
   bias_ = params.add(b);
 }
 
-int64_t Router::capacity(int64_t group_tokens) const {
-  if (moe_.capacity_factor <= 0) return 0;  // dropless
-  double exact = static_cast<double>(moe_.top_k) * static_cast<double>(group_tokens) * moe_.capacity_factor /
-                 moe_.num_experts;
-  // ceil, forgiving the last-bit error of the product (k * S / E * cf = 1280.0000000000002 gives 1280)
-  int64_t c = static_cast<int64_t>(std::ceil(exact * (1.0 - 1e-12)));
-  c = std::max<int64_t>(c, moe_.min_capacity);
-  return std::max<int64_t>(1, std::min<int64_t>(c, group_tokens));  // an expert gets at most S per group
-}
-
 const RouteState& Router::forward(Backend& backend, Communicator& world, const Tensor& x, const StepContext& ctx) {
   const int64_t t_count = x.dim(0);
   const int e_count = moe_.num_experts, k = moe_.top_k;
@@ -49,7 +39,7 @@ const RouteState& Router::forward(Backend& backend, Communicator& world, const T
   args.num_experts = e_count;
   args.top_k = k;
   args.num_groups = static_cast<int>(groups);
-  args.capacity = ctx.dropless ? 0 : capacity(t_count / groups);
+  args.capacity = ctx.dropless ? 0 : moe_capacity(moe_, t_count / groups);
   args.normalize = moe_.normalize_topk;
   bool hard = moe_.router_grad == RouterGrad::kStraightThrough ||
               (moe_.router_grad == RouterGrad::kGumbel && moe_.gumbel_hard);

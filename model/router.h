@@ -53,7 +53,6 @@ class Router {
   void update_bias(Backend& backend, double rate);
 
   const RouteState& state() const { return state_; }
-  int64_t capacity(int64_t group_tokens) const;
   Param* weight() { return weight_; }
   Param* balance_bias() { return bias_; }
 

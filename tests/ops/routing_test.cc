@@ -295,19 +295,17 @@ TEST_F(GateTest, RouteBackwardDifferentiatesNormalizedGates) {
 }
 
 TEST(Capacity, FormulaMinimumAndCap) {
-  Config c = test::small_config(8, 2, 8);
-  ParamSet params;
-  c.moe.capacity_factor = 1.25;
-  c.moe.min_capacity = 4;
-  Router r(params, "r", c, 0);
-  EXPECT_EQ(r.capacity(4096), 1280);  // ceil(2 * 4096 / 8 * 1.25)
-  EXPECT_EQ(r.capacity(100), 32);     // ceil(31.25)
-  EXPECT_EQ(r.capacity(8), 4);        // min_capacity
-  EXPECT_EQ(r.capacity(3), 3);        // never more than the group
-  ParamSet p2;
-  c.moe.capacity_factor = 0.0;
-  Router dropless(p2, "r", c, 0);
-  EXPECT_EQ(dropless.capacity(4096), 0);
+  MoeConfig m;
+  m.num_experts = 8;
+  m.top_k = 2;
+  m.capacity_factor = 1.25;
+  m.min_capacity = 4;
+  EXPECT_EQ(moe_capacity(m, 4096), 1280);  // ceil(2 * 4096 / 8 * 1.25)
+  EXPECT_EQ(moe_capacity(m, 100), 32);     // ceil(31.25)
+  EXPECT_EQ(moe_capacity(m, 8), 4);        // min_capacity
+  EXPECT_EQ(moe_capacity(m, 3), 3);        // never more than the group
+  m.capacity_factor = 0.0;
+  EXPECT_EQ(moe_capacity(m, 4096), 0);     // dropless
 }
 
 
