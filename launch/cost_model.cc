@@ -426,10 +426,7 @@ StepPrediction predict_step(const Config& c, const CostConstants& k, const Predi
     return t;
   };
 
-  std::map<std::string, double>& ph = s.phase_s;
-  for (const char* p : {"attention", "dense", "router", "dispatch", "exchange", "experts", "combine", "shared",
-                        "backward", "allreduce", "optimizer", "other"})
-    ph[p] = 0;
+  PhaseTimes& ph = s.phases;
   const double mats = c.moe.expert_type == ExpertType::kSwiGLU ? 3 : 2;
   double hidden_shared = 0, backward_compute = 0;
   double max_rows_total = 0, mean_rows_total = 0, kept = 0;
@@ -454,19 +451,19 @@ StepPrediction predict_step(const Config& c, const CostConstants& k, const Predi
     const double norm_res = 8 * T * h * 5;  // two norms and two residual adds per direction
     fwd += stream(norm_res, 4);
     bwd += stream(norm_res * 1.5, 4);
-    ph["attention"] += fwd;
+    ph.attention += fwd;
     backward_compute += bwd;
 
     if (!is_moe_layer(c, l)) {
       const double f = dense_ffn_hidden(c);
-      ph["dense"] += 2 * linear_f(gdense, T, f, h) + linear_f(gdense, T, h, f) + kFwd * swiglu(T * f);
+      ph.dense += 2 * linear_f(gdense, T, f, h) + linear_f(gdense, T, h, f) + kFwd * swiglu(T * f);
       backward_compute += 2 * linear_b(gdense, T, f, h) + linear_b(gdense, T, h, f) + kBwd * swiglu(T * f);
       continue;
     }
     ++moe_layers;
     const double e_count = c.moe.num_experts, topk = c.moe.top_k, local = e_count / s.ep;
     // router: logits GEMM, scores, top-k and capacity slots, the statistics' all-reduce over the world
-    ph["router"] += linear_f(gdense, T, e_count, h) + softmax(T * e_count) + stream(16 * T * e_count, 4) +
+    ph.router += linear_f(gdense, T, e_count, h) + softmax(T * e_count) + stream(16 * T * e_count, 4) +
                     all_reduce(8 * (2 * e_count + 4), s.ranks) + sync(s.ranks);
     backward_compute += linear_b(gdense, T, e_count, h) + stream(16 * T * e_count, 2);
     LayerLoad load;
@@ -496,9 +493,9 @@ StepPrediction predict_step(const Config& c, const CostConstants& k, const Predi
         a2a(buffer_rows * h * xbytes, s.ep) + (s.ep > 1 ? n.all_to_all.alpha_s + n.sync_s : 0);  // + the counts
     s.comm_s += 4 * exchange;  // dispatch and combine, forward and backward
     const double perm = stream(8 * T * topk * h, 1);
-    ph["dispatch"] += perm;
-    ph["exchange"] += 2 * exchange;
-    ph["combine"] += perm;
+    ph.dispatch += perm;
+    ph.exchange += 2 * exchange;
+    ph.combine += perm;
     // the experts of a rank with `rows` rows, forward and backward
     auto experts = [&](double rows, double* fwd_s, double* bwd_s) {
       const double per_expert = rows / local;
@@ -515,19 +512,19 @@ StepPrediction predict_step(const Config& c, const CostConstants& k, const Predi
     // all-busy rates say (it gets the core time of the ranks waiting beside it).
     expert_f = std::max(mean_f, expert_f / share);
     expert_b = std::max(mean_b, expert_b / share);
-    ph["experts"] += expert_f;
+    ph.experts += expert_f;
     backward_compute += expert_b + 2 * perm + 2 * exchange;
     if (c.moe.num_shared_experts > 0) {
       const double fs = shared_ffn_hidden(c), ns = c.moe.num_shared_experts;
       const double sf = ns * ((mats - 1) * linear_f(gexp, T, fs, h) + linear_f(gexp, T, h, fs)) + kFwd * swiglu(ns * T * fs);
       const double sb = ns * ((mats - 1) * linear_b(gexp, T, fs, h) + linear_b(gexp, T, h, fs)) + kBwd * swiglu(ns * T * fs);
-      ph["shared"] += sf;
+      ph.shared += sf;
       backward_compute += sb;
       if (k.overlap) hidden_shared += std::min(sf, 2 * exchange) + std::min(sb, 2 * exchange);
     }
   }
   // embedding, head and loss (forward in "other", as the metrics book them), the loss's all-reduce
-  ph["other"] += linear_f(gdense, T, V, h) + softmax(T * V) * 0.5 + stream(8 * T * h, 2) + all_reduce(16, s.ranks) +
+  ph.other += linear_f(gdense, T, V, h) + softmax(T * V) * 0.5 + stream(8 * T * h, 2) + all_reduce(16, s.ranks) +
                  sync(s.ranks);
   backward_compute += linear_b(gdense, T, V, h) + softmax(T * V) * 0.5 + stream(8 * T * h, 2);
 
@@ -548,18 +545,18 @@ StepPrediction predict_step(const Config& c, const CostConstants& k, const Predi
   const double buckets = std::ceil(4 * replicated / bucket) + (s.dp > 1 ? std::ceil(4 * local_expert / bucket) : 0.0);
   double hidden_ar = 0;
   if (k.overlap && buckets > 1) hidden_ar = std::min(grad_sum * (1 - 1 / buckets), backward_compute);
-  ph["backward"] = backward_compute;
-  ph["allreduce"] = grad_sum - hidden_ar;
+  ph.backward = backward_compute;
+  ph.allreduce = grad_sum - hidden_ar;
   s.comm_s = comm_before + grad_sum - hidden_ar;
-  ph["allreduce"] += sync(s.ranks);  // the wait for the last bucket
+  ph.allreduce += sync(s.ranks);  // the wait for the last bucket
   // optimizer: zero the gradients, clip (a sum of squares), AdamW over this rank's parameters
   const double params = replicated + local_expert;
-  ph["optimizer"] = eff * params / n.adamw_params_per_s + stream(8 * params, 4) + all_reduce(8, s.ranks) + sync(s.ranks);
+  ph.optimizer = eff * params / n.adamw_params_per_s + stream(8 * params, 4) + all_reduce(8, s.ranks) + sync(s.ranks);
 
   // overlapped time is not in its phase (as the metrics book it) but in hidden_s
   s.hidden_s = hidden_shared + hidden_ar;
-  ph["shared"] = std::max(0.0, ph["shared"] - hidden_shared);
-  for (const auto& [name, t] : ph) s.step_s += t;
+  ph.shared = std::max(0.0, ph.shared - hidden_shared);
+  s.step_s = ph.total();
   s.tokens_per_s = s.step_s > 0 ? T * s.ranks / s.step_s : 0.0;
   s.imbalance = mean_rows_total > 0 ? max_rows_total / mean_rows_total : 1.0;
   s.dropped_frac = moe_layers > 0 ? 1.0 - kept / moe_layers : 0.0;

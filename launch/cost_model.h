@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "model/context.h"
 
 namespace moe {
 
@@ -89,7 +90,7 @@ KeptRows kept_rows(int64_t n, double p, int64_t capacity);
 struct StepPrediction {
   int ranks = 1, ep = 1, dp = 1, nodes = 1;
   int64_t tokens_per_rank = 0;
-  std::map<std::string, double> phase_s;  // the metrics file's phases (attention, dense, router, ...)
+  PhaseTimes phases;                      // the metrics file's phases (model/context.h kPhases)
   double hidden_s = 0;                    // overlapped time (outside the sum)
   double step_s = 0;                      // sum of the phases
   double tokens_per_s = 0;                // all ranks

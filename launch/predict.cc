@@ -26,12 +26,6 @@ std::string num(double v, int digits) {
 
 std::string ms(double seconds) { return num(seconds * 1e3, seconds < 0.01 ? 3 : 1); }
 
-const std::vector<std::string>& predicted_phases() {
-  static const std::vector<std::string> p{"attention", "dense",    "router",    "dispatch",  "exchange", "experts",
-                                          "combine",   "shared",   "backward",  "allreduce", "optimizer", "other"};
-  return p;
-}
-
 }  // namespace
 
 std::vector<std::vector<std::vector<double>>> observed_expert_load(const RunSummary& m) {
@@ -48,7 +42,7 @@ std::vector<std::vector<std::vector<double>>> observed_expert_load(const RunSumm
 Table predict_table(const Config& config, const CostConstants& k, const PredictRequest& request) {
   Table t;
   t.columns = {"ranks", "nodes", "ep", "dp", "tokens/rank", "step ms", "tokens/s", "tokens/s/rank", "TFLOP/s/rank"};
-  for (const std::string& p : predicted_phases()) t.columns.push_back(p + " ms");
+  for (const Phase& p : kPhases) t.columns.push_back(std::string(p.name) + " ms");
   t.columns.insert(t.columns.end(), {"hidden ms", "imbalance", "dropped %"});
   std::vector<std::vector<std::vector<double>>> observed;
   if (!request.load_from.empty()) {
@@ -73,7 +67,7 @@ Table predict_table(const Config& config, const CostConstants& k, const PredictR
                                  std::to_string(s.dp), std::to_string(s.tokens_per_rank), ms(s.step_s),
                                  num(s.tokens_per_s, 0), num(s.tokens_per_s / ranks, 0),
                                  num(s.tokens_per_s / ranks * flops_per_token * 1e-12, 3)};
-    for (const std::string& p : predicted_phases()) row.push_back(ms(s.phase_s.at(p)));
+    for (const Phase& p : kPhases) row.push_back(ms(s.phases.*p.field));
     row.insert(row.end(), {ms(s.hidden_s), num(s.imbalance, 2), num(100 * s.dropped_frac, 2)});
     t.rows.push_back(row);
   }
@@ -101,9 +95,7 @@ Table validate_study(const std::string& dir, const CostConstants& k, std::string
     const RunSummary m = summarize_metrics_file(metrics.string(), 0.5);
     if (m.steps < 3 || m.tokens_per_s <= 0) continue;
     // the mean wall time of the measured steps (the prediction is an expectation over steps too)
-    const double measured = m.phase_s.count("wall") && m.phase_s.at("wall") > 0
-                                ? m.phase_s.at("wall")
-                                : static_cast<double>(m.tokens_per_step) / m.tokens_per_s;
+    const double measured = m.wall_s > 0 ? m.wall_s : static_cast<double>(m.tokens_per_step) / m.tokens_per_s;
     std::string name = j["name"].as<std::string>();
     const std::string suffix = "-rep" + std::to_string(j["repeat"].as<int>(1));
     if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
@@ -148,15 +140,14 @@ Table validate_study(const std::string& dir, const CostConstants& k, std::string
     const RunSummary& m = g->m[mid];
     const double measured = g->measured[mid], err = g->s.step_s / measured - 1;
     abs_err.push_back(std::fabs(err));
-    auto phase = [&](const char* p) { return m.phase_s.count(p) ? m.phase_s.at(p) : 0.0; };
     const StepPrediction& s = g->s;
     t.rows.push_back({g->name, std::to_string(g->ranks), std::to_string(s.ep), g->routing,
                       std::to_string(g->measured.size()), ms(measured),
                       g->measured.size() > 1 ? ms(g->measured[by.front()]) + "-" + ms(g->measured[by.back()]) : "-",
-                      ms(s.step_s), num(100 * err, 1), ms(phase("experts")), ms(s.phase_s.at("experts")),
-                      ms(phase("dispatch") + phase("exchange") + phase("combine")),
-                      ms(s.phase_s.at("dispatch") + s.phase_s.at("exchange") + s.phase_s.at("combine")),
-                      ms(phase("backward")), ms(s.phase_s.at("backward")), num(m.max_mean_load, 2), num(s.imbalance, 2)});
+                      ms(s.step_s), num(100 * err, 1), ms(m.times.experts), ms(s.phases.experts),
+                      ms(m.times.dispatch + m.times.exchange + m.times.combine),
+                      ms(s.phases.dispatch + s.phases.exchange + s.phases.combine), ms(m.times.backward),
+                      ms(s.phases.backward), num(m.max_mean_load, 2), num(s.imbalance, 2)});
   }
   std::sort(abs_err.begin(), abs_err.end());
   const double med = abs_err.size() % 2 ? abs_err[abs_err.size() / 2]

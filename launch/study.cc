@@ -292,94 +292,6 @@ std::vector<StudyRun> plan_study(const std::string& path, const StudyOptions& op
 // ---------------------------------------------------------------------------------------------------
 // metrics
 
-const std::vector<std::string>& phase_names() {
-  static const std::vector<std::string> names{"attention", "dense",    "router",    "dispatch",  "exchange", "experts",
-                                              "combine",   "shared",   "backward",  "allreduce", "optimizer", "other"};
-  return names;
-}
-
-RunSummary summarize_metrics_file(const std::string& metrics_path, double warmup) {
-  const std::string events_path = metrics_events_path(metrics_path);
-  std::string events = fs::exists(events_path) ? read_file(events_path, "events file") : std::string();
-  if (!events.empty() && events.back() != '\n') events += '\n';  // a torn last event stays on its own line
-  return summarize_metrics(events + read_file(metrics_path, "metrics file"), metrics_path + " (and its events file)",
-                           warmup);
-}
-
-RunSummary summarize_metrics(const std::string& jsonl, const std::string& what, double warmup) {
-  RunSummary s;
-  std::istringstream lines(jsonl);
-  std::string line;
-  std::vector<YAML::Node> steps;
-  while (std::getline(lines, line)) {
-    if (line.empty() || line.back() != '}') continue;  // a torn last line of a killed run
-    YAML::Node j = parse_json(line, what);
-    if (j["event"]) {
-      if (j["event"].as<std::string>() == "start") {
-        s.started = true;
-        s.ranks = j["ranks"].as<int>(0);
-        s.ep = j["ep"].as<int>(0);
-        s.params_total = j["params_total"].as<int64_t>(0);
-        s.params_active = j["params_active"].as<int64_t>(0);
-        s.tokens_per_step = j["tokens_per_step"].as<int64_t>(0);
-        s.flops_per_token = j["flops_per_token"].as<double>(0);
-        s.routing = j["routing"].as<std::string>("off");
-      }
-      continue;
-    }
-    if (!j["step"]) continue;
-    // A resumed run repeats the steps after its checkpoint: the later line of a step wins.
-    const int64_t step = j["step"].as<int64_t>();
-    while (!steps.empty() && steps.back()["step"].as<int64_t>() >= step) steps.pop_back();
-    steps.push_back(j);
-  }
-  s.steps = static_cast<int64_t>(steps.size());
-  if (steps.empty()) return s;
-  s.last_step = steps.back()["step"].as<int64_t>();
-  const size_t skip = std::min(steps.size() - 1, std::max<size_t>(1, static_cast<size_t>(steps.size() * warmup)));
-  s.skipped = static_cast<int64_t>(skip);
-  std::vector<double> tps, mfu;
-  double load = 0, dropped = 0, wall = 0;
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const YAML::Node& j = steps[i];
-    wall += j["time_s"]["wall"].as<double>(0);
-    if (j["val_loss"]) {
-      const double bits = j["val_bpb"] ? j["val_bpb"].as<double>() : j["val_bits_per_token"].as<double>(0);
-      s.evals.push_back({j["step"].as<int64_t>(), static_cast<double>(j["step"].as<int64_t>()) * s.tokens_per_step,
-                         wall, j["val_loss"].as<double>(), bits});
-    }
-    const YAML::Node layers = j["layers"];
-    if (layers && layers.IsSequence()) {
-      if (s.load.size() < layers.size()) s.load.resize(layers.size());
-      for (size_t l = 0; l < layers.size(); ++l) {
-        std::vector<double> row;
-        for (const auto& v : layers[l]["load"]) row.push_back(v.as<double>());
-        const double mean = row.empty() ? 0 : std::accumulate(row.begin(), row.end(), 0.0) / row.size();
-        for (double& v : row) v = mean > 0 ? v / mean : 0;
-        s.load[l].push_back(row);
-      }
-    }
-    if (i < skip) continue;
-    tps.push_back(j["tokens_per_s"].as<double>(0));
-    mfu.push_back(j["mfu"].as<double>(0));
-    load += j["max_mean_load"].as<double>(0);
-    dropped += j["dropped_frac"].as<double>(0);
-    for (const std::string& p : phase_names()) s.phase_s[p] += j["time_s"][p].as<double>(0);
-    for (const char* p : {"hidden_shared", "hidden_allreduce", "total", "wall"}) s.phase_s[p] += j["time_s"][p].as<double>(0);
-  }
-  const double measured = static_cast<double>(steps.size() - skip);
-  for (auto& [name, v] : s.phase_s) v /= measured;
-  auto med = [](std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-  };
-  s.tokens_per_s = med(tps);
-  s.mfu = med(mfu);
-  s.max_mean_load = load / measured;
-  s.dropped_frac = dropped / measured;
-  return s;
-}
-
 // ---------------------------------------------------------------------------------------------------
 // the report
 
@@ -437,13 +349,13 @@ std::vector<std::string> write_plots(const fs::path& dir, const std::vector<Repo
   // The step split: one row per run, ms per step of every phase (rowstacked bars).
   {
     std::string data = "# run tokens_per_s";
-    for (const std::string& p : phase_names()) data += " " + p;
+    for (const Phase& p : kPhases) data += std::string(" ") + p.name;
     data += "\n";
     for (const ReportRun* r : ok) {
       std::string name = r->name;
       std::replace(name.begin(), name.end(), ' ', '_');
       data += name + " " + fixed(r->m.tokens_per_s, 1);
-      for (const std::string& p : phase_names()) data += " " + fixed(r->m.phase_s.at(p) * 1e3, 4);
+      for (const Phase& p : kPhases) data += " " + fixed(r->m.times.*p.field * 1e3, 4);
       data += "\n";
     }
     write_text(dir / "split.dat", data);
@@ -454,9 +366,9 @@ std::vector<std::string> write_plots(const fs::path& dir, const std::vector<Repo
             "\nset title 'tokens/s'\nset ylabel 'tokens/s'\nunset key\n"
             "plot 'split.dat' using 2:xtic(1) title 'tokens/s' lc rgb '#4477aa'\n"
             "set title 'step time by phase (ms)'\nset ylabel 'ms per step'\nset key outside right\nplot ";
-    for (size_t p = 0; p < phase_names().size(); ++p) {
+    for (size_t p = 0; p < std::size(kPhases); ++p) {  // each phase in its own colour (model/context.h)
       plot += (p ? ", '' " : "'split.dat' ") + std::string("using ") + std::to_string(p + 3) +
-              (p == 0 ? ":xtic(1)" : "") + " title " + gq(phase_names()[p]);
+              (p == 0 ? ":xtic(1)" : "") + " title " + gq(kPhases[p].name) + " lc rgb " + gq(kPhases[p].colour);
     }
     plot += "\nunset multiplot\n";
     script(kind == "scale" ? "scale_split" : "throughput_split", plot);
@@ -619,7 +531,7 @@ std::string report_study(const std::string& out, std::string* plot_note) {
   t.columns = {"run", "status", "ranks", "ep", "routing"};
   if (kind == "scale") t.columns.insert(t.columns.end(), {"mode", "sweep", "tokens/step", "efficiency"});
   t.columns.insert(t.columns.end(), {"params total", "params active", "tokens/s", "MFU", "step ms"});
-  for (const std::string& p : phase_names()) t.columns.push_back(p + " ms");
+  for (const Phase& p : kPhases) t.columns.push_back(std::string(p.name) + " ms");
   t.columns.insert(t.columns.end(), {"hidden ms", "max/mean load", "dropped %"});
   if (kind == "compare") t.columns.insert(t.columns.end(), {"val loss", "val bpb", "evals"});
   // efficiency: tokens/s per rank against the smallest rank count of the same model, mode and sweep point
@@ -644,9 +556,9 @@ std::string report_study(const std::string& out, std::string* plot_note) {
     }
     row.insert(row.end(), {millions(m.params_total), millions(m.params_active), have ? fixed(m.tokens_per_s, 0) : "-",
                            have ? fixed(100 * m.mfu, 2) + "%" : "-",
-                           have ? fixed(1e3 * m.phase_s.at("total"), 1) : "-"});
-    for (const std::string& p : phase_names()) row.push_back(have ? fixed(1e3 * m.phase_s.at(p), 2) : "-");
-    row.push_back(have ? fixed(1e3 * (m.phase_s.at("hidden_shared") + m.phase_s.at("hidden_allreduce")), 2) : "-");
+                           have ? fixed(1e3 * m.times.total(), 1) : "-"});
+    for (const Phase& p : kPhases) row.push_back(have ? fixed(1e3 * (m.times.*p.field), 2) : "-");
+    row.push_back(have ? fixed(1e3 * (m.times.hidden_shared + m.times.hidden_allreduce), 2) : "-");
     row.push_back(have && m.max_mean_load > 0 ? fixed(m.max_mean_load, 2) : "-");
     row.push_back(have ? fixed(100 * m.dropped_frac, 2) : "-");
     if (kind == "compare") {

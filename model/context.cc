@@ -5,6 +5,12 @@
 
 namespace moe {
 
+const Phase* find_phase(const std::string& name) {
+  for (const Phase& p : kPhases)
+    if (name == p.name) return &p;
+  return nullptr;
+}
+
 Timeline::Timeline(Backend& backend) : backend_(backend), start_(backend.mark()) {}
 
 void Timeline::lap(double* phase) { laps_.push_back(Lap{backend_.mark(), phase}); }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "runtime/backend.h"
@@ -29,11 +30,37 @@ struct PhaseTimes {
   double hidden_shared = 0;     // shared expert time (forward and backward) that overlapped other work
   double hidden_allreduce = 0;  // gradient-sum time that overlapped the backward (stream-ordered comm)
 
-  double total() const {
-    return attention + dense + router + dispatch + exchange + experts + combine + shared + backward + allreduce +
-           optimizer + other;
-  }
+  // The sum of the phases (kPhases, in its order): the step.
+  double total() const;
 };
+
+// One phase of a step: its name (the metrics file's time_s key, the report and prediction columns), its
+// field, and its colour in the study plots.
+struct Phase {
+  const char* name;
+  double PhaseTimes::*field;
+  const char* colour;  // "#rrggbb", one distinct colour per phase
+};
+
+// Every phase, in the order the metrics line, the tables, the plots and the cost model show them. The one
+// list of phases: adding one is a field above and a row here.
+inline constexpr Phase kPhases[] = {
+    {"attention", &PhaseTimes::attention, "#332288"}, {"dense", &PhaseTimes::dense, "#117733"},
+    {"router", &PhaseTimes::router, "#88ccee"},       {"dispatch", &PhaseTimes::dispatch, "#ddcc77"},
+    {"exchange", &PhaseTimes::exchange, "#cc6677"},   {"experts", &PhaseTimes::experts, "#aa4499"},
+    {"combine", &PhaseTimes::combine, "#44aa99"},     {"shared", &PhaseTimes::shared, "#999933"},
+    {"backward", &PhaseTimes::backward, "#882255"},   {"allreduce", &PhaseTimes::allreduce, "#ee8866"},
+    {"optimizer", &PhaseTimes::optimizer, "#6699cc"}, {"other", &PhaseTimes::other, "#bbbbbb"},
+};
+
+inline double PhaseTimes::total() const {
+  double sum = 0;
+  for (const Phase& p : kPhases) sum += this->*p.field;
+  return sum;
+}
+
+// The phase called `name`, or null.
+const Phase* find_phase(const std::string& name);
 
 // Books the time between consecutive laps to phases, measured on the backend's streams (device events
 // on a GPU, the clock on the CPU), so asynchronous work is timed where it runs. resolve() waits for the

@@ -2,18 +2,9 @@
 #include "train/trainer.h"
 
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
 #include <cmath>
-#include <cstring>
-#include <filesystem>
-
 #include <csignal>
-
-#include <sstream>
-
-#include <yaml-cpp/yaml.h>
-
 #include <limits>
 #include <thread>
 
@@ -154,9 +145,7 @@ Trainer::Trainer(const Config& config, Backend& backend, ProcessGroups& groups)
   if (backend.device() == Device::kCpu) report_blas(config_, dense_rate_, world);
 }
 
-Trainer::~Trainer() {
-  if (metrics_) std::fclose(metrics_);
-}
+Trainer::~Trainer() = default;
 
 StepRecord Trainer::train_step() {
   const int world = groups_.world->size(), rank = groups_.world->rank();
@@ -235,50 +224,8 @@ EvalResult Trainer::evaluate() {
   return moe::evaluate(*model_, *val_, config_, state_.step);
 }
 
-std::string Trainer::metrics_line(const StepRecord& r) const {
-  JsonWriter j;
-  j.begin_object();
-  j.field("step", r.step).field("loss", r.stats.loss).field("ce", r.stats.ce_loss);
-  j.field("aux", r.stats.aux_loss).field("z", r.stats.z_loss).field("lr", r.lr).field("grad_norm", r.grad_norm);
-  j.field("dropped_frac", r.dropped_frac).field("max_mean_load", r.max_mean_load);
-  j.field("tokens_per_s", r.tokens_per_s).field("mfu", r.mfu);
-  if (config_.moe.force_routing.on()) j.field("forced_routing", forced_routing_name(config_.moe.force_routing));
-  if (r.eval) {
-    j.field("val_loss", r.eval->loss).field("val_bits_per_token", r.eval->bits_per_token);
-    if (r.eval->byte_level) j.field("val_bpb", r.eval->bits_per_token);
-  }
-  const PhaseTimes& t = r.times;
-  j.key("time_s").begin_object();
-  j.field("attention", t.attention).field("dense", t.dense);
-  j.field("router", t.router).field("dispatch", t.dispatch).field("exchange", t.exchange).field("experts", t.experts);
-  j.field("combine", t.combine);
-  j.field("shared", t.shared).field("backward", t.backward).field("optimizer", t.optimizer);
-  j.field("allreduce", t.allreduce).field("other", t.other).field("total", t.total()).field("wall", r.wall_s);
-  j.field("hidden_shared", t.hidden_shared).field("hidden_allreduce", t.hidden_allreduce);
-  j.end_object();
-  j.key("layers").begin_array();
-  for (const RouterStats& l : r.stats.layers) {
-    j.begin_object().field("aux", l.aux_loss).field("z", l.z_loss);
-    j.field("dropped_frac", l.assignments > 0 ? l.dropped / l.assignments : 0.0);
-    std::vector<int64_t> load, tokens;
-    for (double v : l.load) load.push_back(static_cast<int64_t>(v));
-    for (double v : l.tokens) tokens.push_back(static_cast<int64_t>(v));
-    j.array("load", load).array("tokens_per_expert", tokens);
-    j.end_object();
-  }
-  j.end_array();
-  j.end_object();
-  return j.str();
-}
-
 void Trainer::report(const StepRecord& r, double elapsed, int64_t first_step) {
-  if (metrics_) {
-    std::string line = metrics_line(r) + "\n";
-    if (std::fputs(line.c_str(), metrics_) < 0 || std::fflush(metrics_) != 0) {
-      throw InputError(config_.train.metrics_path, std::string("cannot write metrics: ") + std::strerror(errno),
-                       "train.metrics_path");
-    }
-  }
+  if (metrics_) metrics_->write(r, config_.moe.force_routing);
   recent_step_times_.push_back(r.wall_s);
   if (recent_step_times_.size() > 20) recent_step_times_.erase(recent_step_times_.begin());
   if (r.eval) {
@@ -413,76 +360,21 @@ void Trainer::diverged(const StepRecord& r) {
   throw e;
 }
 
-std::string metrics_events_path(const std::string& metrics_path) {
-  const std::string ext = ".jsonl";
-  const bool jsonl = metrics_path.size() > ext.size() &&
-                     metrics_path.compare(metrics_path.size() - ext.size(), ext.size(), ext) == 0;
-  return (jsonl ? metrics_path.substr(0, metrics_path.size() - ext.size()) : metrics_path) + ".events.jsonl";
-}
-
 void Trainer::open_metrics() {
   Communicator& world = *groups_.world;
-  const std::string& path = config_.train.metrics_path;
   std::string failure;
-  if (world.rank() == 0 && !path.empty()) {
+  if (world.rank() == 0 && !config_.train.metrics_path.empty()) {
+    RunStart start;
+    start.ranks = world.size();
+    start.ep = config_.parallel.ep;
+    start.params_total = size_.total_params;
+    start.params_active = size_.active_params;
+    start.flops_per_token = size_.flops_per_token;
+    start.tokens_per_step = static_cast<int64_t>(config_.train.batch_size) * config_.model.seq_len;
+    start.dense_gflops_per_rank = dense_rate_ / world.size() * 1e-9;
+    start.routing = config_.moe.force_routing;
     try {
-      std::filesystem::path parent = std::filesystem::path(path).parent_path();
-      std::error_code ec;
-      if (!parent.empty()) std::filesystem::create_directories(parent, ec);
-      if (ec) throw InputError(parent.string(), "cannot create the metrics directory: " + ec.message());
-      const std::string events_path = metrics_events_path(path);
-      // Resuming at step S: keep the step lines up to S and the events up to S (a resume event after S
-      // belongs to a run this one replaces). A metrics file of the earlier format holds its events inline:
-      // they move to the events file when there is none yet.
-      std::string kept_steps, kept_events, inline_events;
-      int64_t last_logged = 0;
-      auto keep = [&](const std::string& text, const std::string& what, bool from_metrics) {
-        std::istringstream lines(text);
-        std::string line;
-        while (std::getline(lines, line)) {
-          if (line.empty() || line.back() != '}') continue;  // a torn last line
-          try {
-            YAML::Node j = parse_json(line, what);
-            const int64_t step = j["step"].as<int64_t>(0);
-            const bool event = static_cast<bool>(j["event"]);
-            if (!event) last_logged = std::max(last_logged, step);
-            if (step > state_.step) continue;
-            (event ? (from_metrics ? inline_events : kept_events) : kept_steps) += line + "\n";
-          } catch (const std::exception&) {
-          }
-        }
-      };
-      if (state_.step > 0) {
-        if (std::filesystem::exists(path, ec)) keep(read_file(path, "metrics file"), path, true);
-        if (std::filesystem::exists(events_path, ec)) {
-          keep(read_file(events_path, "events file"), events_path, false);
-        } else {
-          kept_events = inline_events;
-        }
-        write_file_atomic(path, kept_steps);
-      }
-      metrics_ = std::fopen(path.c_str(), state_.step > 0 ? "a" : "w");
-      if (!metrics_) throw InputError(path, std::string("cannot open the metrics file: ") + std::strerror(errno));
-      JsonWriter j;
-      if (state_.step > 0) {
-        const int64_t lost = std::max<int64_t>(0, last_logged - state_.step);
-        if (lost > 0) {
-          log_info("resumed at step " + std::to_string(state_.step) + ": steps " + std::to_string(state_.step + 1) +
-                   ".." + std::to_string(last_logged) + " of the run before were lost and are redone");
-        }
-        j.begin_object().field("event", "resume").field("step", state_.step).field("lost_steps", lost);
-      } else {
-        // What a study report needs to know about the run besides its steps.
-        j.begin_object().field("event", "start").field("ranks", world.size()).field("ep", config_.parallel.ep);
-        j.field("params_total", size_.total_params).field("params_active", size_.active_params);
-        j.field("flops_per_token", size_.flops_per_token);
-        j.field("tokens_per_step", static_cast<int64_t>(config_.train.batch_size) * config_.model.seq_len);
-        j.field("dense_gflops_per_rank", dense_rate_ * 1e-9);
-        j.field("routing", forced_routing_name(config_.moe.force_routing));
-      }
-      j.end_object();
-      // Events go to their own file, so that the metrics file is one line per step for every reader.
-      write_file_atomic(events_path, kept_events + j.str() + "\n");
+      metrics_ = std::make_unique<MetricsLog>(config_.train.metrics_path, state_.step, start);
     } catch (const Error& e) {
       failure = e.what();
     }

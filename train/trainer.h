@@ -13,30 +13,10 @@
 #include "train/data.h"
 #include "train/evaluate.h"
 #include "train/grad_reduce.h"
+#include "train/metrics.h"
 #include "train/optimizer.h"
 
 namespace moe {
-
-// Everything reported about one step (global values; times from rank 0).
-struct StepRecord {
-  int64_t step = 0;  // 1-based: the number of steps completed
-  StepStats stats;
-  double lr = 0;
-  double grad_norm = 0;
-  double dropped_frac = 0;   // capacity-dropped assignments / all assignments, all MoE layers
-  double max_mean_load = 0;  // max over MoE layers of max_i load_i / mean load (before capacity)
-  double tokens_per_s = 0;   // global tokens / wall_s
-  double wall_s = 0;         // the step on the host clock, start to end
-  double mfu = 0;            // model FLOP utilisation: achieved FLOP/s / the measured dense GEMM rate
-  std::optional<EvalResult> eval;  // the validation loss, on evaluation steps
-  bool stop_requested = false;     // a rank received a stop signal before this step's loss all-reduce
-  PhaseTimes times;
-};
-
-// The run's events file beside the metrics file: "<stem>.events.jsonl" for "<stem>.jsonl", else
-// "<path>.events.jsonl". The metrics file holds one line per step and nothing else; the events file holds
-// the start event of a fresh run and a resume event per resume.
-std::string metrics_events_path(const std::string& metrics_path);
 
 class Trainer {
  public:
@@ -61,12 +41,9 @@ class Trainer {
 
  private:
   void report(const StepRecord& r, double elapsed, int64_t first_step);
-  std::string metrics_line(const StepRecord& r) const;
   void print_sample();
-  // Opens the metrics file (rank 0): after resuming at step S, lines of later steps (a run that died
-  // after S) and a torn last line are cut off first, in the metrics file and in the events file
-  // (metrics_events_path), which gets the start event of a fresh run or a resume event recording how many
-  // steps are redone. Events inline in a metrics file of the earlier format move to the events file.
+  // Opens the metrics files on rank 0 (train/metrics.h: cut back to the resumed step, the start or resume
+  // event); a failure there stops every rank with one line.
   void open_metrics();
   // The divergence error of a step with a non-finite loss or gradient norm.
   [[noreturn]] void diverged(const StepRecord& r);
@@ -81,7 +58,7 @@ class Trainer {
   TrainingState state_;
   ModelSize size_;
   double dense_rate_ = 0;  // FLOP/s of dense GEMMs, summed over the ranks (measured at start-up)
-  std::FILE* metrics_ = nullptr;
+  std::unique_ptr<MetricsLog> metrics_;  // rank 0, when train.metrics_path is set
   std::vector<double> recent_step_times_;
   std::string last_checkpoint_;
   std::unique_ptr<CheckpointDir> checkpoint_dir_;  // this job's lock on train.checkpoint_dir

@@ -120,15 +120,15 @@ TEST(CostModel, PhasesByHandWithOnlyGemmsCosting) {
   o.ranks = 1;
   StepPrediction s = predict_step(c, k, o);
   const double T = 8 * 32, H = 64, F = 128;
-  EXPECT_NEAR(s.phase_s.at("dense"), 6 * T * H * F / rate, 1e-12);
-  EXPECT_EQ(s.phase_s.at("experts"), 0.0);
+  EXPECT_NEAR(s.phases.dense, 6 * T * H * F / rate, 1e-12);
+  EXPECT_EQ(s.phases.experts, 0.0);
   // MoE on one rank without capacity: every one of the T k choices is an expert row
   c = small(8);
   s = predict_step(c, k, o);
-  EXPECT_NEAR(s.phase_s.at("experts"), 6 * T * 2 * H * 96 / rate, 1e-12);
-  EXPECT_NEAR(s.phase_s.at("router"), 2 * T * H * 8 / rate, 1e-12);
-  EXPECT_NEAR(s.phase_s.at("dispatch"), 0.0, 1e-12);
-  EXPECT_NEAR(s.phase_s.at("exchange"), 0.0, 1e-12);
+  EXPECT_NEAR(s.phases.experts, 6 * T * 2 * H * 96 / rate, 1e-12);
+  EXPECT_NEAR(s.phases.router, 2 * T * H * 8 / rate, 1e-12);
+  EXPECT_NEAR(s.phases.dispatch, 0.0, 1e-12);
+  EXPECT_NEAR(s.phases.exchange, 0.0, 1e-12);
   EXPECT_NEAR(s.imbalance, 1.0, 1e-12);
   // twice the GEMM rate halves a step made only of GEMMs
   EXPECT_NEAR(predict_step(c, gemm_only(2 * rate), o).step_s, s.step_s / 2, 1e-12);
@@ -143,22 +143,22 @@ TEST(CostModel, GradientSumAndExchangeByHand) {
   o.ranks = 4;
   StepPrediction s = predict_step(c, k, o);
   const double params = static_cast<double>(model_size(c).total_params);
-  EXPECT_NEAR(s.phase_s.at("allreduce"), 2.0 * 3 / 4 * 4 * params / 1e9, 1e-12);  // ring: 2 (n-1)/n
+  EXPECT_NEAR(s.phases.allreduce, 2.0 * 3 / 4 * 4 * params / 1e9, 1e-12);  // ring: 2 (n-1)/n
   // MoE over ep 4, dropless, uniform: each rank sends its T k rows, receives about as many; the
   // buffer's (n-1)/n crosses at 2 GB/s, once in dispatch and once in combine
   c = small(8);
   o.ep = 4;
   s = predict_step(c, k, o);
   const double T = 8 * 32 / 4.0;
-  EXPECT_GT(s.phase_s.at("exchange"), 2 * T * 2 * 64 * 4 * 0.75 / 2e9);
-  EXPECT_EQ(s.phase_s.at("dispatch"), s.phase_s.at("combine"));
+  EXPECT_GT(s.phases.exchange, 2 * T * 2 * 64 * 4 * 0.75 / 2e9);
+  EXPECT_EQ(s.phases.dispatch, s.phases.combine);
   // across nodes the slower inter-node rate sets the time
   k.inter_all_to_all.bytes_per_s = 2e8;
   k.inter_all_reduce.bytes_per_s = 1e8;
   o.ranks_per_node = 2;
   const StepPrediction two_nodes = predict_step(c, k, o);
   EXPECT_EQ(two_nodes.nodes, 2);
-  EXPECT_GT(two_nodes.phase_s.at("exchange"), 4 * s.phase_s.at("exchange"));
+  EXPECT_GT(two_nodes.phases.exchange, 4 * s.phases.exchange);
   o.ranks_per_node = 0;
   k.inter_all_to_all.bytes_per_s = 0;
   o.ranks_per_node = 2;
@@ -176,7 +176,7 @@ TEST(CostModel, AHotExpertSlowsTheRankThatHoldsIt) {
   c.moe.force_routing = parse_forced_routing("hot:0.5");
   const StepPrediction hot = predict_step(c, k, o);
   EXPECT_GT(hot.imbalance, uniform.imbalance + 0.3);
-  EXPECT_GT(hot.phase_s.at("experts"), 1.3 * uniform.phase_s.at("experts"));
+  EXPECT_GT(hot.phases.experts, 1.3 * uniform.phases.experts);
   EXPECT_GT(hot.dropped_frac, uniform.dropped_frac) << "the hot expert overflows its capacity";
   o.ep = 3;
   EXPECT_THROW(predict_step(c, k, o), ConfigError);
@@ -214,7 +214,7 @@ TEST(CostModel, RanksSharingCoresSoftenTheImbalance) {
   CostConstants one = gemm_only(4e9, 1);
   k.nodes.insert(k.nodes.begin(), one.nodes[0]);
   const StepPrediction shared = predict_step(c, k, o);
-  EXPECT_LT(shared.phase_s.at("experts"), 0.6 * own_cores.phase_s.at("experts"));
+  EXPECT_LT(shared.phases.experts, 0.6 * own_cores.phases.experts);
   EXPECT_EQ(shared.imbalance, own_cores.imbalance) << "the load itself does not change";
 }
 

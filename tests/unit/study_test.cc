@@ -74,8 +74,8 @@ TEST(StudyMetrics, SummarySkipsWarmUpReplacesResumedStepsAndIgnoresTornLines) {
   EXPECT_EQ(r.routing, "zipf:1.2");
   // steps 3..20 are measured (the first tenth, 2 steps, is warm-up): median tokens/s of 300..2000
   EXPECT_DOUBLE_EQ(r.tokens_per_s, 1200);
-  EXPECT_NEAR(r.phase_s.at("experts"), 0.001 * (3 + 20) / 2, 1e-12);
-  EXPECT_NEAR(r.phase_s.at("attention"), 0.001, 1e-12);
+  EXPECT_NEAR(r.times.experts, 0.001 * (3 + 20) / 2, 1e-12);
+  EXPECT_NEAR(r.times.attention, 0.001, 1e-12);
   EXPECT_NEAR(r.dropped_frac, 0.01 * (3 + 20) / 2, 1e-12);
   ASSERT_EQ(r.evals.size(), 2u);
   EXPECT_EQ(r.evals[0].step, 10);
