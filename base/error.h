@@ -60,6 +60,18 @@ class InternalError : public Error {
   explicit InternalError(const std::string& message) : Error(ErrorKind::kInternal, message) {}
 };
 
+// Runs f, marking an error it throws as raised by every rank together (for work every rank does alike,
+// such as parsing the same arguments), so that main stops the job cleanly with one line.
+template <typename F>
+auto on_every_rank(F f) {
+  try {
+    return f();
+  } catch (Error& e) {
+    e.mark_collective();
+    throw;
+  }
+}
+
 namespace detail {
 template <typename... Args>
 std::string concat(const Args&... args) {

@@ -1,11 +1,14 @@
-// moe_bench: benchmarks with one table format (nccl-tests style); exit code 1 on a wrong result.
-// See kUsage for the options.
+// moe_bench: the benchmarks, each a set of rows on one engine (perf/bench.h) with one table format
+// (nccl-tests style); exit code 1 on a wrong result. See kUsage for the options.
 #include <cstdio>
 #include <string>
 
-#include "launch/a2a_bench.h"
-#include "launch/calibrate.h"
-#include "launch/layer_bench.h"
+#include "comm/mpi/mpi_communicator.h"
+#include "launch/main_common.h"
+#include "perf/a2a_bench.h"
+#include "perf/calibrate.h"
+#include "perf/layer_bench.h"
+#include "perf/torch_bench.h"
 
 using namespace moe;
 
@@ -25,35 +28,62 @@ const char* kUsage =
     "all_to_all and all_to_all_v over the size sweep (nccl-tests columns, each rank verifies what it got),\n"
     "then per MoE shape (--moe=0: none) one layer's dispatch + combine against the raw collective.\n"
     "\n"
-    "       mpirun -np N moe_bench calibrate --out=FILE [--iters=7] [--quick=1] [--device=cpu|cuda]\n"
+    "       mpirun -np N moe_bench calibrate --out=FILE [--iters=7] [--warmup=1] [--quick=1] [--device=cpu|cuda]\n"
+    "                 [--format=table|json|csv]\n"
     "the cost model's constants with N ranks running at once (GEMM grid, element-wise rates, all_to_all and\n"
-    "all_reduce alpha-beta), added to FILE as its entry for N ranks per node (docs/STUDIES.md).\n";
+    "all_reduce alpha-beta, a reference step), each measurement a row, added to FILE as its entry for N\n"
+    "ranks per node (docs/STUDIES.md).\n"
+    "\n"
+    "       moe_bench torch [--tokens=16384] [--hidden=2048] [--experts=64] [--top_k=6] [--ffn_hidden=1408]\n"
+    "                 [--shared=0,2] [--dtype=bf16,fp32] [--model=qwen2_moe|deepseek] [--iters=20] [--warmup=5]\n"
+    "                 [--format=table|json|csv]\n"
+    "the PyTorch eager MoE block of `transformers` at the same shapes (bench/torch_moe_block.py, a GPU and\n"
+    "python3 with torch and transformers), its rows printed by the same engine.\n";
+
+// The benchmark's options as "name=value" (configuration overrides and the bench's own flags alike).
+std::vector<std::string> bench_args(const CommandLine& cl) {
+  if (!cl.config_path.empty()) {
+    ConfigError e("", "moe_bench takes no configuration file (got '" + cl.config_path +
+                          "'); give keys as --section.key=value");
+    e.mark_collective();
+    throw e;
+  }
+  std::vector<std::string> args = cl.flags;
+  args.insert(args.end(), cl.overrides.begin(), cl.overrides.end());
+  return args;
 }
+
+int bench(const std::string& what, const CommandLine& cl) {
+  const BenchFlags flags = what == "a2a"         ? a2a_bench_flags()
+                           : what == "calibrate" ? calibrate_flags()
+                           : what == "torch"     ? torch_bench_flags()
+                                                 : layer_bench_flags();
+  const BenchOptions options = parse_bench_options(what, bench_args(cl), flags);
+  // The backend and the groups of the first row's configuration: one ep group of every rank.
+  Config base = on_every_rank([&] { return parse_config("", "", options.sweep.point(0)); });
+  auto world = make_mpi_world();
+  auto backend = make_backend(base, *world);
+  base.parallel.ep = world->size();
+  ProcessGroups groups = make_groups(base, *backend, std::move(world));
+  BenchRun run(*backend, groups, options);
+  if (what == "a2a") return run_a2a_bench(run);
+  if (what == "calibrate") return run_calibrate(run);
+  if (what == "torch") return run_torch_bench(run);
+  return run_layer_bench(run);
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
     std::fputs(kUsage, argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;
   }
-  for (int i = 2; i < argc; ++i) {
-    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
-  }
-  std::string what = argv[1];
-  if (what == "a2a") {
-    return run_job(argc, argv, "moe_bench", [&] { return run_a2a_bench(parse_command_line(argc, argv, 2)); });
-  }
-  if (what == "calibrate") {
-    return run_job(argc, argv, "moe_bench", [&] { return run_calibrate(parse_command_line(argc, argv, 2)); });
-  }
-  if (what != "layer") {
+  if (print_usage_if_asked(argc, argv, kUsage)) return 0;
+  const std::string what = argv[1];
+  if (what != "layer" && what != "a2a" && what != "calibrate" && what != "torch") {
     std::fprintf(stderr, "moe_bench: unknown benchmark '%s'\n%s", what.c_str(), kUsage);
     return 2;
   }
-  return run_job(argc, argv, "moe_bench", [&] {
-    CommandLine cl = parse_command_line(argc, argv, 2);
-    return run_layer_bench(cl);
-  });
+  return run_job(argc, argv, "moe_bench", [&] { return bench(what, parse_command_line(argc, argv, 2)); });
 }

@@ -22,18 +22,6 @@ namespace moe {
 // 128 + the signal that stopped it after a final checkpoint).
 int run_job(int argc, char** argv, const char* program, const std::function<int()>& body);
 
-// Runs f, marking an error it throws as raised by every rank together (for work every rank does alike,
-// such as parsing the same arguments), so run_job stops the job cleanly with one line.
-template <typename F>
-auto on_every_rank(F f) {
-  try {
-    return f();
-  } catch (Error& e) {
-    e.mark_collective();
-    throw;
-  }
-}
-
 struct CommandLine {
   std::string config_path;             // first positional argument, or ""
   std::vector<std::string> overrides;  // "section.key=value"

@@ -21,8 +21,8 @@
 #include <iostream>
 #include <string>
 
-#include "launch/predict.h"
-#include "launch/study.h"
+#include "perf/predict.h"
+#include "perf/study.h"
 #include "base/error.h"
 #include "base/json.h"
 #include "config/sweep.h"

@@ -10,7 +10,7 @@
 
 #include "comm/mpi/mpi_communicator.h"
 #include "runtime/cpu/blas.h"
-#include "runtime/gemm_probe.h"
+#include "runtime/gemm_timer.h"
 #include "runtime/signals.h"
 #include "train/safetensors.h"
 #include "base/json.h"
@@ -46,18 +46,19 @@ std::string grouped(int64_t n) {
 // The dense GEMM rate of the whole job: every rank runs the same number of GEMMs at the same time (so on
 // a shared machine each gets its share), and the rate is their FLOPs over the slowest rank's time.
 double measure_dense_rate(Backend& backend, DType dtype, Communicator& world) {
-  const int64_t n = gemm_probe_size(backend);
+  const int64_t n = GemmTimer::probe_size(backend);
+  GemmTimer probe(backend, dtype == DType::kF64 ? DType::kF64 : DType::kF32, {GemmShape{n, n, n, Trans::kN, Trans::kN}});
   auto slowest = [&](double seconds) {
     std::vector<double> all(static_cast<size_t>(world.size()));
     world.host().all_gather(&seconds, all.data(), 1, DType::kF64);
     return *std::max_element(all.begin(), all.end());
   };
   world.barrier();
-  const double three = slowest(dense_gemm_seconds(backend, dtype, n, 3));  // calibration
+  const double three = slowest(probe.seconds(3));  // calibration
   const int reps = std::max(3, static_cast<int>(0.3 / std::max(three / 3, 1e-6)));
   world.barrier();
-  const double seconds = slowest(dense_gemm_seconds(backend, dtype, n, reps));
-  return static_cast<double>(world.size()) * reps * 2.0 * static_cast<double>(n) * n * n / seconds;
+  const double seconds = slowest(probe.seconds(reps));
+  return static_cast<double>(world.size()) * reps * probe.flops() / seconds;
 }
 
 // The CPU BLAS at start-up: the library and kernel, and one warning line when the measured dense rate per

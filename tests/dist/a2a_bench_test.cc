@@ -1,9 +1,11 @@
-// moe_bench a2a under mpirun: each rank verifies what the collectives delivered (and a corrupted
+// moe_bench a2a's rows under mpirun: each rank verifies what the collectives delivered (and a corrupted
 // delivery is counted), and one MoE layer's exchange with identity experts gives x times its gates.
 #include <gtest/gtest.h>
 
 #include "comm/mpi/mpi_communicator.h"
-#include "launch/a2a_bench.h"
+#include "base/json.h"
+#include "perf/a2a_bench.h"
+#include "perf/collectives.h"
 #include "tests/test_util.h"
 
 namespace moe {
@@ -49,46 +51,67 @@ class CorruptingComm : public Communicator {
   Communicator& inner_;
 };
 
+// One row of a benchmark measured on its own through the engine.
+BenchOptions options(int iters, int warmup) {
+  BenchOptions o;
+  o.iters = iters;
+  o.warmup = warmup;
+  return o;
+}
+
 TEST(A2aBench, EveryRankVerifiesWhatItReceived) {
   ProcessGroups groups = test::world_groups(1);
   auto backend = make_cpu_backend({});
+  BenchRun run(*backend, groups, options(2, 1));
   const int n = groups.world->size();
-  for (bool vary : {false, true}) {
-    for (size_t bytes : {size_t{4}, size_t{1000}, size_t{65536}}) {
-      SCOPED_TRACE(std::string(vary ? "all_to_all_v " : "all_to_all ") + std::to_string(bytes));
-      RawRow r = a2a_row(*backend, *groups.world, *groups.world, vary, bytes, 2, 1);
+  const std::vector<size_t> sizes{4, 1000, 65536};
+  for (Collective op : {Collective::kAllToAll, Collective::kAllToAllV, Collective::kAllReduce}) {
+    CollectiveBench bench(op, *groups.world, sizes);
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      SCOPED_TRACE(std::string(collective_name(op)) + " " + std::to_string(sizes[i]));
+      EXPECT_EQ(run.measure(bench, i).wrong, 0);
+      const CollectiveRow& r = bench.result(i);
       EXPECT_EQ(r.wrong, 0);
-      EXPECT_GE(r.count, n);  // at least one element per peer
-      EXPECT_GT(r.time_us, 0);
-      EXPECT_NEAR(r.busbw, r.algbw * (n - 1) / n, 1e-12);
-      if (!vary) {
-        EXPECT_EQ(r.bytes, std::max<size_t>(1, bytes / 4 / n) * n * 4);
+      EXPECT_GT(r.seconds, 0);
+      const double factor = op == Collective::kAllReduce ? 2.0 * (n - 1) / n : (n - 1.0) / n;
+      EXPECT_NEAR(r.busbw, r.algbw * factor, 1e-12);
+      if (op == Collective::kAllToAll) {
+        EXPECT_GE(r.count, n);  // at least one element per peer
+        EXPECT_EQ(r.bytes, std::max<size_t>(1, sizes[i] / 4 / n) * n * 4);
       }
     }
   }
   CorruptingComm bad(*groups.world);
-  for (bool vary : {false, true}) {
-    EXPECT_EQ(a2a_row(*backend, bad, *groups.world, vary, 4096, 1, 0).wrong, 1) << "vary " << vary;
+  for (Collective op : {Collective::kAllToAll, Collective::kAllToAllV}) {
+    CollectiveBench bench(op, bad, {4096});
+    EXPECT_EQ(run.measure(bench, 0).wrong, 1) << collective_name(op);
   }
 }
 
 TEST(A2aBench, MoeExchangeWithIdentityExpertsReturnsGatedInputs) {
   ProcessGroups groups = test::world_groups(mpi_world_size());
   auto backend = make_cpu_backend({});
+  BenchRun run(*backend, groups, options(2, 1));
   const int n = groups.world->size();
+  std::vector<Config> configs;
   for (const char* cf : {"1.25", "0", "0.5"}) {
-    SCOPED_TRACE(std::string("capacity_factor ") + cf);
     Config c = parse_config("", "", {"model.seq_len=48", "model.hidden=16", "moe.top_k=2",
                                      std::string("moe.capacity_factor=") + cf});
     c.moe.num_experts = 2 * n;
     c.parallel.ep = n;
     c.train.batch_size = n;
     validate_config(c, n);
-    MoeRow r = moe_exchange_row(*backend, groups, c, 2, 1);
+    configs.push_back(c);
+  }
+  MoeExchangeBench bench(configs, {});
+  for (size_t i = 0; i < configs.size(); ++i) {
+    SCOPED_TRACE("capacity_factor " + format_double(configs[i].moe.capacity_factor));
+    EXPECT_EQ(run.measure(bench, i).wrong, 0);
+    const ExchangeRow& r = bench.result(i);
     EXPECT_EQ(r.wrong, 0);
     EXPECT_GT(r.bytes, 0);
-    EXPECT_GT(r.ours_us, 0);
-    EXPECT_GT(r.raw_us, 0);
+    EXPECT_GT(r.ours_s, 0);
+    EXPECT_GT(r.raw_s, 0);
   }
 }
 

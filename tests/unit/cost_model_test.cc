@@ -8,8 +8,8 @@
 #include <cstdio>
 #include <filesystem>
 
-#include "launch/calibrate.h"
-#include "launch/cost_model.h"
+#include "perf/calibrate.h"
+#include "perf/cost_model.h"
 #include "model/transformer.h"
 #include "base/error.h"
 

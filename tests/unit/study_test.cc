@@ -6,7 +6,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "launch/study.h"
+#include "perf/study.h"
 #include "base/error.h"
 #include "train/safetensors.h"
 #include "train/trainer.h"

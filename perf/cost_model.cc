@@ -1,4 +1,4 @@
-#include "launch/cost_model.h"
+#include "perf/cost_model.h"
 
 #include <yaml-cpp/yaml.h>
 

@@ -1,4 +1,4 @@
-#include "launch/predict.h"
+#include "perf/predict.h"
 
 #include <yaml-cpp/yaml.h>
 

@@ -1,4 +1,4 @@
-#include "launch/study.h"
+#include "perf/study.h"
 
 #include <yaml-cpp/yaml.h>
 

@@ -4,8 +4,8 @@
 #include <string>
 #include <vector>
 
-#include "launch/cost_model.h"
-#include "launch/study.h"
+#include "perf/cost_model.h"
+#include "perf/study.h"
 
 namespace moe {
 
