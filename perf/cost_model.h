@@ -1,79 +1,17 @@
-// The step-time model: a machine's constants (measured by `moe_bench calibrate`, or documented for
-// hardware we do not have) and a prediction of one training step's time and its split for any
-// configuration, rank count and nodes. docs/STUDIES.md, "The cost model", gives every equation.
+// The step-time model: a prediction of one training step's time and its split, phase by phase, for any
+// configuration, rank count and nodes, on a machine described by its constants (perf/cost_constants.h).
+// docs/STUDIES.md, "The cost model", gives every equation.
 #pragma once
 
 #include <cstdint>
-#include <map>
 #include <string>
 #include <vector>
 
 #include "config/config.h"
 #include "model/context.h"
+#include "perf/cost_constants.h"
 
 namespace moe {
-
-// t(bytes) = alpha + bytes * f(g) / bytes_per_s for a collective over g ranks, where f is the share of
-// the buffer that crosses links: (g-1)/g for all_to_all, 2(g-1)/g for all_reduce (the nccl-tests
-// "bus bandwidth" convention, so one constant holds for any group size).
-struct AlphaBeta {
-  double alpha_s = 0;
-  double bytes_per_s = 0;  // bus bandwidth
-  double seconds(double bus_bytes) const { return bus_bytes <= 0 ? 0.0 : alpha_s + bus_bytes / bytes_per_s; }
-};
-
-// Seconds of one GEMM C(m, n) = A(m, k) B(k, n): measured on a grid of sizes (`dims`, ascending, the same
-// for m, n and k) and interpolated in log space; beyond the grid it scales with the FLOPs. Without a grid
-// it is alpha_s + 2mnk / flops_per_s.
-struct GemmModel {
-  std::vector<double> dims;
-  std::vector<double> seconds;  // [i_m][i_n][i_k], dims.size()^3 values
-  double alpha_s = 0, flops_per_s = 0;
-  double time(double m, double n, double k) const;
-};
-
-// What one node gives each of `ranks` ranks running at once.
-struct NodeConstants {
-  int ranks = 1;
-  GemmModel gemm;               // fp32
-  GemmModel gemm_bf16;          // bf16 inputs, fp32 accumulation (GPU); empty: the fp32 model
-  double stream_bytes_per_s = 0;     // streaming element-wise work (axpy: 12 bytes per element)
-  double softmax_elems_per_s = 0;    // causal softmax forward + backward, per score element
-  double swiglu_elems_per_s = 0;     // SwiGLU forward + backward, per mid element
-  double adamw_params_per_s = 0;     // AdamW, per parameter
-  double op_alpha_s = 0;             // fixed cost of one element-wise op (a kernel launch on a GPU)
-  AlphaBeta all_to_all, all_reduce;  // among these ranks
-  // What one synchronising collective costs beyond its alpha when the ranks arrive from computing
-  // (ranks descheduled on shared cores, arrival skew); charged at each point where a step waits for
-  // every rank of its group.
-  double sync_s = 0;
-  // Measured / predicted compute time of a reference training step (calibrate): what the op
-  // benchmarks miss in a real step (data leaving the caches between ops, ranks sharing cores while
-  // others wait). Multiplies every compute term; 1 when not measured.
-  double step_efficiency = 1;
-};
-
-struct CostConstants {
-  std::string device;       // cpu | cuda
-  std::string description;  // the machine, where the numbers come from
-  std::vector<NodeConstants> nodes;  // by ranks per node, ascending
-  AlphaBeta inter_all_to_all, inter_all_reduce;  // across nodes, per rank (bus bandwidth)
-  bool overlap = false;  // shared experts beside the exchange and gradient sums beside the backward
-  // The entry for `ranks` ranks on one node: the exact one, else the nearest calibrated above (below when
-  // none is above). Throws InputError when there is none.
-  const NodeConstants& node(int ranks) const;
-};
-
-std::string constants_to_json(const CostConstants& c);
-// The element-wise median of calibrations of the same machine (each constant of each rank count over the
-// files that have that rank count), so that one slow period of a shared machine does not set the model.
-// Throws InputError when the files disagree on the device or a GEMM grid.
-CostConstants median_constants(const std::vector<CostConstants>& runs);
-// Reads a constants file; a malformed or incomplete one is an InputError naming the file and the field.
-CostConstants read_constants(const std::string& path);
-// Writes `c`, keeping the other node entries of the file at `path` when it exists (calibrate runs once
-// per rank count and adds its entry).
-void merge_constants_file(const std::string& path, const CostConstants& c);
 
 // The chance that a token picks each expert among its top-k: k/E each for learned routing (the balance
 // loss at work), exactly the forced distribution's (moe.force_routing, by drawing `samples` tokens
@@ -110,7 +48,13 @@ struct PredictOptions {
   bool bf16_everywhere = false;  // what-if: every GEMM in bf16 and bf16 exchanges (as Megatron runs)
 };
 
-// One training step of `c` (train.batch_size sequences over opt.ranks ranks) on a machine of `k`.
+// The rows of an MoE layer's exchange buffer on a rank of `tokens` tokens: every padded slot in the padded
+// layout with a capacity (E x groups x moe_capacity(), the router's own formula), else the larger of what
+// the rank sends (`sent_rows`, its kept choices) and what its experts receive (`max_rows`).
+double expert_buffer_rows(const Config& c, int64_t tokens, double max_rows, double sent_rows);
+
+// One training step of `c` (train.batch_size sequences over opt.ranks ranks) on a machine of `k`, phase by
+// phase (kPhases).
 StepPrediction predict_step(const Config& c, const CostConstants& k, const PredictOptions& opt);
 
 }  // namespace moe

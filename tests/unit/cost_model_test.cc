@@ -10,7 +10,9 @@
 
 #include "perf/calibrate.h"
 #include "perf/cost_model.h"
+#include "model/router.h"
 #include "model/transformer.h"
+#include "tests/test_util.h"
 #include "base/error.h"
 
 namespace moe {
@@ -44,6 +46,41 @@ Config small(int experts) {
   c.moe.capacity_factor = 0;  // dropless
   c.train.batch_size = 8;
   return c;
+}
+
+// The router and the cost model take their capacity from one formula (moe_capacity): the padded
+// exchange buffer the cost model prices is the send buffer the router lays out, slot for slot.
+TEST(CostModel, ThePaddedExchangeBufferIsTheRoutersSendBuffer) {
+  ProcessGroups groups = test::self_groups();
+  auto backend = make_cpu_backend({});
+  struct Case {
+    const char* experts;
+    const char* top_k;
+    const char* factor;
+    const char* group;
+    const char* min_capacity;
+  };
+  for (const Case& k : {Case{"8", "2", "1.25", "0", "4"}, Case{"6", "3", "1.0", "32", "1"},
+                        Case{"4", "1", "0.3", "16", "4"}, Case{"16", "4", "2.0", "64", "0"}}) {
+    SCOPED_TRACE(std::string("experts ") + k.experts + ", top_k " + k.top_k + ", factor " + k.factor + ", group " + k.group);
+    const Config c = parse_config("", "", {"model.hidden=8", std::string("moe.num_experts=") + k.experts,
+                                           std::string("moe.top_k=") + k.top_k, std::string("moe.capacity_factor=") + k.factor,
+                                           std::string("moe.group_size=") + k.group,
+                                           std::string("moe.min_capacity=") + k.min_capacity,
+                                           "runtime.dispatch_layout=padded"});
+    const int64_t tokens = 64;
+    ParamSet params;
+    Router router(params, "r", c, 0);
+    params.allocate(*backend, DType::kF64, 1);
+    Tensor x = test::random_tensor(*backend, {tokens, 8}, DType::kF64, 1);
+    StepContext ctx;
+    ctx.seq_len = tokens;
+    ctx.global_tokens = tokens;
+    const RouteState& route = router.forward(*backend, *groups.world, x, ctx);
+    const int64_t group = c.moe.group_size > 0 ? c.moe.group_size : tokens;
+    EXPECT_EQ(route.capacity(), moe_capacity(c.moe, group));
+    EXPECT_EQ(static_cast<double>(route.num_rows), expert_buffer_rows(c, tokens, 0, 0));
+  }
 }
 
 TEST(CostModel, KeptRowsUnderACapacity) {
