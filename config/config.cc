@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <numeric>
 #include <set>
 #include <sstream>
 
@@ -663,6 +664,25 @@ void validate_config(const Config& c, int world) {
   }
   finite(r.comm_timeout_s, "runtime.comm_timeout_s");
   need(r.comm_timeout_s >= 0, "runtime.comm_timeout_s", "must be >= 0");
+}
+
+int largest_ep(const Config& config, int ranks) {
+  return config.moe.num_experts > 0 ? std::gcd(ranks, config.moe.num_experts) : 1;
+}
+
+Layout fit_layout(const Config& config, int available) {
+  for (int ranks = std::max(1, available); ranks >= 1; --ranks) {
+    Config c = config;
+    c.parallel.ep = largest_ep(c, ranks);
+    try {
+      validate_config(c, ranks);
+    } catch (const ConfigError&) {
+      if (ranks == 1) throw;  // the configuration fits no layout at all: say why
+      continue;
+    }
+    return Layout{ranks, c.parallel.ep};
+  }
+  return Layout{};
 }
 
 DispatchLayout dispatch_layout(const Config& c) {

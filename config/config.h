@@ -141,6 +141,19 @@ Config parse_config(const std::string& yaml_text, const std::string& yaml_name,
 // Cross-field and range checks for a run on `world_size` ranks; throws ConfigError naming the key.
 void validate_config(const Config& config, int world_size);
 
+// The layout a configuration takes on at most `available` ranks (a restart after ranks were lost, or a
+// study's rank count): the most ranks that the whole configuration validates for, each with ep = the
+// largest divisor of both the ranks and moe.num_experts (1 for a dense model; the checkpoint's experts
+// are placed by whoever holds them). Throws ConfigError when not even one rank fits.
+struct Layout {
+  int ranks = 1;
+  int ep = 1;
+};
+Layout fit_layout(const Config& config, int available);
+// The ep a configuration takes on `ranks` ranks when its own does not apply: the largest divisor of both
+// the ranks and moe.num_experts (1 for a dense model). fit_layout, the scale studies and predict use it.
+int largest_ep(const Config& config, int ranks);
+
 // Derived sizes.
 int expert_ffn_hidden(const Config& config);  // moe.ffn_hidden, or its default for the expert type
 int dense_ffn_hidden(const Config& config);   // model.ffn_hidden, or round_up(8H/3, moe.multiple_of)

@@ -1,6 +1,8 @@
 // MPI start-up, the single catch site, and configuration loading shared by the entry points.
 #include "launch/main_common.h"
 
+#include "base/exit_codes.h"
+
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -29,13 +31,12 @@ int run_job(int argc, char** argv, const char* program, const std::function<int(
       if (mpi_world_rank() == 0) std::fprintf(stderr, "%s\n", line.c_str());
       std::fflush(stderr);
       mpi_finalize();
-      return 2;
+      return exit_code(ExitCode::kInvalid);
     }
     const bool alone = !mpi_initialized() || mpi_world_size() == 1;
     std::fprintf(stderr, "%s%s\n", line.c_str(), alone ? "" : (" [rank " + std::to_string(mpi_world_rank()) + "]").c_str());
     std::fflush(stderr);
-    // Exit codes: 1 an error on this rank, 3 a peer died or is stuck (launch/moe --max-restarts relaunches).
-    const int code = e.kind() == ErrorKind::kComm ? 3 : 1;
+    const int code = exit_code(e.kind() == ErrorKind::kComm ? ExitCode::kPeerLost : ExitCode::kError);
     if (alone) {  // nobody to stop: a plain exit, without MPI_Abort's banner
       if (mpi_initialized()) mpi_finalize();
       return code;
@@ -45,11 +46,11 @@ int run_job(int argc, char** argv, const char* program, const std::function<int(
     std::fprintf(stderr, "%s: error: out of host memory [rank %d]; lower train.batch_size or the model's sizes\n",
                  program, mpi_world_rank());
     std::fflush(stderr);
-    mpi_abort(1);
+    mpi_abort(exit_code(ExitCode::kError));
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s: error: %s [rank %d]\n", program, e.what(), mpi_world_rank());
     std::fflush(stderr);
-    mpi_abort(1);
+    mpi_abort(exit_code(ExitCode::kError));
   }
 }
 

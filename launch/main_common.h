@@ -16,10 +16,10 @@ namespace moe {
 
 // Starts MPI, runs body, and is the only catch site: an error prints one line
 //   <program>: error: <what> [(config key <key>)]
-// and stops the job: cleanly (exit code 2) when every rank raised it together (a collective config
-// error), otherwise through MPI_Abort so no rank is left waiting (exit code 3 when a peer died or is
-// stuck, a CommError; 1 otherwise). body's own return value is the exit code otherwise (moe_train: 0, or
-// 128 + the signal that stopped it after a final checkpoint).
+// and stops the job (exit codes: base/exit_codes.h): cleanly (kInvalid) when every rank raised it
+// together (a collective config error), otherwise through MPI_Abort so no rank is left waiting
+// (kPeerLost when a peer died or is stuck, a CommError; kError otherwise). body's own return value is the
+// exit code otherwise (moe_train: kOk, or 128 + the signal that stopped it after a final checkpoint).
 int run_job(int argc, char** argv, const char* program, const std::function<int()>& body);
 
 struct CommandLine {

@@ -1,3 +1,4 @@
+// `moe_study predict` and `moe_study validate`: the cost model against configurations and measurements.
 #include "perf/predict.h"
 
 #include <yaml-cpp/yaml.h>
@@ -18,13 +19,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string num(double v, int digits) {
-  char b[64];
-  std::snprintf(b, sizeof(b), "%.*f", digits, v);
-  return b;
-}
 
-std::string ms(double seconds) { return num(seconds * 1e3, seconds < 0.01 ? 3 : 1); }
+std::string ms(double seconds) { return fixed(seconds * 1e3, seconds < 0.01 ? 3 : 1); }
 
 }  // namespace
 
@@ -59,16 +55,16 @@ Table predict_table(const Config& config, const CostConstants& k, const PredictR
     PredictOptions o;
     o.ranks = ranks;
     o.ranks_per_node = request.ranks_per_node;
-    o.ep = request.ep > 0 ? request.ep : c.moe.num_experts > 0 ? std::gcd(ranks, c.moe.num_experts) : 1;
+    o.ep = request.ep > 0 ? request.ep : largest_ep(c, ranks);
     o.observed_load = observed;
     o.bf16_everywhere = request.bf16_everywhere;
     const StepPrediction s = predict_step(c, k, o);
     std::vector<std::string> row{std::to_string(ranks), std::to_string(s.nodes), std::to_string(s.ep),
                                  std::to_string(s.dp), std::to_string(s.tokens_per_rank), ms(s.step_s),
-                                 num(s.tokens_per_s, 0), num(s.tokens_per_s / ranks, 0),
-                                 num(s.tokens_per_s / ranks * flops_per_token * 1e-12, 3)};
+                                 fixed(s.tokens_per_s, 0), fixed(s.tokens_per_s / ranks, 0),
+                                 fixed(s.tokens_per_s / ranks * flops_per_token * 1e-12, 3)};
     for (const Phase& p : kPhases) row.push_back(ms(s.phases.*p.field));
-    row.insert(row.end(), {ms(s.hidden_s), num(s.imbalance, 2), num(100 * s.dropped_frac, 2)});
+    row.insert(row.end(), {ms(s.hidden_s), fixed(s.imbalance, 2), fixed(100 * s.dropped_frac, 2)});
     t.rows.push_back(row);
   }
   return t;
@@ -144,17 +140,17 @@ Table validate_study(const std::string& dir, const CostConstants& k, std::string
     t.rows.push_back({g->name, std::to_string(g->ranks), std::to_string(s.ep), g->routing,
                       std::to_string(g->measured.size()), ms(measured),
                       g->measured.size() > 1 ? ms(g->measured[by.front()]) + "-" + ms(g->measured[by.back()]) : "-",
-                      ms(s.step_s), num(100 * err, 1), ms(m.times.experts), ms(s.phases.experts),
+                      ms(s.step_s), fixed(100 * err, 1), ms(m.times.experts), ms(s.phases.experts),
                       ms(m.times.dispatch + m.times.exchange + m.times.combine),
                       ms(s.phases.dispatch + s.phases.exchange + s.phases.combine), ms(m.times.backward),
-                      ms(s.phases.backward), num(m.max_mean_load, 2), num(s.imbalance, 2)});
+                      ms(s.phases.backward), fixed(m.max_mean_load, 2), fixed(s.imbalance, 2)});
   }
   std::sort(abs_err.begin(), abs_err.end());
   const double med = abs_err.size() % 2 ? abs_err[abs_err.size() / 2]
                                         : 0.5 * (abs_err[abs_err.size() / 2 - 1] + abs_err[abs_err.size() / 2]);
   if (summary) {
-    *summary = std::to_string(order.size()) + " configurations: median |error| " + num(100 * med, 1) + "%, worst " +
-               num(100 * abs_err.back(), 1) + "% (goal: median <= 15%, worst <= 30%)";
+    *summary = std::to_string(order.size()) + " configurations: median |error| " + fixed(100 * med, 1) + "%, worst " +
+               fixed(100 * abs_err.back(), 1) + "% (goal: median <= 15%, worst <= 30%)";
   }
   return t;
 }

@@ -5,7 +5,8 @@
 #include <vector>
 
 #include "perf/cost_model.h"
-#include "perf/study.h"
+#include "perf/table.h"
+#include "train/metrics.h"
 
 namespace moe {
 

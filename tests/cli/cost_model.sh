@@ -47,7 +47,7 @@ expect_error() {  # expect_error TEXT COMMAND...: exit non-zero, one error line 
   [[ $(grep -c "error:" err.txt) -eq 1 ]] || { cat err.txt; fail "$*: not one error line"; }
   grep -qF "$text" err.txt || { cat err.txt; fail "$*: no '$text'"; }
 }
-expect_error "needs --constants" "$study" predict "$src/configs/gpt-moe.yaml"
+expect_error "no cost constants" "$study" predict "$src/configs/gpt-moe.yaml"
 expect_error "train.batch_size" "$study" predict "$src/configs/gpt-moe.yaml" --constants=k.json --ranks=3
 echo '{"nodes": [{"ranks": 1, "gemm": {"flops_per_s": 1e9}}]}' > bad.json
 expect_error "missing field 'stream_bytes_per_s'" "$study" predict "$src/configs/gpt-moe.yaml" --constants=bad.json

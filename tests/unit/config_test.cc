@@ -113,6 +113,22 @@ TEST(Config, CrossFieldRulesNameTheKey) {
             "train.sample_prompt");                                               // 'z' = 122 >= 100
 }
 
+// The one copy of the layout rules a restart on fewer ranks (launch/moe --elastic) asks for.
+TEST(Config, FitLayoutTakesTheMostRanksTheConfigurationValidatesFor) {
+  auto fit = [](const std::vector<std::string>& keys, int available) {
+    const Layout l = fit_layout(parse_config("", "", keys), available);
+    return std::to_string(l.ranks) + " " + std::to_string(l.ep);
+  };
+  EXPECT_EQ(fit({"train.batch_size=32", "moe.num_experts=8"}, 8), "8 8");
+  EXPECT_EQ(fit({"train.batch_size=32", "moe.num_experts=8"}, 7), "4 4");   // 7, 6, 5 do not divide the batch
+  EXPECT_EQ(fit({"train.batch_size=24", "moe.num_experts=8"}, 7), "6 2");   // ep: the largest divisor of both
+  EXPECT_EQ(fit({"train.batch_size=30", "moe.num_experts=0"}, 7), "6 1");   // dense: ep 1
+  EXPECT_EQ(fit({"train.batch_size=3", "moe.num_experts=9"}, 100), "3 3");  // no more ranks than sequences
+  // beyond the batch: capacity groups must divide each rank's tokens (8 sequences of 16 tokens)
+  EXPECT_EQ(fit({"train.batch_size=8", "model.seq_len=16", "moe.group_size=64", "moe.num_experts=4"}, 8), "2 2");
+  EXPECT_THROW(fit({"moe.top_k=9", "moe.num_experts=8"}, 4), ConfigError);  // fits no layout at all
+}
+
 TEST(Config, ReferenceDocumentIsGeneratedFromTheTable) {
   std::string md = config_reference_markdown();
   for (const ConfigField& f : config_fields()) {

@@ -6,7 +6,10 @@
 #include <filesystem>
 #include <fstream>
 
-#include "perf/study.h"
+#include "perf/study_plan.h"
+#include "perf/study_report.h"
+#include "perf/table.h"
+#include "train/metrics.h"
 #include "base/error.h"
 #include "train/safetensors.h"
 #include "train/trainer.h"

@@ -1,23 +1,11 @@
-// Studies: the run grid of a study file (configs/studies/*.yaml), and the report that turns the runs'
-// metrics into a Markdown table, a CSV file and gnuplot plots. launch/moe study runs the grid between
-// the two (moe_study plan, then one mpirun per run, then moe_study report); see docs/STUDIES.md.
+// A study's plan: the runs of a study file (configs/studies/*.yaml; docs/STUDIES.md), each with its
+// rank count and its arguments, described in <out>/<run>/run.json for the runner and the report.
 #pragma once
 
-#include <map>
 #include <string>
 #include <vector>
 
-#include "train/metrics.h"
-
 namespace moe {
-
-// A table written as Markdown (aligned for reading in a terminal too) or as CSV (RFC 4180 quoting).
-struct Table {
-  std::vector<std::string> columns;
-  std::vector<std::vector<std::string>> rows;
-  std::string markdown() const;
-  std::string csv() const;
-};
 
 // One run of a study.
 struct StudyRun {
@@ -47,10 +35,7 @@ struct StudyOptions {
 // InputError naming the study file, the run and the key.
 std::vector<StudyRun> plan_study(const std::string& study_path, const StudyOptions& options);
 
-// Reads every run of the study in `out` (run.json and metrics.jsonl or bench.csv of each), writes
-// summary.md, summary.csv and plots/ (data, gnuplot scripts, and PNGs when gnuplot runs), and returns
-// the Markdown text. Runs that did not finish are listed as such. `plot_note` gets what happened to the
-// plots (made, or why not).
-std::string report_study(const std::string& out, std::string* plot_note);
+// Writes <options.out>/<run>/run.json for every run (what the runner and the report read).
+void write_plan(const std::string& study_path, const StudyOptions& options, const std::vector<StudyRun>& runs);
 
 }  // namespace moe
