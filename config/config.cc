@@ -540,19 +540,18 @@ int64_t local_tokens(const Config& c, int world_size) {
   return int64_t{c.train.batch_size} / world_size * c.model.seq_len;
 }
 
-void validate_config(const Config& c, int world) {
-  auto need = [](bool ok, const char* key, const std::string& msg) {
-    if (!ok) throw ConfigError(key, msg);
-  };
-  auto finite = [&](double v, const char* key) {
-    need(std::isfinite(v), key, "must be a finite number (got " + format_double(v) + ")");
-  };
-  auto str = [](auto v) { return detail::concat(v); };
+namespace {
 
-  need(c.parallel.ep >= 1, "parallel.ep", "must be >= 1 (got " + str(c.parallel.ep) + ")");
-  need(world % c.parallel.ep == 0, "parallel.ep",
-       "must divide the number of ranks (" + str(world) + " ranks, ep = " + str(c.parallel.ep) + ")");
+void need(bool ok, const char* key, const std::string& msg) {
+  if (!ok) throw ConfigError(key, msg);
+}
+void finite(double v, const char* key) { need(std::isfinite(v), key, "must be a finite number (got " + format_double(v) + ")"); }
+template <typename V>
+std::string str(V v) {
+  return detail::concat(v);
+}
 
+void validate_model(const Config& c) {
   need(c.model.hidden >= 1, "model.hidden", "must be >= 1");
   need(c.model.layers >= 1, "model.layers", "must be >= 1");
   need(c.model.vocab_size >= 2 && c.model.vocab_size <= 65536, "model.vocab_size", "must be in [2, 65536]");
@@ -574,7 +573,9 @@ void validate_config(const Config& c, int world) {
   need(c.model.norm_eps > 0, "model.norm_eps", "must be > 0");
   finite(c.model.init_std, "model.init_std");
   need(c.model.init_std >= 0, "model.init_std", "must be >= 0");
+}
 
+void validate_moe(const Config& c) {
   const MoeConfig& m = c.moe;
   need(m.num_experts >= 0, "moe.num_experts", "must be >= 0 (got " + str(m.num_experts) + "; 0 means dense)");
   need(m.num_experts % c.parallel.ep == 0, "moe.num_experts",
@@ -606,8 +607,11 @@ void validate_config(const Config& c, int world) {
   need(m.z_loss_coef >= 0, "moe.z_loss_coef", "must be >= 0");
   finite(m.bias_update_rate, "moe.bias_update_rate");
   need(m.bias_update_rate >= 0, "moe.bias_update_rate", "must be >= 0");
+}
 
+void validate_train(const Config& c, int world) {
   const TrainConfig& t = c.train;
+  const MoeConfig& m = c.moe;
   need(t.steps >= 0, "train.steps", "must be >= 0");
   need(t.batch_size >= 1, "train.batch_size", "must be >= 1");
   need(t.batch_size % world == 0, "train.batch_size",
@@ -644,6 +648,10 @@ void validate_config(const Config& c, int world) {
   need(t.resume.empty() || !t.checkpoint_dir.empty() || t.resume != "auto", "train.resume",
        "'auto' needs train.checkpoint_dir");
   need(c.data.source != DataSource::kFile || !c.data.path.empty(), "data.path", "is required when data.source = file");
+}
+
+void validate_runtime(const Config& c) {
+  const MoeConfig& m = c.moe;
   need(c.runtime.threads >= 1, "runtime.threads", "must be >= 1");
   const RuntimeConfig& r = c.runtime;
   bool cuda = r.device == Device::kCuda;
@@ -664,6 +672,18 @@ void validate_config(const Config& c, int world) {
   }
   finite(r.comm_timeout_s, "runtime.comm_timeout_s");
   need(r.comm_timeout_s >= 0, "runtime.comm_timeout_s", "must be >= 0");
+}
+
+}  // namespace
+
+void validate_config(const Config& c, int world) {
+  need(c.parallel.ep >= 1, "parallel.ep", "must be >= 1 (got " + str(c.parallel.ep) + ")");
+  need(world % c.parallel.ep == 0, "parallel.ep",
+       "must divide the number of ranks (" + str(world) + " ranks, ep = " + str(c.parallel.ep) + ")");
+  validate_model(c);
+  validate_moe(c);
+  validate_train(c, world);
+  validate_runtime(c);
 }
 
 int largest_ep(const Config& config, int ranks) {

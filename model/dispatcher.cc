@@ -16,6 +16,43 @@ Tensor as_dtype(Backend& backend, const Tensor& t, DType dtype) {
   backend.convert(t, out);
   return out;
 }
+
+// Appends a block of `rows` rows of hidden size h starting at row `row` of one side, to or from rank
+// `peer`. Both sides list their blocks in (peer, local expert, group) order, so a sender's and a
+// receiver's pair up.
+void add_block(std::vector<Communicator::Block>& list, int64_t h, int peer, int64_t row, int64_t rows) {
+  list.push_back({peer, static_cast<size_t>(row * h), static_cast<size_t>(rows * h)});
+}
+
+// The padded layout: every block is `capacity` rows per group, so the plan follows from the shapes.
+DispatchPlan padded_plan(int num_experts, int64_t h, int peers, int local, int64_t groups, int64_t capacity) {
+  DispatchPlan p;
+  const int64_t block = groups * capacity;  // the groups of one (peer, local expert) are contiguous on both sides
+  p.token_rows = p.expert_rows_total = int64_t{num_experts} * block;
+  p.expert_rows.assign(local, int64_t{peers} * block);
+  for (int q = 0; q < peers; ++q)
+    for (int l = 0; l < local; ++l) {
+      add_block(p.token_blocks, h, q, (int64_t{q} * local + l) * block, block);
+      add_block(p.expert_blocks, h, q, (int64_t{l} * peers + q) * block, block);
+    }
+  p.sent_rows = p.token_rows;
+  p.shared_storage = peers == 1;
+  return p;
+}
+
+// One rank, compact layout: the token row of each expert row (the real rows, gathered).
+Tensor local_gather_index(Backend& backend, const DispatchPlan& p, int64_t h) {
+  std::vector<int32_t> idx;
+  idx.reserve(static_cast<size_t>(p.expert_rows_total));
+  for (const Communicator::Block& b : p.token_blocks) {
+    for (size_t r = 0; r < b.count / static_cast<size_t>(h); ++r) {
+      idx.push_back(static_cast<int32_t>(b.offset / static_cast<size_t>(h) + r));
+    }
+  }
+  Tensor out = backend.empty({p.expert_rows_total}, DType::kI32);
+  backend.copy_from_host(idx.data(), out);
+  return out;
+}
 }  // namespace
 
 Dispatcher::Dispatcher(int num_experts, int hidden, DispatchLayout layout, bool bf16_rows)
@@ -31,32 +68,16 @@ const DispatchPlan& Dispatcher::plan(Backend& backend, Communicator& ep, const R
   const int local = num_experts_ / peers;
   const int64_t groups = route.fill.dim(1);
   const int64_t h = hidden_;
-  // Appends a block of `rows` rows starting at row `row` of one side, to or from rank `peer`. Both sides
-  // list their blocks in (peer, local expert, group) order, so a sender's and a receiver's pair up.
-  auto add = [h](std::vector<Communicator::Block>& list, int peer, int64_t row, int64_t rows) {
-    list.push_back({peer, static_cast<size_t>(row * h), static_cast<size_t>(rows * h)});
-  };
-
-  if (capacity > 0 && layout_ == DispatchLayout::kPadded) {
-    // Every block is `capacity` rows per group: the plan follows from the shapes, and is built once per shape.
+  if (capacity > 0 && layout_ == DispatchLayout::kPadded) {  // built once per shape
     std::vector<int64_t> key{peers, local, groups, capacity};
-    if (key == padded_key_) return plan_;
-    DispatchPlan p;
-    const int64_t block = groups * capacity;  // the groups of one (peer, local expert) are contiguous on both sides
-    p.token_rows = p.expert_rows_total = int64_t{num_experts_} * block;
-    p.expert_rows.assign(local, int64_t{peers} * block);
-    for (int q = 0; q < peers; ++q)
-      for (int l = 0; l < local; ++l) {
-        add(p.token_blocks, q, (int64_t{q} * local + l) * block, block);
-        add(p.expert_blocks, q, (int64_t{l} * peers + q) * block, block);
-      }
-    p.sent_rows = p.token_rows;
-    p.shared_storage = peers == 1;
-    plan_ = std::move(p);
+    if (key != padded_key_) plan_ = padded_plan(num_experts_, h, peers, local, groups, capacity);
     padded_key_ = key;
     return plan_;
   }
   padded_key_.clear();
+  auto add = [h](std::vector<Communicator::Block>& list, int peer, int64_t row, int64_t rows) {
+    add_block(list, h, peer, row, rows);
+  };
 
   // Fill counts: ours (E, G) out, theirs (peers, local, G) in.
   std::vector<int32_t> fill(static_cast<size_t>(num_experts_ * groups));
@@ -112,17 +133,7 @@ const DispatchPlan& Dispatcher::plan(Backend& backend, Communicator& ep, const R
   // One rank: the exchange is local. Dropless, both sides are the same rows in the same order; compact,
   // the expert side gathers the real rows.
   p.shared_storage = peers == 1 && dropless;
-  if (peers == 1 && !dropless) {
-    std::vector<int32_t> idx;
-    idx.reserve(static_cast<size_t>(p.expert_rows_total));
-    for (const Communicator::Block& b : p.token_blocks) {
-      for (size_t r = 0; r < b.count / static_cast<size_t>(h); ++r) {
-        idx.push_back(static_cast<int32_t>(b.offset / static_cast<size_t>(h) + r));
-      }
-    }
-    p.local_idx = backend.empty({p.expert_rows_total}, DType::kI32);
-    backend.copy_from_host(idx.data(), p.local_idx);
-  }
+  if (peers == 1 && !dropless) p.local_idx = local_gather_index(backend, p, h);
   plan_ = std::move(p);
   return plan_;
 }
