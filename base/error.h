@@ -60,6 +60,14 @@ class InternalError : public Error {
   explicit InternalError(const std::string& message) : Error(ErrorKind::kInternal, message) {}
 };
 
+// e, marked as raised by every rank together (every rank saw the same input and throws the same error at the
+// same point), for a clean stop with one line: throw collective(ConfigError(key, "..."));
+template <typename E>
+E collective(E e) {
+  e.mark_collective();
+  return e;
+}
+
 // Runs f, marking an error it throws as raised by every rank together (for work every rank does alike,
 // such as parsing the same arguments), so that main stops the job cleanly with one line.
 template <typename F>

@@ -1,3 +1,4 @@
+// Sweeps: configuration keys with lists of values, expanded into their combinations.
 #include "config/sweep.h"
 
 #include <yaml-cpp/yaml.h>

@@ -43,10 +43,8 @@ const char* kUsage =
 // The benchmark's options as "name=value" (configuration overrides and the bench's own flags alike).
 std::vector<std::string> bench_args(const CommandLine& cl) {
   if (!cl.config_path.empty()) {
-    ConfigError e("", "moe_bench takes no configuration file (got '" + cl.config_path +
-                          "'); give keys as --section.key=value");
-    e.mark_collective();
-    throw e;
+    throw collective(ConfigError(
+        "", "moe_bench takes no configuration file (got '" + cl.config_path + "'); give keys as --section.key=value"));
   }
   std::vector<std::string> args = cl.flags;
   args.insert(args.end(), cl.overrides.begin(), cl.overrides.end());

@@ -46,9 +46,7 @@ struct Args {
 };
 
 [[noreturn]] void usage_error(const std::string& key, const std::string& message) {
-  ConfigError e(key, message + " (see --help)");
-  e.mark_collective();
-  throw e;
+  throw collective(ConfigError(key, message + " (see --help)"));
 }
 
 double number(const std::string& flag, const std::string& text) {

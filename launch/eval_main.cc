@@ -29,10 +29,8 @@ const char* kUsage =
 int eval_main(const CommandLine& cl) {
   auto world = make_mpi_world();
   if (cl.config_path.empty() || !cl.positional.empty() || !cl.flags.empty()) {
-    ConfigError e("", cl.config_path.empty() ? "give a checkpoint (see --help)"
-                                             : "unexpected argument; usage: moe_eval CHECKPOINT [--section.key=value ...]");
-    e.mark_collective();
-    throw e;
+    throw collective(ConfigError("", cl.config_path.empty() ? "give a checkpoint (see --help)"
+                                             : "unexpected argument; usage: moe_eval CHECKPOINT [--section.key=value ...]"));
   }
   const std::string step_dir = resolve_step_dir(cl.config_path, *world);
   // The checkpoint's configuration for what evaluation uses; what only training needs is switched off.

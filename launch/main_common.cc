@@ -65,9 +65,7 @@ CommandLine parse_command_line(int argc, char** argv, int first) {
       if (name.find('.') != std::string::npos) {
         if (eq == std::string::npos) {
           if (i + 1 >= argc) {
-            ConfigError e(name, "missing value after --" + name);
-            e.mark_collective();  // every rank parses the same argv
-            throw e;
+            throw collective(ConfigError(name, "missing value after --" + name));  // every rank parses the same argv
           }
           body += "=" + std::string(argv[++i]);
         }
@@ -140,9 +138,7 @@ std::unique_ptr<Backend> make_backend(const Config& config, Communicator& world)
   for (int r = 0; r < world.size(); ++r) {
     if (failed[static_cast<size_t>(r)] == 0.0) continue;
     broadcast_string(world, failure, r);
-    ConfigError e("", failure + (world.size() > 1 ? " (rank " + std::to_string(r) + ")" : ""));
-    e.mark_collective();
-    throw e;
+    throw collective(ConfigError("", failure + (world.size() > 1 ? " (rank " + std::to_string(r) + ")" : "")));
   }
   return backend;
 }
@@ -155,9 +151,7 @@ ProcessGroups make_groups(const Config& config, Backend& backend, std::unique_pt
   } else if (backend.device() == Device::kCuda) {
     // The MPI communicator moves host buffers, outside the backend's stream order: the dispatcher's
     // all-to-all of device rows (and the gradient sums) would hand it device pointers, even on one rank.
-    ConfigError e("runtime.comm", "mpi moves host buffers only; runtime.device = cuda needs nccl (or auto)");
-    e.mark_collective();  // every rank has the same configuration
-    throw e;
+    throw collective(ConfigError("runtime.comm", "mpi moves host buffers only; runtime.device = cuda needs nccl (or auto)"));  // every rank has the same configuration
   }
   return make_process_groups(std::move(world), config.parallel.ep);
 }

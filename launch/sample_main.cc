@@ -37,9 +37,7 @@ SampleOptions parse(int argc, char** argv) {
     char* end = nullptr;
     double v = std::strtod(text.c_str(), &end);
     if (text.empty() || *end != '\0' || !(v >= lo)) {
-      ConfigError e(flag, "expected a number >= " + std::to_string(static_cast<int>(lo)) + ", got '" + text + "'");
-      e.mark_collective();
-      throw e;
+      throw collective(ConfigError(flag, "expected a number >= " + std::to_string(static_cast<int>(lo)) + ", got '" + text + "'"));
     }
     return v;
   };
@@ -53,9 +51,7 @@ SampleOptions parse(int argc, char** argv) {
       } else if (i + 1 < argc) {
         value = argv[++i];
       } else {
-        ConfigError e(flag, "missing value");
-        e.mark_collective();
-        throw e;
+        throw collective(ConfigError(flag, "missing value"));
       }
       if (flag == "--prompt") {
         o.prompt = value;
@@ -68,22 +64,16 @@ SampleOptions parse(int argc, char** argv) {
       } else if (flag == "--seed") {
         o.seed = static_cast<uint64_t>(number(flag, value, 0));
       } else {
-        ConfigError e(flag, "unknown option (see --help)");
-        e.mark_collective();
-        throw e;
+        throw collective(ConfigError(flag, "unknown option (see --help)"));
       }
     } else if (o.checkpoint.empty()) {
       o.checkpoint = a;
     } else {
-      ConfigError e("", "unexpected argument '" + a + "' (one checkpoint)");
-      e.mark_collective();
-      throw e;
+      throw collective(ConfigError("", "unexpected argument '" + a + "' (one checkpoint)"));
     }
   }
   if (o.checkpoint.empty()) {
-    ConfigError e("", "give a checkpoint (see --help)");
-    e.mark_collective();
-    throw e;
+    throw collective(ConfigError("", "give a checkpoint (see --help)"));
   }
   return o;
 }
@@ -92,9 +82,7 @@ int sample_main(int argc, char** argv) {
   SampleOptions o = parse(argc, argv);
   auto world = make_mpi_world();
   if (world->size() != 1) {
-    ConfigError e("", "moe_sample runs on one process (every expert local); run it without mpirun -np > 1");
-    e.mark_collective();
-    throw e;
+    throw collective(ConfigError("", "moe_sample runs on one process (every expert local); run it without mpirun -np > 1"));
   }
   const std::string step_dir = resolve_step_dir(o.checkpoint, *world);
   Config config = checkpoint_config(step_dir, {"parallel.ep=1"}, *world);

@@ -75,9 +75,7 @@ void print_values(const Config& config, const std::string& get) {
   while (std::getline(keys, key, ',')) {
     auto it = std::find_if(values.begin(), values.end(), [&](const auto& kv) { return kv.first == key; });
     if (it == values.end()) {
-      ConfigError e(key, "unknown key");
-      e.mark_collective();
-      throw e;
+      throw collective(ConfigError(key, "unknown key"));
     }
     log_info(it->second);
   }

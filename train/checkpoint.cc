@@ -599,9 +599,7 @@ Config checkpoint_config(const std::string& step_dir, const std::vector<std::str
   }
   broadcast_string(comm, failure, 0);
   if (!failure.empty()) {
-    InputError e(failure, "give a step directory (<checkpoint_dir>/step_NNNNNNNN) this build can read");
-    e.mark_collective();
-    throw e;
+    throw collective(InputError(failure, "give a step directory (<checkpoint_dir>/step_NNNNNNNN) this build can read"));
   }
   broadcast_string(comm, text, 0);
   std::vector<std::string> values;
@@ -640,9 +638,7 @@ std::string resolve_step_dir(const std::string& path, Communicator& comm) {
   }
   broadcast_string(comm, failure, 0);
   if (!failure.empty()) {
-    InputError e(failure, "give a step directory or a train.checkpoint_dir", "train.resume");
-    e.mark_collective();
-    throw e;
+    throw collective(InputError(failure, "give a step directory or a train.checkpoint_dir", "train.resume"));
   }
   broadcast_string(comm, dir, 0);
   return dir;
@@ -704,9 +700,7 @@ std::unique_ptr<CheckpointDir> claim_checkpoint_dir(const Config& config, Commun
   broadcast_string(world, failure, 0);
   if (!failure.empty()) {
     broadcast_string(world, key, 0);
-    Error e(ErrorKind::kInput, failure, key);
-    e.mark_collective();
-    throw e;
+    throw collective(Error(ErrorKind::kInput, failure, key));
   }
   return claim;
 }

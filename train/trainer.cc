@@ -106,14 +106,12 @@ void check_memory(const Config& config, Backend& backend, Communicator& world) {
   std::string key = m.activations >= weights && m.activations >= m.exchange ? "train.batch_size"
                     : weights >= m.exchange                                  ? "model.hidden"
                                                                              : "moe.capacity_factor";
-  ConfigError e(key, "the run needs about " + gib(m.total()) + " per rank (parameters and gradients " +
-                         gib(m.parameters) + ", optimizer state " + gib(m.optimizer) + ", activations " +
-                         gib(m.activations) + ", token exchange " + gib(m.exchange) + ") but a rank has " +
-                         gib(share) + " (" + (backend.device() == Device::kCuda ? "free GPU memory" : "MemAvailable") +
-                         " shared by " + std::to_string(sharers) + " rank(s)); lower " + key +
-                         " or the model's sizes, or use more ranks");
-  e.mark_collective();
-  throw e;
+  throw collective(ConfigError(
+      key, "the run needs about " + gib(m.total()) + " per rank (parameters and gradients " + gib(m.parameters) +
+               ", optimizer state " + gib(m.optimizer) + ", activations " + gib(m.activations) + ", token exchange " +
+               gib(m.exchange) + ") but a rank has " + gib(share) + " (" +
+               (backend.device() == Device::kCuda ? "free GPU memory" : "MemAvailable") + " shared by " +
+               std::to_string(sharers) + " rank(s)); lower " + key + " or the model's sizes, or use more ranks"));
 }
 
 }  // namespace
@@ -352,13 +350,12 @@ void Trainer::diverged(const StepRecord& r) {
   if (config_.runtime.precision == Precision::kBf16) causes.emplace_back("runtime.precision", "runtime.precision = bf16");
   std::string list;
   for (size_t i = 0; i < causes.size(); ++i) list += (i ? ", " : "") + causes[i].second;
-  Error e(ErrorKind::kInput,
-          "training diverged at step " + std::to_string(state_.step + 1) + ": loss " + format_double(r.stats.loss) +
-              ", gradient norm " + format_double(r.grad_norm) + "; first non-finite tensor: " + where +
-              "; nothing of this step was saved. Plausible causes: " + list,
-          causes.front().first);
-  e.mark_collective();  // every rank sees the same global loss and norm
-  throw e;
+  // every rank sees the same global loss and norm
+  throw collective(Error(ErrorKind::kInput,
+                         "training diverged at step " + std::to_string(state_.step + 1) + ": loss " +
+                             format_double(r.stats.loss) + ", gradient norm " + format_double(r.grad_norm) +
+                             "; first non-finite tensor: " + where + "; nothing of this step was saved. Plausible causes: " + list,
+                         causes.front().first));
 }
 
 void Trainer::open_metrics() {
@@ -382,9 +379,7 @@ void Trainer::open_metrics() {
   }
   broadcast_string(world, failure, 0);
   if (!failure.empty()) {
-    Error e(ErrorKind::kInput, failure, "train.metrics_path");
-    e.mark_collective();
-    throw e;
+    throw collective(Error(ErrorKind::kInput, failure, "train.metrics_path"));
   }
 }
 
