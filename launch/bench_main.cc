@@ -37,7 +37,7 @@ const char* kUsage =
     "       moe_bench torch [--tokens=16384] [--hidden=2048] [--experts=64] [--top_k=6] [--ffn_hidden=1408]\n"
     "                 [--shared=0,2] [--dtype=bf16,fp32] [--model=qwen2_moe|deepseek] [--iters=20] [--warmup=5]\n"
     "                 [--format=table|json|csv]\n"
-    "the PyTorch eager MoE block of `transformers` at the same shapes (bench/torch_moe_block.py, a GPU and\n"
+    "the PyTorch eager MoE block of `transformers` at the same shapes (tools/torch_moe_block.py, a GPU and\n"
     "python3 with torch and transformers), its rows printed by the same engine.\n";
 
 // The benchmark's options as "name=value" (configuration overrides and the bench's own flags alike).

@@ -1,4 +1,4 @@
-// The PyTorch baseline's rows, from bench/torch_moe_block.py run once per row.
+// The PyTorch baseline's rows, from tools/torch_moe_block.py run once per row.
 #include "perf/torch_bench.h"
 
 #include <yaml-cpp/yaml.h>
@@ -36,7 +36,7 @@ class TorchBench : public Bench {
   TorchBench(std::vector<Config> configs, std::vector<std::string> dtypes, std::string model)
       : configs_(std::move(configs)), dtypes_(std::move(dtypes)), model_(std::move(model)) {}
   std::vector<std::string> title(BenchRun& run) override {
-    return {"moe_bench torch: PyTorch eager " + model_ + " block of transformers (bench/torch_moe_block.py), " +
+    return {"moe_bench torch: PyTorch eager " + model_ + " block of transformers (tools/torch_moe_block.py), " +
                 std::to_string(run.options().iters) + " iters after " + std::to_string(run.options().warmup) +
                 " warm-up (median, CUDA events)",
             "expert TFLOP/s: 3 (fwd+bwd) x 3 GEMMs x 2 x tokens x hidden x ffn x (top_k + shared) / time; compare "
@@ -55,7 +55,7 @@ class TorchBench : public Bench {
   // The script's own median for this row's shape.
   double seconds(BenchRun& run, size_t i) override {
     const Config& c = configs_[i / dtypes_.size()];
-    const std::string cmd = "python3 " + sh_quote(std::string(MOE_SOURCE_DIR) + "/bench/torch_moe_block.py") +
+    const std::string cmd = "python3 " + sh_quote(std::string(MOE_SOURCE_DIR) + "/tools/torch_moe_block.py") +
                             " --format json --model " + sh_quote(model_) + " --dtype " + sh_quote(dtypes_[i % dtypes_.size()]) +
                             " --tokens " + std::to_string(c.model.seq_len) + " --hidden " + std::to_string(c.model.hidden) +
                             " --experts " + std::to_string(c.moe.num_experts) + " --top_k " + std::to_string(c.moe.top_k) +
@@ -63,7 +63,7 @@ class TorchBench : public Bench {
                             std::to_string(c.moe.num_shared_experts) + " --iters " + std::to_string(run.options().iters) +
                             " --warmup " + std::to_string(run.options().warmup) + " 2>&1";
     std::FILE* pipe = ::popen(cmd.c_str(), "r");
-    if (!pipe) throw InputError("python3", "cannot start bench/torch_moe_block.py");
+    if (!pipe) throw InputError("python3", "cannot start tools/torch_moe_block.py");
     std::string out;
     char buf[4096];
     while (std::fgets(buf, sizeof(buf), pipe)) out += buf;
@@ -73,9 +73,9 @@ class TorchBench : public Bench {
     for (std::string line; std::getline(lines, line);)
       if (!line.empty()) last = line;
     if (status != 0 || last.empty() || last[0] != '{') {
-      throw InputError("moe_bench torch", last.empty() ? "bench/torch_moe_block.py failed (is python3 installed?)" : last);
+      throw InputError("moe_bench torch", last.empty() ? "tools/torch_moe_block.py failed (is python3 installed?)" : last);
     }
-    row_ = parse_json(last, "bench/torch_moe_block.py output");
+    row_ = parse_json(last, "tools/torch_moe_block.py output");
     return row_["ms"].as<double>() * 1e-3;
   }
   int64_t check(BenchRun& run, size_t i) override { return -1; }

@@ -1,4 +1,4 @@
-// `moe_bench torch`: the PyTorch eager MoE block of `transformers` (bench/torch_moe_block.py) at the
+// `moe_bench torch`: the PyTorch eager MoE block of `transformers` (tools/torch_moe_block.py) at the
 // layer benchmark's shapes, one row per (shared experts, dtype), printed by the same engine as our rows so
 // that the two tables read alike. Each row runs the script once, on one GPU; it times its own
 // repetitions with CUDA events (warm-up and median as the engine does), since its work is in another
