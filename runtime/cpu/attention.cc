@@ -1,4 +1,5 @@
-// CPU attention family (runtime/ops/attention.h): rotary embeddings, head layout, causal softmax.
+// CPU attention family (runtime/ops/attention.h): rotary embeddings, head layout, causal softmax (the
+// contracts in runtime/ops/attention.cc have checked the arguments).
 #include <cstring>
 
 #include "runtime/cpu/cpu_common.h"
@@ -8,14 +9,7 @@ namespace moe::cpu {
 
 void rope(Backend&, const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t seq_len, bool inverse,
           Tensor& out) {
-  MOE_CHECK(x.rank() == 2 && cos.rank() == 2 && sin.shape() == cos.shape(), "rope shapes: ", x.str(), cos.str(),
-            sin.str());
-  check_shape(out, x.shape(), "rope output");
-  same_dtype(x, cos, "rope");
   const int64_t t_count = x.dim(0), half = cos.dim(1), d = 2 * half;
-  MOE_CHECK(half > 0 && x.dim(1) % d == 0, "rope: rows of ", x.dim(1), " for head size ", d);
-  MOE_CHECK(seq_len >= 1 && seq_len <= cos.dim(0) && t_count % seq_len == 0, "rope: ", t_count,
-            " tokens in sequences of ", seq_len, " (table of ", cos.dim(0), " positions)");
   const int64_t heads = x.dim(1) / d;
   dispatch_float(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
@@ -42,13 +36,7 @@ namespace {
 // Copies between (B*S, n*d) and (B, n, S, d); to_heads chooses the direction.
 void change_heads(const Tensor& x, int64_t seq_len, int64_t num_heads, Tensor& out, bool to_heads) {
   const Tensor& tokens = to_heads ? x : out;
-  const Tensor& heads = to_heads ? out : x;
-  MOE_CHECK(tokens.rank() == 2 && heads.rank() == 4, "head layout shapes: ", x.str(), " -> ", out.str());
-  same_dtype(x, out, "head layout");
   const int64_t t_count = tokens.dim(0), d = tokens.dim(1) / num_heads, batch = t_count / seq_len;
-  check_shape(heads, {batch, num_heads, seq_len, d}, "head layout");
-  MOE_CHECK(batch * seq_len == t_count && d * num_heads == tokens.dim(1), "head layout: ", tokens.str(), " as ",
-            num_heads, " heads of sequences of ", seq_len);
   const size_t row = static_cast<size_t>(d) * dtype_size(x.dtype());
   const char* src = static_cast<const char*>(x.raw());
   char* dst = static_cast<char*>(out.raw());
@@ -72,9 +60,6 @@ void merge_heads(Backend&, const Tensor& x, int64_t seq_len, int64_t num_heads, 
 }
 
 void causal_softmax_forward(Backend&, const Tensor& scores, double scale, Tensor& probs) {
-  MOE_CHECK(scores.rank() >= 2 && scores.numel() == probs.numel(), "causal_softmax shapes: ", scores.str(), " -> ",
-            probs.str());
-  same_dtype(scores, probs, "causal_softmax");
   const int64_t s_len = scores.dim(-1), rows = scores.numel() / std::max<int64_t>(1, s_len);
   dispatch_float(scores.dtype(), [&](auto tag) {
     using T = decltype(tag);
@@ -89,10 +74,6 @@ void causal_softmax_forward(Backend&, const Tensor& scores, double scale, Tensor
 }
 
 void causal_softmax_backward(Backend&, const Tensor& dprobs, const Tensor& probs, double scale, Tensor& dscores) {
-  MOE_CHECK(dprobs.numel() == probs.numel() && dscores.numel() == probs.numel() && probs.rank() >= 2,
-            "causal_softmax_backward shapes: ", dprobs.str(), probs.str(), dscores.str());
-  same_dtype(dprobs, probs, "causal_softmax_backward");
-  same_dtype(dscores, probs, "causal_softmax_backward");
   const int64_t s_len = probs.dim(-1), rows = probs.numel() / std::max<int64_t>(1, s_len);
   dispatch_float(probs.dtype(), [&](auto tag) {
     using T = decltype(tag);

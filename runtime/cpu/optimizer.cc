@@ -1,4 +1,5 @@
-// CPU optimizer family (runtime/ops/optimizer.h).
+// CPU optimizer family (runtime/ops/optimizer.h; the contracts in runtime/ops/optimizer.cc have checked
+// the arguments).
 #include "runtime/cpu/cpu_common.h"
 #include "runtime/ops/optimizer.h"
 
@@ -6,10 +7,8 @@ namespace moe::cpu {
 namespace {
 
 // The BF16 shadow of an updated F32 parameter (nearest even, as CUDA's __float2bfloat16).
-void write_shadow(const Tensor& param, Tensor* shadow, const char* op) {
+void write_shadow(const Tensor& param, Tensor* shadow) {
   if (!shadow) return;
-  MOE_CHECK(shadow->dtype() == DType::kBF16 && shadow->numel() == param.numel() && param.dtype() == DType::kF32, op,
-            ": shadow ", shadow->str(), " of ", param.str());
   const float* p = param.data<float>();
   uint16_t* s = static_cast<uint16_t*>(shadow->raw());
   for (int64_t i = 0, n = param.numel(); i < n; ++i) s[i] = float_to_bf16(p[i]);
@@ -19,8 +18,6 @@ void write_shadow(const Tensor& param, Tensor* shadow, const char* op) {
 
 void adamw_step(Backend&, Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamArgs& a,
                 Tensor* shadow) {
-  MOE_CHECK(param.numel() == grad.numel() && m.numel() == param.numel() && v.numel() == param.numel(),
-            "adamw shapes");
   double bc1 = 1.0 - std::pow(a.beta1, static_cast<double>(a.step));
   double bc2 = 1.0 - std::pow(a.beta2, static_cast<double>(a.step));
   dispatch_float(param.dtype(), [&](auto tag) {
@@ -36,11 +33,10 @@ void adamw_step(Backend&, Tensor& param, const Tensor& grad, Tensor& m, Tensor& 
       p[i] -= lr * (update + wd * p[i]);
     }
   });
-  write_shadow(param, shadow, "adamw");
+  write_shadow(param, shadow);
 }
 
 void sgd_step(Backend&, Tensor& param, const Tensor& grad, double lr, double weight_decay, Tensor* shadow) {
-  MOE_CHECK(param.numel() == grad.numel(), "sgd shapes");
   dispatch_float(param.dtype(), [&](auto tag) {
     using T = decltype(tag);
     T* p = param.data<T>();
@@ -48,7 +44,7 @@ void sgd_step(Backend&, Tensor& param, const Tensor& grad, double lr, double wei
     T l = T(lr), wd = T(weight_decay);
     for (int64_t i = 0, n = param.numel(); i < n; ++i) p[i] -= l * (g[i] + wd * p[i]);
   });
-  write_shadow(param, shadow, "sgd");
+  write_shadow(param, shadow);
 }
 
 }  // namespace moe::cpu

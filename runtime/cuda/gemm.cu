@@ -36,17 +36,9 @@ struct GemmTypes {
   cudaDataType_t ab, c;
 };
 
-// The (operand, result) pairs we use with CUBLAS_COMPUTE_32F: cublasGemmEx takes F32/F32, BF16/BF16 and
-// BF16/F32; cublasGemmGroupedBatchedEx documents F32/F32 and BF16/BF16 (FP16 too) only.
-GemmTypes gemm_types(const Tensor& a, const Tensor& b, const Tensor& c, bool grouped, const char* op) {
-  MOE_CHECK(a.dtype() == b.dtype(), op, ": operand dtypes differ: ", a.str(), " vs ", b.str());
-  const DType in = a.dtype(), out = c.dtype();
-  const bool ok = (in == DType::kF32 && out == DType::kF32) || (in == DType::kBF16 && out == DType::kBF16) ||
-                  (!grouped && in == DType::kBF16 && out == DType::kF32);
-  MOE_CHECK(ok, op, ": ", dtype_name(in), " operands with a ", dtype_name(out), " result are not supported (",
-            grouped ? "cublasGemmGroupedBatchedEx" : "cublasGemmEx", ", CUBLAS_COMPUTE_32F)");
-  return {blas_type(in), blas_type(out)};
-}
+// The cuBLAS types of the operands and the result. The pairs used with CUBLAS_COMPUTE_32F (F32/F32,
+// BF16/BF16, and BF16/F32 outside cublasGemmGroupedBatchedEx) are the contract's (runtime/ops/gemm.cc).
+GemmTypes gemm_types(const Tensor& a, const Tensor& c) { return {blas_type(a.dtype()), blas_type(c.dtype())}; }
 
 // One GEMM of a grouped call, in cuBLAS's column-major terms: C (m, n) = op(A) (m, k) op(B) (k, n).
 struct GroupProblem {
@@ -139,22 +131,13 @@ char* element_ptr(const Tensor& t, int64_t offset) {
   return static_cast<char*>(const_cast<void*>(t.raw())) + offset * static_cast<int64_t>(dtype_size(t.dtype()));
 }
 
-void check_group_rows(const std::vector<int64_t>& group_rows, int64_t rows, const char* op) {
-  int64_t total = 0;
-  for (int64_t m : group_rows) {
-    MOE_CHECK(m >= 0, op, ": negative group size ", m);
-    total += m;
-  }
-  MOE_CHECK(total == rows, op, ": group rows sum to ", total, ", a has ", rows);
-}
-
 }  // namespace
 
 void gemm(Backend& backend, const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c, double alpha,
           double beta) {
   Context& ctx = context(backend);
   const GemmDims d = gemm_dims("gemm", a, ta, b, tb, c);
-  const GemmTypes types = gemm_types(a, b, c, false, "gemm");
+  const GemmTypes types = gemm_types(a, c);
   const int64_t m = d.m, n = d.n, k = d.k;
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_by_beta(backend, ctx, c, beta);
@@ -170,15 +153,9 @@ void gemm(Backend& backend, const Tensor& a, Trans ta, const Tensor& b, Trans tb
 void grouped_gemm(Backend& backend, const Tensor& a, const Tensor& b, Trans tb, Tensor& c,
                   const std::vector<int64_t>& group_rows, double alpha, double beta, GroupedGemmPath path) {
   Context& ctx = context(backend);
-  MOE_CHECK(a.rank() == 2 && b.rank() == 3 && c.rank() == 2, "grouped_gemm shapes: ", a.str(), b.str(), c.str());
-  MOE_CHECK(static_cast<int64_t>(group_rows.size()) == b.dim(0), "grouped_gemm: ", group_rows.size(),
-            " groups for weights ", b.str());
-  const GemmTypes types = gemm_types(a, b, c, path == GroupedGemmPath::kGrouped, "grouped_gemm");
+  const GemmTypes types = gemm_types(a, c);
   const bool bt = tb == Trans::kT;
   const int64_t k = a.dim(1), n = bt ? b.dim(1) : b.dim(2);
-  MOE_CHECK((bt ? b.dim(2) : b.dim(1)) == k && c.dim(1) == n && c.dim(0) == a.dim(0), "grouped_gemm shapes: ",
-            a.str(), " x ", b.str(), bt ? "^T" : "", " -> ", c.str());
-  check_group_rows(group_rows, a.dim(0), "grouped_gemm");
   if (a.dim(0) == 0 || n == 0) return;
   if (k == 0) return scale_by_beta(backend, ctx, c, beta);  // every row of c belongs to a non-empty group
 
@@ -203,13 +180,8 @@ void grouped_gemm(Backend& backend, const Tensor& a, const Tensor& b, Trans tb, 
 void grouped_gemm_tn(Backend& backend, const Tensor& a, const Tensor& b, Tensor& c,
                      const std::vector<int64_t>& group_rows, double alpha, double beta, GroupedGemmPath path) {
   Context& ctx = context(backend);
-  MOE_CHECK(a.rank() == 2 && b.rank() == 2 && c.rank() == 3, "grouped_gemm_tn shapes: ", a.str(), b.str(), c.str());
-  const GemmTypes types = gemm_types(a, b, c, path == GroupedGemmPath::kGrouped, "grouped_gemm_tn");
+  const GemmTypes types = gemm_types(a, c);
   const int64_t p = a.dim(1), q = b.dim(1);
-  MOE_CHECK(a.dim(0) == b.dim(0) && c.dim(0) == static_cast<int64_t>(group_rows.size()) && c.dim(1) == p &&
-                c.dim(2) == q,
-            "grouped_gemm_tn shapes: ", a.str(), "^T x ", b.str(), " -> ", c.str());
-  check_group_rows(group_rows, a.dim(0), "grouped_gemm_tn");
   if (p == 0 || q == 0) return;
 
   // Group g, column-major: c[g]^T (q, p) = b_g^T (q, m_g) a_g (m_g, p). A group without rows is a
@@ -246,7 +218,7 @@ void batched_gemm(Backend& backend, const Tensor& a, Trans ta, const Tensor& w, 
                   double beta) {
   Context& ctx = context(backend);
   const GemmDims d = gemm_dims("batched_gemm", a, ta, w, tw, c);
-  const GemmTypes types = gemm_types(a, w, c, false, "batched_gemm");
+  const GemmTypes types = gemm_types(a, c);
   const int64_t batch = d.batch, m = d.m, n = d.n, k = d.k;
   if (batch == 0 || m == 0 || n == 0) return;
   if (k == 0) return scale_by_beta(backend, ctx, c, beta);

@@ -1,4 +1,4 @@
-// What the CUDA op files share: float tensors of either dtype, argument checks, stream-ordered scratch,
+// What the CUDA op files share: float tensors of either dtype, typed access, stream-ordered scratch,
 // block reductions, results returned to the host, and the launch helper of elementwise kernels.
 // Included by .cu files only.
 #pragma once
@@ -61,6 +61,9 @@ struct FloatOut {
   }
 };
 
+// Typed access to a tensor's memory. The op contracts (runtime/ops/contract.h) have checked every dtype
+// before an op gets here; these checks guard the reinterpretation, as Tensor::data<T>() does, for code
+// that reaches the kernels without a contract (the backend's convert, one CUDA function calling another).
 inline void check_float(const Tensor& t, const char* what) {
   MOE_CHECK(t.defined(), what, " is undefined");
   MOE_CHECK(t.dtype() == DType::kF32 || t.dtype() == DType::kBF16, what, " must be F32 or BF16, got ", t.str());

@@ -10,7 +10,8 @@
 // scores (or of p) belongs to query position r mod S, because each of its g heads contributes S
 // consecutive rows.
 //
-// CPU: F32 and F64; CUDA: F32.
+// Dtypes: the CPU's floats (F32 or F64, one per call); CUDA: F32 only. The contracts are in
+// runtime/ops/attention.cc.
 #pragma once
 
 #include "runtime/ops/op.h"

@@ -1,7 +1,8 @@
 // Elementwise family: vector updates, reductions to the host, and the expert activations.
 //
-// Tensors of one call have the same element count (shapes are not looked at). CPU: F32 and F64. CUDA:
-// every float tensor F32 or BF16 independently (computed in float).
+// Tensors of one call have the same element count (shapes are not looked at). Dtypes: the device's floats
+// (runtime/ops/contract.h): CPU F32 or F64, one per call; CUDA F32 or BF16, each tensor its own (computed
+// in float). The contracts are in runtime/ops/elementwise.cc.
 #pragma once
 
 #include "runtime/ops/op.h"
@@ -29,7 +30,7 @@ MOE_OP(void, activation_forward, (Backend& b, Activation act, const Tensor& a, T
 MOE_OP(void, activation_backward, (Backend& b, Activation act, const Tensor& dh, const Tensor& a, Tensor& da),
        (b, act, dh, a, da))
 
-// Inverted dropout: out[i] = x[i] / (1 - p) when rng.uniform(offset + i) >= p, else 0 (out may be x).
+// Inverted dropout, p in [0, 1): out[i] = x[i] / (1 - p) when rng.uniform(offset + i) >= p, else 0 (out may be x).
 // Element i of a tensor whose slice starts at global element `offset` draws the same number on any rank,
 // and applying the op with the same arguments to a gradient gives its backward.
 MOE_OP(void, dropout, (Backend& b, const Tensor& x, double p, const RngStream& rng, int64_t offset, Tensor& out),

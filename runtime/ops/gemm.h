@@ -1,7 +1,9 @@
 // GEMM family: dense and grouped matrix products (CPU: CBLAS; CUDA: cuBLAS, fp32 compute, no TF32).
 //
-// Row-major tensors. "op(a)" is a or a^T by the Trans argument. Float types: F32 and F64 on the CPU;
-// F32 and BF16 operands on CUDA (see runtime/cuda/gemm.cu for the dtype pairs cuBLAS takes).
+// Row-major tensors. "op(a)" is a or a^T by the Trans argument. Dtypes: the two operands share one of the
+// device's floats (runtime/ops/contract.h: CPU F32 or F64, CUDA F32 or BF16); the result has their dtype,
+// except that on CUDA BF16 operands may give an F32 result (cublasGemmEx), but not on the grouped path of
+// grouped_gemm(_tn) (cublasGemmGroupedBatchedEx). The contracts are in runtime/ops/gemm.cc.
 #pragma once
 
 #include <vector>
@@ -33,7 +35,7 @@ inline GemmDims gemm_dims(const char* op, const Tensor& a, Trans ta, const Tenso
   return d;
 }
 
-// c (M, N) = alpha * op(a) op(b) + beta * c, with op(a) (M, K) and op(b) (K, N). K = 0 gives
+// c (M, N) = alpha * op(a) op(b) + beta * c, with op(a) (M, K) and op(b) (K, N), 2-D. K = 0 gives
 // c = beta * c exactly (0 when beta = 0).
 MOE_OP(void, gemm,
        (Backend& b, const Tensor& a, Trans ta, const Tensor& w, Trans tw, Tensor& c, double alpha, double beta),
@@ -41,7 +43,7 @@ MOE_OP(void, gemm,
 
 // One GEMM per group of consecutive rows: for g, c[rows_g] (m_g, N) = alpha * a[rows_g] (m_g, K) op(w[g])
 // + beta * c[rows_g]. w is (G, N, K) with tw = kT, or (G, K, N) with tw = kN. group_rows lives on the
-// host; empty groups are allowed.
+// host, one entry per weight, none negative, summing to a's rows; empty groups are allowed.
 MOE_OP(void, grouped_gemm,
        (Backend& b, const Tensor& a, const Tensor& w, Trans tw, Tensor& c, const std::vector<int64_t>& group_rows,
         double alpha, double beta, GroupedGemmPath path),

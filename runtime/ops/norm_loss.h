@@ -1,7 +1,8 @@
 // Norm and loss family: RMSNorm and the language-model cross-entropy.
 //
-// Row-wise ops over (rows, H) tensors. CPU: F32 and F64. CUDA: x, y, dy, dx, logits, dlogits F32 or BF16;
-// weights, rstd and their gradients F32.
+// Row-wise ops over (rows, H) tensors. Dtypes: CPU F32 or F64, one per call. CUDA: x, y, dy, dx, logits,
+// dlogits F32 or BF16, each its own; weights, rstd and their gradients F32. The contracts are in
+// runtime/ops/norm_loss.cc.
 #pragma once
 
 #include "runtime/ops/op.h"

@@ -1,5 +1,5 @@
-// Optimizer family: one fused update per parameter tensor. CPU: F32 and F64; CUDA: F32 (master weights
-// and optimizer state).
+// Optimizer family: one fused update per parameter tensor. Dtypes: CPU F32 or F64, one per call; CUDA: F32
+// (master weights and optimizer state). The contracts are in runtime/ops/optimizer.cc.
 #pragma once
 
 #include "runtime/ops/op.h"
@@ -14,7 +14,7 @@ struct AdamArgs {
 // AdamW with decoupled weight decay, per element:
 //   m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
 //   p -= lr * ( (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps) + weight_decay * p )
-// shadow (may be null): a BF16 tensor of param's size that gets the updated p rounded to nearest even in
+// shadow (may be null): a BF16 tensor of an F32 param's size that gets the updated p rounded to nearest even in
 // the same pass (the bf16 experts' weights, model/params.h).
 MOE_OP(void, adamw_step,
        (Backend& b, Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamArgs& args, Tensor* shadow),

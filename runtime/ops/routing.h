@@ -1,8 +1,8 @@
 // Routing family: the router's scores, top-k with gates and GShard capacity slots, the router losses'
 // statistics and gradients.
 //
-// Router tensors are (T, E) rows of one token each. CPU: F32 and F64. CUDA: F32 (the router always runs
-// in fp32). Random draws come from counter-based streams indexed by global token, so they do not depend
+// Router tensors are (T, E) rows of one token each. Dtypes: CPU F32 or F64, one per call; CUDA: F32 (the
+// router always runs in fp32). The contracts are in runtime/ops/routing.cc. Random draws come from counter-based streams indexed by global token, so they do not depend
 // on the number of ranks.
 #pragma once
 
@@ -89,7 +89,7 @@ MOE_OP(void, router_stats, (Backend& b, const RouteState& state, const Tensor& p
 // x[t, :] += scale * v for every row; v (E) F64 has one value per column
 MOE_OP(void, add_row_vector, (Backend& b, Tensor& x, const Tensor& v, double scale), (b, x, v, scale))
 // Top-k over (sel_probs + bias), gates, random routing and capacity slots; see RouteArgs/RouteState.
-// Allocates out's tensors. bias (E) may be undefined. Ties go to the lower expert index. With forced
+// Allocates out's tensors. bias (E), of sel_probs's dtype, may be undefined. Ties go to the lower expert index. With forced
 // routing the experts come from forced_choice() (bias unused) and the scores and gates are still the
 // router's values at those experts, so the router gets gradients.
 MOE_OP(void, route, (Backend& b, const RouteArgs& args, const Tensor& sel_probs, const Tensor& bias, RouteState& out),

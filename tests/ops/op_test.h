@@ -5,6 +5,7 @@
 // inputs on a backend from the same random streams, runs the op, and returns its outputs; compare() runs
 // it on both backends and checks every output with a per-op bound. ctest runs the table twice: label unit
 // runs the CPU cases, label cuda the CUDA ones, which skip with the reason when no device is usable.
+// The op contracts' refusals (runtime/ops/<family>.cc) have their own table, tests/ops/contract_test.cc.
 //
 // Bounds. F32: 1e-5 relative (max |gpu - cpu| / max |cpu|) for every op; index outputs must match
 // exactly. BF16 GEMMs against the F32 CPU product: operands rounded to 8 mantissa bits carry a relative
@@ -14,16 +15,18 @@
 
 #include <gtest/gtest.h>
 
+#include <cctype>
 #include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "runtime/ops/contract.h"
 #include "tests/test_util.h"
 
 namespace moe::test {
 
-// A CPU case in F32 and F64 (the parameter), with the tolerance of each.
+// A CPU case in one of the CPU's floats (the parameter: F32 and F64), with the tolerance of each.
 class CpuOps : public ::testing::TestWithParam<DType> {
  protected:
   std::unique_ptr<Backend> backend = make_cpu_backend({});
@@ -35,11 +38,14 @@ class CpuOps : public ::testing::TestWithParam<DType> {
 };
 
 inline std::string dtype_param_name(const ::testing::TestParamInfo<DType>& info) {
-  return info.param == DType::kF32 ? "f32" : "f64";
+  std::string name = dtype_name(info.param);
+  for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return name;
 }
 
-#define MOE_CPU_OPS_DTYPES(suite)                                                                  \
-  INSTANTIATE_TEST_SUITE_P(DTypes, suite, ::testing::Values(DType::kF32, DType::kF64), \
+// A CPU suite runs once per float dtype of the CPU's row of the device table (runtime/ops/contract.h).
+#define MOE_CPU_OPS_DTYPES(suite)                                                                             \
+  INSTANTIATE_TEST_SUITE_P(DTypes, suite, ::testing::ValuesIn(::moe::device_dtypes(::moe::Device::kCpu).floats), \
                            ::moe::test::dtype_param_name)
 
 // One op case: builds inputs on `b`, runs the op, returns the outputs to compare.
