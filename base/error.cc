@@ -8,6 +8,7 @@ const char* error_kind_name(ErrorKind kind) {
     case ErrorKind::kConfig: return "config";
     case ErrorKind::kInput: return "input";
     case ErrorKind::kComm: return "comm";
+    case ErrorKind::kResource: return "resource";
     case ErrorKind::kInternal: return "internal";
   }
   return "unknown";

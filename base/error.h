@@ -15,6 +15,7 @@ enum class ErrorKind {
   kConfig,    // a configuration value is wrong; key() names it
   kInput,     // a file the user gave us (data, checkpoint) is missing or malformed
   kComm,      // a communicator call failed
+  kResource,  // a device ran out of memory: the job asked for more than the machine has, not a bug
   kInternal,  // a broken invariant: a bug in this code
 };
 
@@ -53,6 +54,12 @@ class InputError : public Error {
 class CommError : public Error {
  public:
   explicit CommError(const std::string& message, std::string key = "") : Error(ErrorKind::kComm, message, std::move(key)) {}
+};
+
+// Out of device memory: what was requested and what the device had, in one line.
+class ResourceError : public Error {
+ public:
+  explicit ResourceError(const std::string& message) : Error(ErrorKind::kResource, message) {}
 };
 
 class InternalError : public Error {

@@ -27,6 +27,7 @@ int run_job(int argc, char** argv, const char* program, const std::function<int(
   } catch (const Error& e) {
     std::string line = std::string(program) + ": error: " + e.what();
     if (!e.key().empty() && e.kind() != ErrorKind::kConfig) line += " (config key " + e.key() + ")";
+    if (e.kind() == ErrorKind::kResource) line += "; lower train.batch_size or the model's sizes";  // as bad_alloc
     if (e.collective()) {
       if (mpi_world_rank() == 0) std::fprintf(stderr, "%s\n", line.c_str());
       std::fflush(stderr);

@@ -9,7 +9,9 @@
 // main stream, so a block is reused only by work ordered after its last use. Side-stream work is not
 // ordered by the main stream, so a tensor released while a side window is open (begin_side() until the
 // matching join_side()) is kept until the join and freed behind it. The default memory pool keeps
-// freed memory cached (release threshold: unlimited), so steady-state steps do not call the driver.
+// freed memory cached (release threshold: unlimited), so steady-state steps do not call the driver. An
+// allocation the device cannot make is a ResourceError: the bytes requested, and the device's free and
+// total memory.
 //
 // Host waits. Only where the host needs a value (copy_to_host, sum_squares, cross_entropy, dropless
 // row counts, synchronize): through cuda::wait_stream, which polls and lets the communicator's
@@ -114,12 +116,7 @@ class CudaBackend final : public Backend {
     void* p = nullptr;
     cudaError_t err = cudaMallocAsync(&p, alloc_bytes, cur_->stream);
     if (err == cudaErrorMemoryAllocation) {
-      cudaGetLastError();
-      size_t free_b = 0, total_b = 0;
-      cudaMemGetInfo(&free_b, &total_b);
-      throw InternalError(detail::concat("GPU out of memory: ", shape_str(shape), " ", dtype_name(dtype), " (",
-                                         alloc_bytes >> 20, " MiB) with ", free_b >> 20, " of ", total_b >> 20,
-                                         " MiB free on device ", device_, "; lower train.batch_size or model sizes"));
+      cuda::throw_out_of_memory(alloc_bytes, detail::concat("a tensor ", dtype_name(dtype), shape_str(shape)));
     }
     MOE_CUDA_CHECK(err);
     auto state = alloc_;

@@ -2,6 +2,7 @@
 #include "runtime/cuda/cuda_common.h"
 
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <thread>
 
@@ -10,14 +11,51 @@
 namespace moe {
 namespace cuda {
 
+namespace {
+
+constexpr double kMiB = 1024.0 * 1024.0;
+
+std::string mib(double bytes) {
+  char text[48];
+  std::snprintf(text, sizeof text, "%.1f MiB", bytes / kMiB);
+  return text;
+}
+
+// "device 0 has 512.0 MiB free of 81559.0 MiB": what cudaMemGetInfo says now.
+std::string device_memory() {
+  int device = 0;
+  size_t free_b = 0, total_b = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+    cudaGetLastError();
+    return "the device's free and total memory are unknown";
+  }
+  return detail::concat("device ", device, " has ", mib(free_b), " free of ", mib(total_b));
+}
+
+}  // namespace
+
 void throw_cuda_error(cudaError_t code, const char* stmt, const char* file, int line) {
+  if (code == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    throw ResourceError(detail::concat("CUDA out of memory in ", stmt, " at ", file, ":", line, "; ", device_memory()));
+  }
   throw InternalError(detail::concat("CUDA call failed: ", stmt, " at ", file, ":", line, ": ",
                                      cudaGetErrorName(code), ": ", cudaGetErrorString(code)));
 }
 
 void throw_cublas_error(cublasStatus_t code, const char* stmt, const char* file, int line) {
+  if (code == CUBLAS_STATUS_ALLOC_FAILED) {
+    throw ResourceError(detail::concat("cuBLAS out of memory in ", stmt, " at ", file, ":", line, "; ",
+                                       device_memory()));
+  }
   throw InternalError(detail::concat("cuBLAS call failed: ", stmt, " at ", file, ":", line, ": ",
                                      cublasGetStatusName(code), ": ", cublasGetStatusString(code)));
+}
+
+void throw_out_of_memory(size_t bytes, const std::string& what) {
+  cudaGetLastError();  // the failed allocation's error, so that it does not resurface at the next check
+  throw ResourceError(detail::concat("GPU out of memory: requested ", bytes, " bytes (", mib(bytes), ") for ", what,
+                                     "; ", device_memory()));
 }
 
 void Context::init(int device_index, cudaStream_t s) {

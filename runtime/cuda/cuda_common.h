@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "base/error.h"
 #include "runtime/tensor.h"
@@ -17,8 +18,13 @@ class Backend;  // runtime/backend.h
 
 namespace cuda {
 
+// A failed call: InternalError, or ResourceError when it ran out of memory (with the device's free and
+// total memory).
 [[noreturn]] void throw_cuda_error(cudaError_t code, const char* stmt, const char* file, int line);
 [[noreturn]] void throw_cublas_error(cublasStatus_t code, const char* stmt, const char* file, int line);
+// An allocation of `bytes` on the current device for `what` failed: ResourceError naming the bytes
+// requested and the device's free and total memory. Clears the CUDA error first.
+[[noreturn]] void throw_out_of_memory(size_t bytes, const std::string& what);
 
 // Everything the ops of one backend need: the stream they are issued on, the cuBLAS handle bound to
 // it, and a pinned host staging area for small per-call tables (grouped GEMM pointer arrays).

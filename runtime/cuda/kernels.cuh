@@ -94,7 +94,10 @@ inline const int32_t* i32_in(const Tensor& t, const char* what) {
 class Scratch {
  public:
   Scratch(cudaStream_t stream, size_t bytes) : stream_(stream) {
-    if (bytes) MOE_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream_));
+    if (bytes == 0) return;
+    const cudaError_t err = cudaMallocAsync(&ptr_, bytes, stream_);
+    if (err == cudaErrorMemoryAllocation) throw_out_of_memory(bytes, "an op's scratch");
+    MOE_CUDA_CHECK(err);
   }
   ~Scratch() {
     if (ptr_) (void)cudaFreeAsync(ptr_, stream_);  // a destructor cannot throw; a failure resurfaces later

@@ -3,6 +3,7 @@
 // (and for a dtype, the device and the dtype). CUDA's row of the table is checked through a backend that
 // claims the CUDA device but holds host memory: its calls must be refused by the contract, before any
 // CUDA code could run (cuda::context() refuses that backend with another message, which would fail here).
+// On a GPU (CudaOps): an allocation the device cannot make is a ResourceError.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -123,6 +124,24 @@ TEST_F(OpContracts, TheGpuRowAndItsPerOpExceptionsAreRefusedBeforeAnyKernel) {
   Tensor a = t({4, 8}, DType::kBF16), ww = t({2, 3, 8}, DType::kBF16), c = t({4, 3});
   expect_refused([&] { grouped_gemm(gpu, a, ww, Trans::kT, c, {2, 2}, 1.0, 0.0, GroupedGemmPath::kGrouped); },
                  {"grouped_gemm", "cuda", "c as BF16", "F32(4, 3)"});
+}
+
+// An allocation the GPU cannot make is a ResourceError of one line: the bytes requested, the device's
+// free and total memory (not an internal error: smaller sizes fit).
+TEST_F(CudaOps, OutOfMemoryIsAResourceErrorNamingRequestedFreeAndTotal) {
+  const int64_t elements = int64_t{1} << 48;  // 1 PiB of F32
+  try {
+    gpu->empty({elements}, DType::kF32);
+    ADD_FAILURE() << "a 1 PiB tensor was allocated";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(e.kind(), ErrorKind::kResource) << what;
+    EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+    EXPECT_NE(what.find("requested " + std::to_string(elements * 4) + " bytes"), std::string::npos) << what;
+    EXPECT_NE(what.find("MiB free of"), std::string::npos) << what;
+  }
+  Tensor small = gpu->zeros({4}, DType::kF32);  // the device still works after the refusal
+  EXPECT_EQ(to_doubles(*gpu, small), std::vector<double>(4, 0.0));
 }
 
 }  // namespace
