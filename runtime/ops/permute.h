@@ -4,8 +4,10 @@
 // Index tensors are I32. Dtypes: CPU F32 or F64, one per call; CUDA: F32 where rows are added or scaled
 // (permute_backward, unpermute, unpermute_backward, embedding_backward's dtable), F32 or BF16 where they
 // are copied. The contracts are in runtime/ops/permute.cc. Index values are device memory, so the
-// contracts do not read them: the CPU checks those it reads; on CUDA an index cannot be checked without a
-// host wait, so an out-of-range one reads as a zero row (gathers) or is skipped (scatters).
+// contracts do not read them: the CPU checks them in permute, gather_rows, scatter_rows and
+// embedding_forward, and trusts them in the others (row indices that route wrote, ids that
+// embedding_forward read); on CUDA an index cannot be checked without a host wait, so an out-of-range one
+// reads as a zero row (gathers) or is skipped (scatters).
 #pragma once
 
 #include "runtime/ops/op.h"
