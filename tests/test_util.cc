@@ -129,18 +129,24 @@ std::unique_ptr<Communicator> kind_checked(std::unique_ptr<Communicator> inner) 
 ProcessGroups self_groups() { return make_process_groups(kind_checked(make_mpi_self()), 1); }
 ProcessGroups world_groups(int ep) { return make_process_groups(kind_checked(make_mpi_world()), ep); }
 
+Config config(const std::vector<std::string>& overrides) { return parse_config("", "test", overrides); }
+
+Config config(const Config& base, const std::vector<std::string>& overrides) {
+  const Config defaults;
+  std::vector<std::string> all;
+  for (const ConfigField& f : config_fields()) {
+    const std::string value = f.get(base);
+    if (value != f.get(defaults)) all.push_back(f.key + "=" + value);
+  }
+  all.insert(all.end(), overrides.begin(), overrides.end());
+  return config(all);
+}
+
 Config small_config(int num_experts, int top_k, int hidden) {
-  Config c;
-  c.model.hidden = hidden;
-  c.moe.num_experts = num_experts;
-  c.moe.top_k = top_k;
-  c.moe.ffn_hidden = 2 * hidden;
-  c.moe.capacity_factor = 1.0;
-  c.moe.min_capacity = 0;
-  c.moe.aux_loss_coef = 0.05;
-  c.moe.z_loss_coef = 0.01;
-  c.model.init_std = 0.5;  // large enough that routing is far from uniform
-  return c;
+  return config({"model.hidden=" + std::to_string(hidden), "moe.num_experts=" + std::to_string(num_experts),
+                 "moe.top_k=" + std::to_string(top_k), "moe.ffn_hidden=" + std::to_string(2 * hidden),
+                 "moe.capacity_factor=1.0", "moe.min_capacity=0", "moe.aux_loss_coef=0.05", "moe.z_loss_coef=0.01",
+                 "model.init_std=0.5"});  // init_std large enough that routing is far from uniform
 }
 
 LayerResult run_layer(const Config& config, Backend& backend, ProcessGroups& groups, int64_t tokens,

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "config/config.h"
 #include "model/moe_layer.h"
 #include "runtime/backend.h"
 #include "runtime/ops/elementwise.h"
@@ -51,6 +52,12 @@ ProcessGroups world_groups(int ep);
 // collectives take tensors of the backend, host() takes anything else, as on a GPU where the two are
 // device and host memory and a mix-up would hand NCCL a host pointer. A wrong buffer throws InternalError.
 std::unique_ptr<Communicator> kind_checked(std::unique_ptr<Communicator> inner);
+
+// A configuration from `key=value` overrides of the defaults, read by the parser (parse_config) as the
+// command line's are: the same table, types and errors, so a test's configuration is one list.
+Config config(const std::vector<std::string>& overrides);
+// `base` with more overrides: the keys where base differs from the defaults first, then `overrides`.
+Config config(const Config& base, const std::vector<std::string>& overrides);
 
 // A small layer configuration used across tests.
 Config small_config(int num_experts = 4, int top_k = 2, int hidden = 8);

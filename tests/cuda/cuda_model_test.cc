@@ -24,39 +24,17 @@ ProcessGroups device_self_groups(Backend& backend) {
 
 struct LayerCase {
   const char* name;
-  void (*apply)(Config&);
+  std::vector<std::string> overrides;  // of test::small_config(8, 2, 32)
 };
 
 const LayerCase kCases[] = {
-    {"capacity_with_drops_padded",
-     [](Config& c) {
-       c.moe.capacity_factor = 0.8;
-       c.moe.min_capacity = 1;
-     }},
-    {"capacity_compact",
-     [](Config& c) {
-       c.moe.capacity_factor = 1.0;
-       c.runtime.dispatch_layout = DispatchLayout::kCompact;
-     }},
-    {"dropless_shared_on_side_stream",
-     [](Config& c) {
-       c.moe.capacity_factor = 0;
-       c.moe.num_shared_experts = 2;
-     }},
+    {"capacity_with_drops_padded", {"moe.capacity_factor=0.8", "moe.min_capacity=1"}},
+    {"capacity_compact", {"moe.capacity_factor=1.0", "runtime.dispatch_layout=compact"}},
+    {"dropless_shared_on_side_stream", {"moe.capacity_factor=0", "moe.num_shared_experts=2"}},
     {"sigmoid_random_routing_jitter_batch_priority",
-     [](Config& c) {
-       c.moe.score = ScoreFn::kSigmoid;
-       c.moe.random_routing = true;
-       c.moe.router_jitter = 0.05;
-       c.moe.priority = Priority::kBatch;
-     }},
+     {"moe.score=sigmoid", "moe.random_routing=true", "moe.router_jitter=0.05", "moe.priority=batch"}},
     {"gumbel_top3_gelu_groups",
-     [](Config& c) {
-       c.moe.top_k = 3;
-       c.moe.router_grad = RouterGrad::kGumbel;
-       c.moe.expert_type = ExpertType::kGelu;
-       c.moe.group_size = 16;
-     }},
+     {"moe.top_k=3", "moe.router_grad=gumbel", "moe.expert_type=gelu", "moe.group_size=16"}},
 };
 
 class CudaLayer : public ::testing::TestWithParam<LayerCase> {
@@ -70,9 +48,9 @@ void PrintTo(const LayerCase& c, std::ostream* os) { *os << c.name; }
 
 void expect_layer_matches(const Config& base, Precision precision, double tol) {
   const int64_t tokens = 64;
-  Config cpu_config = base, gpu_config = base;
-  gpu_config.runtime.device = Device::kCuda;
-  gpu_config.runtime.precision = precision;
+  const Config cpu_config = base;
+  const Config gpu_config = test::config(
+      base, {"runtime.device=cuda", precision == Precision::kBf16 ? "runtime.precision=bf16" : "runtime.precision=fp32"});
   auto cpu = make_cpu_backend({});
   auto gpu = make_cuda_backend({});
   ProcessGroups g1 = test::self_groups(), g2 = device_self_groups(*gpu);
@@ -94,15 +72,13 @@ void expect_layer_matches(const Config& base, Precision precision, double tol) {
 }
 
 TEST_P(CudaLayer, Fp32ForwardBackwardMatchesCpu) {
-  Config c = test::small_config(8, 2, 32);
-  GetParam().apply(c);
-  expect_layer_matches(c, Precision::kFp32, 1e-5);
+  expect_layer_matches(test::config(test::small_config(8, 2, 32), GetParam().overrides), Precision::kFp32, 1e-5);
 }
 
 TEST_P(CudaLayer, Bf16ExpertGemmsWithinTheRoundingBound) {
-  Config c = test::small_config(8, 2, 32);
-  c.model.init_std = 0.1;
-  GetParam().apply(c);
+  std::vector<std::string> overrides{"model.init_std=0.1"};
+  overrides.insert(overrides.end(), GetParam().overrides.begin(), GetParam().overrides.end());
+  const Config c = test::config(test::small_config(8, 2, 32), overrides);
   // bf16 may route a token differently only where two scores tie to within the router's fp32 rounding;
   // the router runs in fp32 on both sides, so routing is the same and only the expert math differs.
   expect_layer_matches(c, Precision::kBf16, 3e-2);
@@ -123,44 +99,25 @@ std::vector<double> train_losses(const Config& config) {
 
 TEST(CudaTraining, LossCurveMatchesCpu) {
   if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda_unavailable_reason();
-  Config c;
-  c.model.hidden = 32;
-  c.model.layers = 2;
-  c.model.seq_len = 32;
-  c.moe.num_experts = 8;
-  c.moe.ffn_hidden = 64;
-  c.moe.num_shared_experts = 1;
-  c.moe.bias_update_rate = 1e-3;
-  c.train.batch_size = 8;
-  c.train.steps = 5;
-  c.train.warmup_steps = 2;
-  c.train.log_every = 1000;
+  const Config c = test::config({"model.hidden=32", "model.layers=2", "model.seq_len=32", "moe.num_experts=8",
+                                  "moe.ffn_hidden=64", "moe.num_shared_experts=1", "moe.bias_update_rate=1e-3",
+                                  "train.batch_size=8", "train.steps=5", "train.warmup_steps=2", "train.log_every=1000"});
   std::vector<double> want = train_losses(c);
-  for (Precision p : {Precision::kFp32, Precision::kBf16}) {
-    Config g = c;
-    g.runtime.device = Device::kCuda;
-    g.runtime.precision = p;
-    std::vector<double> got = train_losses(g);
+  for (const std::string precision : {"fp32", "bf16"}) {
+    std::vector<double> got = train_losses(test::config(c, {"runtime.device=cuda", "runtime.precision=" + precision}));
     ASSERT_EQ(got.size(), want.size());
-    const double tol = p == Precision::kFp32 ? 1e-4 : 3e-2;
+    const double tol = precision == "fp32" ? 1e-4 : 3e-2;
     for (size_t i = 0; i < want.size(); ++i) {
-      EXPECT_NEAR(got[i], want[i], tol * want[i]) << "step " << i + 1 << (p == Precision::kBf16 ? " bf16" : " fp32");
+      EXPECT_NEAR(got[i], want[i], tol * want[i]) << "step " << i + 1 << " " << precision;
     }
   }
 }
 
 TEST(CudaTraining, TimelinePhasesAddUpAndReportHiddenSharedTime) {
   if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda_unavailable_reason();
-  Config c;
-  c.model.hidden = 256;
-  c.model.layers = 2;
-  c.model.seq_len = 256;
-  c.moe.num_experts = 8;
-  c.moe.num_shared_experts = 2;
-  c.train.batch_size = 8;
-  c.train.steps = 3;
-  c.train.log_every = 1000;
-  c.runtime.device = Device::kCuda;
+  const Config c = test::config({"model.hidden=256", "model.layers=2", "model.seq_len=256", "moe.num_experts=8",
+                                  "moe.num_shared_experts=2", "train.batch_size=8", "train.steps=3",
+                                  "train.log_every=1000", "runtime.device=cuda"});
   auto backend = make_cuda_backend({});
   ProcessGroups groups = device_self_groups(*backend);
   Trainer trainer(c, *backend, groups);

@@ -24,32 +24,19 @@ namespace {
 using test::SharedDir;
 
 Config tiny(int experts, int64_t steps) {
-  Config c;
-  c.model.hidden = 16;
-  c.model.layers = 2;
-  c.model.seq_len = 16;
-  c.model.init_std = 0.05;
-  c.model.ffn_hidden = 32;
-  c.moe.num_experts = experts;
-  c.moe.top_k = 2;
-  c.moe.ffn_hidden = 16;
-  c.moe.num_shared_experts = 1;
-  c.moe.min_capacity = 1;
-  c.train.batch_size = 24;
-  c.train.steps = steps;
-  c.train.lr = 1e-2;
-  c.train.warmup_steps = 2;
-  c.train.log_every = 1000;
-  return c;
+  return test::config({"model.hidden=16", "model.layers=2", "model.seq_len=16", "model.init_std=0.05",
+                       "model.ffn_hidden=32", "moe.num_experts=" + std::to_string(experts), "moe.top_k=2",
+                       "moe.ffn_hidden=16", "moe.num_shared_experts=1", "moe.min_capacity=1", "train.batch_size=24",
+                       "train.steps=" + std::to_string(steps), "train.lr=1e-2", "train.warmup_steps=2",
+                       "train.log_every=1000"});
 }
 
 // tiny() laid out over this world: ep the largest divisor of both the world and the experts, capacity
 // groups of one rank's tokens (so every layout routes alike).
 Config tiny_on_world(int experts, int64_t steps) {
-  Config c = tiny(experts, steps);
-  c.parallel.ep = std::gcd(mpi_world_size(), experts);
-  c.moe.group_size = static_cast<int>(local_tokens(c, mpi_world_size()));
-  return c;
+  const Config c = tiny(experts, steps);
+  return test::config(c, {"parallel.ep=" + std::to_string(std::gcd(mpi_world_size(), experts)),
+                          "moe.group_size=" + std::to_string(local_tokens(c, mpi_world_size()))});
 }
 
 std::vector<double> train(const Config& config, ProcessGroups& groups) {
@@ -63,18 +50,16 @@ std::vector<double> train(const Config& config, ProcessGroups& groups) {
 
 // Trains c (its train.steps) with one checkpoint at the end into <dir>/<name>; returns the step directory.
 std::string train_to_checkpoint(Config& c, ProcessGroups& groups, const std::string& dir, const std::string& name) {
-  c.train.checkpoint_dir = dir + "/" + name;
-  c.train.checkpoint_every = c.train.steps;
+  c = test::config(c, {"train.checkpoint_dir=" + dir + "/" + name,
+                       "train.checkpoint_every=" + std::to_string(c.train.steps)});
   train(c, groups);
   return c.train.checkpoint_dir + "/" + checkpoint_step_name(c.train.steps);
 }
 
 // The losses of resuming `from` under `ep` until step `steps` (writing no checkpoint).
-std::vector<double> resumed_losses(Config c, const std::string& from, int ep, int64_t steps) {
-  c.parallel.ep = ep;
-  c.train.steps = steps;
-  c.train.checkpoint_dir = "";
-  c.train.resume = from;
+std::vector<double> resumed_losses(const Config& config, const std::string& from, int ep, int64_t steps) {
+  const Config c = test::config(config, {"parallel.ep=" + std::to_string(ep), "train.steps=" + std::to_string(steps),
+                                         "train.checkpoint_dir=", "train.resume=" + from});
   ProcessGroups layout = test::world_groups(ep);
   return train(c, layout);
 }
@@ -195,8 +180,7 @@ TEST(CheckpointTools, LoadingFindsEveryTensorThroughTheIndexWhereverItIs) {
 }
 
 TEST(CheckpointTools, TheIndexMustAgreeWithTheFilesAndNewerFormatsAreRefused) {
-  Config c = tiny(4, 2);
-  c.parallel.ep = mpi_world_size() % 2 == 0 ? 2 : 1;
+  Config c = test::config(tiny(4, 2), {mpi_world_size() % 2 == 0 ? "parallel.ep=2" : "parallel.ep=1"});
   ProcessGroups groups = test::world_groups(c.parallel.ep);
   SharedDir dir(*groups.world, "moe_ckpt_test");
   const std::string step = train_to_checkpoint(c, groups, dir.path(), "run");
@@ -303,18 +287,12 @@ double validation_loss(const std::string& step_dir, const std::string& val, Proc
 TEST(CheckpointTools, AnUpcycledModelStartsAtTheDenseModelsLoss) {
   ProcessGroups groups = test::world_groups(1);
   SharedDir dir(*groups.world, "moe_ckpt_test");
-  Config dense = tiny(0, 3);
-  dense.runtime.dtype = DType::kF64;
-  dense.model.layers = 3;
+  Config dense = test::config(tiny(0, 3), {"runtime.dtype=float64", "model.layers=3"});
   const std::string from = train_to_checkpoint(dense, groups, dir.path(), "dense");
   const std::string val = dir.path() + "/val.bin";
-  Config moe = dense;  // layers 1 and 2 MoE; dropless; identical experts with normalised gates
-  moe.moe.num_experts = 4;
-  moe.moe.first_dense_layers = 1;
-  moe.moe.num_shared_experts = 0;
-  moe.moe.ffn_hidden = 32;  // = the dense FFN's
-  moe.moe.capacity_factor = 0;
-  moe.moe.normalize_topk = true;
+  // Layers 1 and 2 MoE; dropless; identical experts (mid size 32, the dense FFN's) with normalised gates.
+  const Config moe = test::config(dense, {"moe.num_experts=4", "moe.first_dense_layers=1", "moe.num_shared_experts=0",
+                                          "moe.ffn_hidden=32", "moe.capacity_factor=0", "moe.normalize_topk=true"});
   on_rank0(*groups.world, [&] {
     std::vector<uint32_t> tokens;
     for (uint32_t i = 0; i < 6 * 16 + 1; ++i) tokens.push_back((i * 37 + i / 5) % 256);
@@ -322,9 +300,8 @@ TEST(CheckpointTools, AnUpcycledModelStartsAtTheDenseModelsLoss) {
     auto backend = make_cpu_backend({});
     upcycle_checkpoint(from, moe, dir.path() + "/copies", {}, *backend);
     upcycle_checkpoint(from, moe, dir.path() + "/noisy", {0.01, false}, *backend);
-    Config fine = moe;
-    fine.moe.num_experts = 8;
-    fine.moe.ffn_hidden = 8;  // 4 experts cut from each dense FFN, twice over
+    // 4 experts cut from each dense FFN, twice over.
+    const Config fine = test::config(moe, {"moe.num_experts=8", "moe.ffn_hidden=8"});
     upcycle_checkpoint(from, fine, dir.path() + "/granular", {0, true}, *backend);
     const StoredCheckpoint d = open_checkpoint(from), g = open_checkpoint(dir.path() + "/granular/step_00000000");
     const std::vector<double> up = [&] {
@@ -339,13 +316,9 @@ TEST(CheckpointTools, AnUpcycledModelStartsAtTheDenseModelsLoss) {
       EXPECT_EQ(wd.data<double>()[5 * 8 + 2], 4 * dd.data<double>()[5 * 32 + (e % 4) * 8 + 2]);
     }
     // what cannot be upcycled says which key
-    Config gelu = moe;
-    gelu.moe.expert_type = ExpertType::kGelu;
-    gelu.moe.ffn_hidden = 32;
-    Config wide = moe;
-    wide.model.hidden = 32;
-    Config small = moe;
-    small.moe.ffn_hidden = 16;
+    const Config gelu = test::config(moe, {"moe.expert_type=gelu", "moe.ffn_hidden=32"});
+    const Config wide = test::config(moe, {"model.hidden=32"});
+    const Config small = test::config(moe, {"moe.ffn_hidden=16"});
     for (auto [config, key] : {std::pair<Config, std::string>{gelu, "moe.expert_type"}, {wide, "model.hidden"},
                                {small, "moe.ffn_hidden"}}) {
       try {

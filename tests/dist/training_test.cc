@@ -22,26 +22,18 @@ namespace fs = std::filesystem;
 
 Config tiny_model(int64_t steps) {
   const int world = mpi_world_size();
-  Config c;
-  c.model.hidden = 16;
-  c.model.layers = 2;
-  c.model.seq_len = 16;
-  c.model.init_std = 0.05;
-  c.moe.num_experts = world % 3 == 0 ? 6 : 8;
-  c.parallel.ep = c.moe.num_experts % world == 0 ? world : (world % 2 == 0 ? 2 : 1);
-  c.moe.top_k = 2;
-  c.moe.ffn_hidden = 16;
-  c.moe.num_shared_experts = 1;
-  c.moe.capacity_factor = 1.25;
-  c.moe.min_capacity = 1;
-  c.train.batch_size = 24;
-  c.train.steps = steps;
-  c.train.lr = 1e-2;
-  c.train.min_lr = 1e-3;
-  c.train.warmup_steps = 3;
-  c.train.log_every = 1000;
-  return c;
+  const int experts = world % 3 == 0 ? 6 : 8;
+  const int ep = experts % world == 0 ? world : (world % 2 == 0 ? 2 : 1);
+  return test::config({"model.hidden=16", "model.layers=2", "model.seq_len=16", "model.init_std=0.05",
+                       "moe.num_experts=" + std::to_string(experts), "parallel.ep=" + std::to_string(ep),
+                       "moe.top_k=2", "moe.ffn_hidden=16", "moe.num_shared_experts=1", "moe.capacity_factor=1.25",
+                       "moe.min_capacity=1", "train.batch_size=24", "train.steps=" + std::to_string(steps),
+                       "train.lr=1e-2", "train.min_lr=1e-3", "train.warmup_steps=3", "train.log_every=1000"});
 }
+
+// The tokens of one rank of tiny_model on this world: capacity groups of this size are the same in every
+// layout and in one process.
+std::string rank_tokens() { return std::to_string(local_tokens(tiny_model(1), mpi_world_size())); }
 
 std::vector<double> losses(const std::vector<StepRecord>& records) {
   std::vector<double> out;
@@ -75,43 +67,34 @@ TEST(Training, LossFallsAndRerunsAreBitIdentical) {
 TEST(Training, ResumeMatchesTheUninterruptedRunBitForBit) {
   ProcessGroups groups = test::world_groups(tiny_model(1).parallel.ep);
   SharedDir dir(*groups.world);
-  Config full = tiny_model(12);
-  full.moe.bias_update_rate = 1e-3;  // the balancing bias is state too
-  full.moe.router_jitter = 0.01;     // and so is every per-step random stream
+  // The balancing bias is state too, and so is every per-step random stream (jitter).
+  const Config full = test::config(tiny_model(12), {"moe.bias_update_rate=1e-3", "moe.router_jitter=0.01"});
   std::vector<double> want = losses(train(full, groups));
 
-  Config first = full;  // the same run, saving at steps 5, 10 and 12
-  first.train.checkpoint_dir = dir.path();
-  first.train.checkpoint_every = 5;
+  // The same run, saving at steps 5, 10 and 12.
+  const Config first = test::config(full, {"train.checkpoint_dir=" + dir.path(), "train.checkpoint_every=5"});
   EXPECT_EQ(losses(train(first, groups)), want) << "saving checkpoints changed the run";
-  Config second = full;
-  second.train.checkpoint_dir = dir.path();
-  second.train.resume = dir.path() + "/step_00000005";
+  const Config second =
+      test::config(full, {"train.checkpoint_dir=" + dir.path(), "train.resume=" + dir.path() + "/step_00000005"});
   std::vector<double> got = losses(train(second, groups));
   ASSERT_EQ(got.size(), 7u);
   EXPECT_EQ(got, std::vector<double>(want.begin() + 5, want.end()));
 
-  Config again = full;  // resume: auto picks the latest checkpoint (step 12), so nothing is left to do
-  again.train.checkpoint_dir = dir.path();
-  again.train.resume = "auto";
-  again.train.steps = 12;
+  // resume: auto picks the latest checkpoint (step 12), so nothing is left to do.
+  const Config again =
+      test::config(full, {"train.checkpoint_dir=" + dir.path(), "train.resume=auto", "train.steps=12"});
   EXPECT_TRUE(train(again, groups).empty());
 }
 
 TEST(Training, ADenseModelResumesBitForBit) {  // no routed experts: the manifest lists 0 per file
   ProcessGroups groups = test::world_groups(1);
   SharedDir dir(*groups.world);
-  Config full = tiny_model(8);
-  full.moe.num_experts = 0;
-  full.parallel.ep = 1;
+  const Config full = test::config(tiny_model(8), {"moe.num_experts=0", "parallel.ep=1"});
   std::vector<double> want = losses(train(full, groups));
-  Config first = full;
-  first.train.checkpoint_dir = dir.path();
-  first.train.checkpoint_every = 4;
+  const Config first = test::config(full, {"train.checkpoint_dir=" + dir.path(), "train.checkpoint_every=4"});
   EXPECT_EQ(losses(train(first, groups)), want);
-  Config second = full;
-  second.train.checkpoint_dir = dir.path();
-  second.train.resume = dir.path() + "/step_00000004";
+  const Config second =
+      test::config(full, {"train.checkpoint_dir=" + dir.path(), "train.resume=" + dir.path() + "/step_00000004"});
   std::vector<double> got = losses(train(second, groups));
   ASSERT_EQ(got.size(), 4u);
   EXPECT_EQ(got, std::vector<double>(want.begin() + 4, want.end()));
@@ -122,16 +105,12 @@ TEST(Training, ADenseModelResumesBitForBit) {  // no routed experts: the manifes
 TEST(Training, ResumeRefusesAnotherValueOfAStructuralKeyAndNamesIt) {
   ProcessGroups groups = test::self_groups();  // each rank on its own: only rank 0 of a job reads the manifest
   SharedDir dir(*groups.world, "moe_structural");
-  Config base = tiny_model(2);
-  base.parallel.ep = 1;
-  base.moe.num_experts = 0;
-  base.train.checkpoint_dir = dir.path();
+  const Config base =
+      test::config(tiny_model(2), {"parallel.ep=1", "moe.num_experts=0", "train.checkpoint_dir=" + dir.path()});
   train(base, groups);
   auto resume_with = [&](const std::string& key, const std::string& value) {
-    Config c = base;
-    config_field(key).set(c, value);
-    c.train.steps = 3;
-    c.train.resume = dir.path() + "/step_00000002";
+    const Config c =
+        test::config(base, {key + "=" + value, "train.steps=3", "train.resume=" + dir.path() + "/step_00000002"});
     try {
       train(c, groups);
     } catch (const ConfigError& e) {
@@ -152,16 +131,14 @@ TEST(Training, ResumeRefusesAnotherValueOfAStructuralKeyAndNamesIt) {
 }
 
 TEST(Training, LossCurveDoesNotDependOnTheNumberOfRanks) {
-  Config c = tiny_model(6);
-  c.runtime.dtype = DType::kF64;
-  c.moe.group_size = static_cast<int>(local_tokens(c, mpi_world_size()));  // the same capacity groups
-  c.moe.bias_update_rate = 1e-3;  // global loads drive the bias: identical on every rank and layout
-  c.moe.router_jitter = 0.01;
-  c.moe.random_routing = true;
+  // The same capacity groups on every layout (a rank's tokens); global loads drive the bias, identical
+  // on every rank and layout.
+  const Config c = test::config(tiny_model(6), {"runtime.dtype=float64", "moe.group_size=" + rank_tokens(),
+                                                "moe.bias_update_rate=1e-3", "moe.router_jitter=0.01",
+                                                "moe.random_routing=true"});
   ProcessGroups groups = test::world_groups(c.parallel.ep);
   std::vector<double> dist = losses(train(c, groups));
-  Config one = c;
-  one.parallel.ep = 1;
+  const Config one = test::config(c, {"parallel.ep=1"});
   ProcessGroups self = test::self_groups();
   std::vector<double> single = losses(train(one, self));
   EXPECT_LT(test::rel_diff(dist, single), 1e-10);
@@ -171,23 +148,12 @@ TEST(Training, LossCurveDoesNotDependOnTheNumberOfRanks) {
 // layer 2 dense; grouped-query attention with dropout; tied embeddings; every random stream on. Trained
 // for a few steps in every ep x dp layout the world allows, and evaluated, against one process fed the
 // same global batch split into the same capacity groups.
-Config mixed_model(DType dtype) {
-  Config c = tiny_model(4);
-  c.runtime.dtype = dtype;
-  c.model.layers = 3;
-  c.model.heads = 4;
-  c.model.kv_heads = 2;
-  c.model.attn_dropout = 0.1;
-  c.model.tie_embeddings = true;
-  c.model.ffn_hidden = 24;
-  c.moe.first_dense_layers = 1;
-  c.moe.every = 2;
-  c.moe.capacity_factor = 1.0;
-  c.moe.group_size = static_cast<int>(local_tokens(c, mpi_world_size()));
-  c.moe.bias_update_rate = 1e-3;
-  c.moe.router_jitter = 0.01;
-  c.moe.random_routing = true;
-  return c;
+Config mixed_model(const std::string& dtype) {
+  return test::config(tiny_model(4), {"runtime.dtype=" + dtype, "model.layers=3", "model.heads=4", "model.kv_heads=2",
+                                      "model.attn_dropout=0.1", "model.tie_embeddings=true", "model.ffn_hidden=24",
+                                      "moe.first_dense_layers=1", "moe.every=2", "moe.capacity_factor=1.0",
+                                      "moe.group_size=" + rank_tokens(), "moe.bias_update_rate=1e-3",
+                                      "moe.router_jitter=0.01", "moe.random_routing=true"});
 }
 
 std::vector<int> expert_layouts(const Config& c) {
@@ -217,23 +183,20 @@ TEST(Training, MixedModelMatchesOneProcessInEveryLayout) {
     write_token_file(val, tokens, 256);
   }
   world.world->barrier();
-  for (DType dtype : {DType::kF64, DType::kF32}) {
-    Config c = mixed_model(dtype);
-    c.data.val_path = val;
-    c.train.eval_tokens = 0;
-    c.train.eval_every = 2;  // evaluation inside run() too, with synthetic training data (no baselines)
-    Config one = c;
-    one.parallel.ep = 1;
+  for (const std::string dtype : {"float64", "float32"}) {
+    // Evaluation inside run() too, with synthetic training data (no baselines).
+    const Config c =
+        test::config(mixed_model(dtype), {"data.val_path=" + val, "train.eval_tokens=0", "train.eval_every=2"});
+    const Config one = test::config(c, {"parallel.ep=1"});
     ProcessGroups self = test::self_groups();
     const std::vector<double> want = train_and_evaluate(one, self);
     ASSERT_EQ(want.size(), 5u);
-    const double tol = dtype == DType::kF64 ? 1e-10 : 1e-5;
+    const double tol = dtype == "float64" ? 1e-10 : 1e-5;
     for (int ep : expert_layouts(c)) {
-      Config d = c;
-      d.parallel.ep = ep;
+      const Config d = test::config(c, {"parallel.ep=" + std::to_string(ep)});
       ProcessGroups groups = test::world_groups(ep);
       EXPECT_LT(test::rel_diff(train_and_evaluate(d, groups), want), tol)
-          << dtype_name(dtype) << " ep " << ep << " x dp " << mpi_world_size() / ep;
+          << dtype << " ep " << ep << " x dp " << mpi_world_size() / ep;
     }
   }
 }
@@ -241,17 +204,13 @@ TEST(Training, MixedModelMatchesOneProcessInEveryLayout) {
 TEST(Training, ACheckpointResumesUnderAnotherLayout) {
   // Saved with ep = E's layout, resumed with every rank holding every expert (ep = 1, dp = world):
   // experts are stored per global index, so the run continues (to rounding: F64, reductions reordered).
-  Config c = tiny_model(8);
-  c.runtime.dtype = DType::kF64;
-  ProcessGroups groups = test::world_groups(c.parallel.ep);
+  ProcessGroups groups = test::world_groups(tiny_model(1).parallel.ep);
   SharedDir dir(*groups.world);
-  c.train.checkpoint_dir = dir.path();
-  c.train.checkpoint_every = 4;
+  const Config c = test::config(tiny_model(8), {"runtime.dtype=float64", "train.checkpoint_dir=" + dir.path(),
+                                                "train.checkpoint_every=4"});
   std::vector<double> want = losses(train(c, groups));
-  Config other = c;
-  other.parallel.ep = 1;
-  other.train.resume = dir.path() + "/step_00000004";
-  other.train.checkpoint_dir = "";
+  const Config other = test::config(
+      c, {"parallel.ep=1", "train.resume=" + dir.path() + "/step_00000004", "train.checkpoint_dir="});
   ProcessGroups flat = test::world_groups(1);
   std::vector<double> got = losses(train(other, flat));
   EXPECT_LT(test::rel_diff(got, std::vector<double>(want.begin() + 4, want.end())), 1e-10);
@@ -263,10 +222,8 @@ TEST(Training, ACheckpointResumesUnderAnotherLayout) {
 TEST(Training, ResumeKeepsTheMetricsFileALinePerStepAndMovesInlineEvents) {
   ProcessGroups groups = test::world_groups(tiny_model(1).parallel.ep);
   SharedDir dir(*groups.world);
-  Config c = tiny_model(6);
-  c.train.checkpoint_dir = dir.path();
-  c.train.checkpoint_every = 3;
-  c.train.metrics_path = dir.path() + "/m.jsonl";
+  const Config c = test::config(tiny_model(6), {"train.checkpoint_dir=" + dir.path(), "train.checkpoint_every=3",
+                                                "train.metrics_path=" + dir.path() + "/m.jsonl"});
   const std::string events = metrics_events_path(c.train.metrics_path);
   train(c, groups);
   if (groups.world->rank() == 0) {  // the earlier format: the start event first, a resume event inline
@@ -278,8 +235,7 @@ TEST(Training, ResumeKeepsTheMetricsFileALinePerStepAndMovesInlineEvents) {
     fs::remove(events);
   }
   groups.world->barrier();
-  Config resumed = c;
-  resumed.train.resume = dir.path() + "/step_00000003";
+  const Config resumed = test::config(c, {"train.resume=" + dir.path() + "/step_00000003"});
   EXPECT_EQ(train(resumed, groups).size(), 3u);
   if (groups.world->rank() != 0) return;
   std::ifstream m(c.train.metrics_path);

@@ -32,8 +32,7 @@ void expect_gradient(Backend& backend, const std::string& what, Tensor& value, c
 class LayerGradCheck {
  public:
   LayerGradCheck(const Config& config, int64_t tokens, double r_scale = 1.0)
-      : config_(config), tokens_(tokens), groups_(test::self_groups()) {
-    config_.runtime.dtype = DType::kF64;
+      : config_(test::config(config, {"runtime.dtype=float64"})), tokens_(tokens), groups_(test::self_groups()) {
     layer_ = std::make_unique<MoeLayer>(params_, "moe", config_, 0, 1, 0);
     params_.allocate(*backend_, DType::kF64, config_.train.seed);
     x_ = test::random_tensor(*backend_, {tokens, config_.model.hidden}, DType::kF64, 11);
@@ -87,118 +86,88 @@ class LayerGradCheck {
   Tensor x_, r_;
 };
 
-Config base(int experts = 4, int k = 2) {
-  Config c = test::small_config(experts, k, 6);
-  c.moe.ffn_hidden = 5;
-  c.moe.capacity_factor = 0;  // dropless unless a test wants drops
-  c.moe.aux_loss_coef = 0;
-  c.moe.z_loss_coef = 0;
-  return c;
+// test::small_config of hidden size 6 with mid size 5, dropless and without router losses, then
+// `overrides` (what a test turns on).
+Config base(int experts, int k, const std::vector<std::string>& overrides = {}) {
+  std::vector<std::string> all{"moe.ffn_hidden=5", "moe.capacity_factor=0", "moe.aux_loss_coef=0", "moe.z_loss_coef=0"};
+  all.insert(all.end(), overrides.begin(), overrides.end());
+  return test::config(test::small_config(experts, k, 6), all);
 }
 
 struct RouterCase {
   const char* name;
-  ScoreFn score;
-  bool normalize;
-  RouterGrad grad;
+  std::vector<std::string> overrides;
 };
+
+void PrintTo(const RouterCase& c, std::ostream* os) { *os << c.name; }
 
 class RouterGradCheck : public ::testing::TestWithParam<RouterCase> {};
 
 TEST_P(RouterGradCheck, RouterWeightAndInput) {
-  Config c = base();
-  c.moe.score = GetParam().score;
-  c.moe.normalize_topk = GetParam().normalize;
-  c.moe.router_grad = GetParam().grad;
-  c.moe.gumbel_tau = 0.7;
-  LayerGradCheck g(c, 10);
+  std::vector<std::string> overrides = GetParam().overrides;
+  overrides.push_back("moe.gumbel_tau=0.7");
+  LayerGradCheck g(base(4, 2, overrides), 10);
   EXPECT_EQ(g.run({"router"}), 1);
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Modes, RouterGradCheck,
-    ::testing::Values(RouterCase{"softmax_normalized", ScoreFn::kSoftmax, true, RouterGrad::kExact},
-                      RouterCase{"softmax_raw", ScoreFn::kSoftmax, false, RouterGrad::kExact},
-                      RouterCase{"sigmoid_normalized", ScoreFn::kSigmoid, true, RouterGrad::kExact},
-                      RouterCase{"sigmoid_raw", ScoreFn::kSigmoid, false, RouterGrad::kExact},
-                      RouterCase{"gumbel_soft", ScoreFn::kSoftmax, true, RouterGrad::kGumbel}),
+    ::testing::Values(
+        RouterCase{"softmax_normalized", {"moe.score=softmax", "moe.normalize_topk=true", "moe.router_grad=exact"}},
+        RouterCase{"softmax_raw", {"moe.score=softmax", "moe.normalize_topk=false", "moe.router_grad=exact"}},
+        RouterCase{"sigmoid_normalized", {"moe.score=sigmoid", "moe.normalize_topk=true", "moe.router_grad=exact"}},
+        RouterCase{"sigmoid_raw", {"moe.score=sigmoid", "moe.normalize_topk=false", "moe.router_grad=exact"}},
+        RouterCase{"gumbel_soft", {"moe.score=softmax", "moe.normalize_topk=true", "moe.router_grad=gumbel"}}),
     [](const auto& info) { return std::string(info.param.name); });
 
-class ExpertGradCheck : public ::testing::TestWithParam<ExpertType> {};
+class ExpertGradCheck : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(ExpertGradCheck, ExpertWeights) {
-  Config c = base();
-  c.moe.expert_type = GetParam();
-  LayerGradCheck g(c, 10);
-  EXPECT_EQ(g.run({"experts"}), GetParam() == ExpertType::kSwiGLU ? 3 : 2);
+  LayerGradCheck g(base(4, 2, {"moe.expert_type=" + GetParam()}), 10);
+  EXPECT_EQ(g.run({"experts"}), GetParam() == "swiglu" ? 3 : 2);
 }
 
-INSTANTIATE_TEST_SUITE_P(Types, ExpertGradCheck,
-                         ::testing::Values(ExpertType::kSwiGLU, ExpertType::kGelu, ExpertType::kRelu),
-                         [](const auto& info) {
-                           return std::string(info.param == ExpertType::kSwiGLU ? "swiglu"
-                                              : info.param == ExpertType::kGelu ? "gelu"
-                                                                                : "relu");
-                         });
+INSTANTIATE_TEST_SUITE_P(Types, ExpertGradCheck, ::testing::Values("swiglu", "gelu", "relu"),
+                         [](const auto& info) { return info.param; });
 
 TEST(SharedExpertGradCheck, SharedWeights) {
-  Config c = base();
-  c.moe.num_shared_experts = 2;
-  c.moe.shared_ffn_hidden = 3;
-  LayerGradCheck g(c, 10);
+  LayerGradCheck g(base(4, 2, {"moe.num_shared_experts=2", "moe.shared_ffn_hidden=3"}), 10);
   EXPECT_EQ(g.run({"shared"}), 3);
 }
 
 TEST(LossGradCheck, AuxLossAlone) {
-  Config c = base();
-  c.moe.aux_loss_coef = 0.5;
-  LayerGradCheck g(c, 12, /*r_scale=*/0.0);  // dy = 0: the only gradient is the aux loss's
+  LayerGradCheck g(base(4, 2, {"moe.aux_loss_coef=0.5"}), 12, /*r_scale=*/0.0);  // dy = 0: only the aux loss
   EXPECT_EQ(g.run({"router"}), 1);
 }
 
 TEST(LossGradCheck, SigmoidAuxLossAlone) {
-  Config c = base();
-  c.moe.score = ScoreFn::kSigmoid;
-  c.moe.aux_loss_coef = 0.5;
-  LayerGradCheck g(c, 12, 0.0);
+  LayerGradCheck g(base(4, 2, {"moe.score=sigmoid", "moe.aux_loss_coef=0.5"}), 12, 0.0);
   EXPECT_EQ(g.run({"router"}), 1);
 }
 
 TEST(LossGradCheck, ZLossAlone) {
-  Config c = base();
-  c.moe.z_loss_coef = 0.3;
-  LayerGradCheck g(c, 12, 0.0);
+  LayerGradCheck g(base(4, 2, {"moe.z_loss_coef=0.3"}), 12, 0.0);
   EXPECT_EQ(g.run({"router"}), 1);
 }
 
 TEST(LayerGradCheckAll, EverythingOnWithCapacityDrops) {
-  Config c = base(6, 2);
-  c.moe.capacity_factor = 0.75;
-  c.moe.min_capacity = 1;
-  c.moe.num_shared_experts = 1;
-  c.moe.aux_loss_coef = 0.1;
-  c.moe.z_loss_coef = 0.05;
-  c.moe.router_jitter = 0.1;
-  c.moe.random_routing = true;
-  LayerGradCheck g(c, 16);
+  LayerGradCheck g(base(6, 2, {"moe.capacity_factor=0.75", "moe.min_capacity=1", "moe.num_shared_experts=1",
+                               "moe.aux_loss_coef=0.1", "moe.z_loss_coef=0.05", "moe.router_jitter=0.1",
+                               "moe.random_routing=true"}),
+                   16);
   EXPECT_EQ(g.run(), 1 + 3 + 3);  // router, experts, shared
 }
 
 TEST(LayerGradCheckAll, BatchPriorityTop3Gelu) {
-  Config c = base(5, 3);
-  c.moe.capacity_factor = 1.0;
-  c.moe.priority = Priority::kBatch;
-  c.moe.expert_type = ExpertType::kGelu;
-  c.moe.aux_loss_coef = 0.1;
-  c.moe.z_loss_coef = 0.05;
-  LayerGradCheck g(c, 15);
+  LayerGradCheck g(base(5, 3, {"moe.capacity_factor=1.0", "moe.priority=batch", "moe.expert_type=gelu",
+                               "moe.aux_loss_coef=0.1", "moe.z_loss_coef=0.05"}),
+                   15);
   EXPECT_EQ(g.run(), 1 + 2);
 }
 
 struct AttentionCase {
   const char* name;
-  int heads, kv_heads;
-  double dropout;
+  std::vector<std::string> overrides;  // heads, kv_heads, attn_dropout
 };
 
 void PrintTo(const AttentionCase& c, std::ostream* os) { *os << c.name; }
@@ -207,12 +176,9 @@ class AttentionGradCheck : public ::testing::TestWithParam<AttentionCase> {};
 
 // L = <y, r> for the attention sublayer alone: dx and every weight gradient against central differences.
 TEST_P(AttentionGradCheck, InputAndWeights) {
-  Config c = test::small_config(4, 2, 8);
-  c.runtime.dtype = DType::kF64;
-  c.model.heads = GetParam().heads;
-  c.model.kv_heads = GetParam().kv_heads;
-  c.model.attn_dropout = GetParam().dropout;
-  c.model.seq_len = 5;
+  std::vector<std::string> overrides = GetParam().overrides;
+  overrides.insert(overrides.end(), {"runtime.dtype=float64", "model.seq_len=5"});
+  const Config c = test::config(test::small_config(4, 2, 8), overrides);
   auto backend = make_cpu_backend({});
   ParamSet params;
   Attention attn(params, "attn", c, 0);
@@ -233,9 +199,11 @@ TEST_P(AttentionGradCheck, InputAndWeights) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Heads, AttentionGradCheck,
-                         ::testing::Values(AttentionCase{"multi_head", 2, 0, 0.0},
-                                           AttentionCase{"grouped_query", 4, 2, 0.0},
-                                           AttentionCase{"single_kv_head_dropout", 4, 1, 0.3}),
+                         ::testing::Values(
+                             AttentionCase{"multi_head", {"model.heads=2", "model.kv_heads=0", "model.attn_dropout=0"}},
+                             AttentionCase{"grouped_query", {"model.heads=4", "model.kv_heads=2", "model.attn_dropout=0"}},
+                             AttentionCase{"single_kv_head_dropout",
+                                           {"model.heads=4", "model.kv_heads=1", "model.attn_dropout=0.3"}}),
                          [](const auto& info) { return std::string(info.param.name); });
 
 // The whole model: embedding, blocks of attention + dense FFN and attention + MoE FFN (shared experts,
@@ -244,21 +212,12 @@ INSTANTIATE_TEST_SUITE_P(Heads, AttentionGradCheck,
 class ModelGradCheck : public ::testing::TestWithParam<bool> {};
 
 TEST_P(ModelGradCheck, EveryParameter) {
-  Config c = base(4, 2);
-  c.runtime.dtype = DType::kF64;
-  c.model.vocab_size = 11;
-  c.model.layers = 2;
-  c.model.heads = 2;
-  c.model.seq_len = 4;
-  c.model.ffn_hidden = 6;
-  c.model.tie_embeddings = GetParam();
-  c.moe.first_dense_layers = 1;
-  c.moe.capacity_factor = 1.0;
-  c.moe.min_capacity = 1;
-  c.moe.num_shared_experts = 1;
-  c.moe.aux_loss_coef = 0.1;
-  c.moe.z_loss_coef = 0.05;
-  c.train.batch_size = 3;
+  const Config c = base(4, 2, {"runtime.dtype=float64", "model.vocab_size=11", "model.layers=2", "model.heads=2",
+                               "model.seq_len=4", "model.ffn_hidden=6",
+                               std::string("model.tie_embeddings=") + (GetParam() ? "true" : "false"),
+                               "moe.first_dense_layers=1", "moe.capacity_factor=1.0", "moe.min_capacity=1",
+                               "moe.num_shared_experts=1", "moe.aux_loss_coef=0.1", "moe.z_loss_coef=0.05",
+                               "train.batch_size=3"});
   auto backend = make_cpu_backend({});
   ProcessGroups groups = test::self_groups();
   Transformer model(c, *backend, groups);
