@@ -84,7 +84,9 @@ struct RngStream {
   }
 };
 
-// A stable 64-bit hash of a name (FNV-1a), used to key parameter-initialisation streams.
+// A stable 64-bit hash of a name, used to key parameter-initialisation streams. FNV-style but not FNV-1a:
+// FNV's prime, with the offset basis 1469598103934665603 (FNV-1a's is 14695981039346656037). Every
+// initialisation and checkpoint depends on this constant; docs/ARCHITECTURE.md states it.
 inline uint64_t name_hash(const char* s) {
   uint64_t h = 1469598103934665603ull;
   for (; *s; ++s) h = (h ^ static_cast<unsigned char>(*s)) * 1099511628211ull;
