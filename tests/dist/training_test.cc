@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -258,12 +259,33 @@ TEST(Training, ResumeKeepsTheMetricsFileALinePerStepAndMovesInlineEvents) {
   EXPECT_FALSE(std::getline(e, line)) << "the resume event past step 3 is dropped: " << line;
 }
 
+// The parameters a model of `c` allocates over this world, as the start event must count them: the
+// replicated ones once, the routed experts summed over an ep group (each expert once).
+std::pair<int64_t, int64_t> allocated_params(const Config& c, ProcessGroups& groups) {
+  auto backend = make_cpu_backend({});
+  Transformer model(c, *backend, groups);
+  std::vector<double> replicated{0}, experts{0}, idle{0};
+  for (Param* p : model.params().trainable()) {
+    const double n = static_cast<double>(p->value.numel());
+    if (p->scope == ParamScope::kExpert) {
+      experts[0] += n;
+      idle[0] += n * (c.moe.num_experts - c.moe.top_k) / c.moe.num_experts;  // a token uses k of E
+    } else {
+      replicated[0] += n;
+    }
+  }
+  groups.ep->all_reduce_sum(experts);
+  groups.ep->all_reduce_sum(idle);
+  const double total = replicated[0] + experts[0];
+  return {std::llround(total), std::llround(total - idle[0])};
+}
+
 TEST(Training, MetricsFileHasOneJsonLinePerStep) {
-  Config c = tiny_model(3);
-  ProcessGroups groups = test::world_groups(c.parallel.ep);
+  ProcessGroups groups = test::world_groups(tiny_model(1).parallel.ep);
   SharedDir dir(*groups.world);
-  c.train.metrics_path = dir.path() + "/metrics.jsonl";
+  const Config c = test::config(tiny_model(6), {"train.metrics_path=" + dir.path() + "/metrics.jsonl"});
   train(c, groups);
+  const auto [total, active] = allocated_params(c, groups);
   if (groups.world->rank() != 0) return;
   std::string line;
   // The start event, in the events file beside: what the study reports need besides the steps.
@@ -274,15 +296,15 @@ TEST(Training, MetricsFileHasOneJsonLinePerStep) {
   EXPECT_FALSE(std::getline(events, line)) << "one event";
   EXPECT_EQ(start["event"].as<std::string>(), "start");
   EXPECT_EQ(start["ranks"].as<int>(), groups.world->size());
-  const ModelSize size = model_size(c);
-  EXPECT_EQ(start["params_total"].as<int64_t>(), size.total_params);
-  EXPECT_EQ(start["params_active"].as<int64_t>(), size.active_params);
+  EXPECT_EQ(start["params_total"].as<int64_t>(), total) << "the parameters the model allocates";
+  EXPECT_EQ(start["params_active"].as<int64_t>(), active);
   EXPECT_EQ(start["tokens_per_step"].as<int64_t>(), int64_t{c.train.batch_size} * c.model.seq_len);
   EXPECT_EQ(start["routing"].as<std::string>(), "off");
   // The metrics file: a line per step with its loss and nothing else (what every reader of it, the GPU
   // check's loss-curve comparison among them, takes it to be).
   std::ifstream in(c.train.metrics_path);
   int lines = 0;
+  double best_coverage = -1;  // the largest over the steps of (phases + 2e-4 s) / wall
   while (std::getline(in, line)) {
     ++lines;
     YAML::Node j = parse_json(line, "metrics line");
@@ -301,10 +323,11 @@ TEST(Training, MetricsFileHasOneJsonLinePerStep) {
       EXPECT_GT(j["time_s"][key].as<double>(), 0.0) << key;
     }
     EXPECT_NEAR(sum, j["time_s"]["total"].as<double>(), 1e-12 * sum);
-    // ... and the phases, laps of the CPU clock, cover the step's wall time but for a little bookkeeping.
+    // ... and the phases, laps of the CPU clock inside the step's wall time, never exceed it (however
+    // loaded the machine) ...
     const double wall = j["time_s"]["wall"].as<double>();
     EXPECT_LE(sum, wall * (1 + 1e-9)) << "phases " << sum << " s, wall " << wall << " s";
-    EXPECT_GE(sum, 0.8 * wall - 2e-4) << "phases " << sum << " s, wall " << wall << " s";
+    best_coverage = std::max(best_coverage, (sum + 2e-4) / wall);
     EXPECT_NEAR(j["tokens_per_s"].as<double>() * wall, c.train.batch_size * c.model.seq_len, 1e-6);
     // On the CPU the side stream runs inline and MPI sums block: nothing is hidden.
     EXPECT_EQ(j["time_s"]["hidden_shared"].as<double>(), 0.0);
@@ -312,7 +335,13 @@ TEST(Training, MetricsFileHasOneJsonLinePerStep) {
     ASSERT_EQ(j["layers"].size(), 2u);
     EXPECT_EQ(j["layers"][0]["tokens_per_expert"].size(), static_cast<size_t>(c.moe.num_experts));
   }
-  EXPECT_EQ(lines, 3);
+  EXPECT_EQ(lines, 6);
+  // ... and cover it but for a little bookkeeping: the host statements before the first lap and after the
+  // last, tens of microseconds. No timeout bounds that on a loaded machine (8 ranks on 2 cores beside
+  // other jobs), where a rank can lose the core inside those statements for a scheduler slice or more in
+  // any one step. A phase left off the clock is missing from every step, a preemption hits some, so the
+  // 80% coverage (+ 0.2 ms) is asked of the best of the six steps, not of each.
+  EXPECT_GE(best_coverage, 0.8) << "no step's phases cover 80% of its wall time";
 }
 
 }  // namespace
