@@ -9,11 +9,14 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <map>
 #include <set>
+#include <thread>
 
 #include "base/json.h"
 #include "base/log.h"
@@ -41,6 +44,26 @@ void make_dirs(const std::string& path) {
       }
     }
   }
+}
+
+// Test hook (tests/fault/faults.sh kill_during_save): MOE_TEST_PAUSE_IN_SAVE=STEP:SECONDS makes the save
+// of step STEP pause for SECONDS after every rank file is written and before the index and the manifest,
+// announced by a marker line, so that a test can kill the job inside a save for certain instead of at
+// random. Not a configuration key: nothing but that test sets it.
+void test_pause_in_save(int64_t step) {
+  const char* value = std::getenv("MOE_TEST_PAUSE_IN_SAVE");
+  if (value == nullptr || *value == '\0') return;
+  long long at = 0;
+  double seconds = 0;
+  char rest = 0;
+  if (std::sscanf(value, "%lld:%lf%c", &at, &seconds, &rest) != 2 || !(seconds >= 0)) {
+    throw ConfigError("", std::string("MOE_TEST_PAUSE_IN_SAVE=") + value + ": expected STEP:SECONDS");
+  }
+  if (at != step) return;
+  std::printf("moe test hook: pid %d pauses %g s in the save of step %lld, after the rank files, before the "
+              "manifest\n", static_cast<int>(::getpid()), seconds, at);
+  std::fflush(stdout);
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));  // resumes after a signal handler
 }
 
 // "layers.0.moe.experts.w_gate", expert 5 -> "layers.0.moe.experts.5.w_gate"
@@ -437,6 +460,7 @@ std::string save_checkpoint(const std::string& checkpoint_dir, const TrainingSta
   world.host().all_gather(mine.data(), all.data(), 3, DType::kF64);
 
   if (world.rank() == 0) {
+    test_pause_in_save(state.step);
     CheckpointInfo info;
     info.step = state.step;
     info.next_sequence = state.next_sequence;
