@@ -22,7 +22,10 @@ rows = [json.loads(l) for l in open(f"rows{n}.json") if l.startswith("{")]
 assert [r["shared"] for r in rows] == [0, 1], rows
 for r in rows:
     assert r["ranks"] == n and r["wrong"] == 0, r
-    assert r["time_ms"] > 0 and r["exchange_ms"] > 0 and r["exchange_ms"] < r["time_ms"], r
+    # Containment, not a speed ratio, so it holds however loaded the machine: each iteration's exchange
+    # phase is a stretch of that iteration's timed interval, so the median over the same iterations is
+    # at most the interval's median, and the slowest rank's at most the slowest rank's.
+    assert r["time_ms"] > 0 and r["exchange_ms"] > 0 and r["exchange_ms"] <= r["time_ms"], r
     assert (r["raw_a2a_ms"] > 0) == (n > 1), r
 PY
 done
