@@ -196,7 +196,8 @@ std::vector<ConfigField> build_fields() {
   f.push_back(field("moe.top_k", &C::moe, &MoeConfig::top_k, "Experts each token is routed to (1 <= top_k <= num_experts)."));
   f.push_back(field("moe.capacity_factor", &C::moe, &MoeConfig::capacity_factor,
                     "GShard capacity per expert and capacity group of G tokens: C = min(G, max(min_capacity, "
-                    "ceil(top_k * G * capacity_factor / num_experts))), at least 1. A value <= 0 means "
+                    "ceil(top_k * G * capacity_factor / num_experts))), at least 1, the ceiling forgiving a "
+                    "relative 1e-12 of rounding (docs/ARCHITECTURE.md, MoE FFN step 5). A value <= 0 means "
                     "dropless: every assignment is sent, with variable-size exchanges."));
   f.push_back(field("moe.min_capacity", &C::moe, &MoeConfig::min_capacity,
                     "Lower bound on the capacity C (capped at group_size, which no expert can exceed)."));

@@ -6,7 +6,7 @@
 // the ranks in rounds of world x local sequences (local = train.batch_size / world, at least 1):
 // sequence j goes to round j / (world * local), rank (j mod (world * local)) / local. The last round is
 // padded with copies of sequence 0 whose tokens do not count. MoE layers route each sequence as its own
-// capacity group (capacity ceil(k * S * capacity_factor / E)) and without noise, so the result depends
+// capacity group (capacity moe_capacity(moe, S), config/config.h) and without noise, so the result depends
 // neither on the number of ranks nor on the layout.
 #pragma once
 
