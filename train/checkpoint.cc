@@ -450,14 +450,34 @@ std::string save_checkpoint(const std::string& checkpoint_dir, const TrainingSta
       records.push_back(TensorRecord{s.name, to_host(backend, s.tensor)});
     }
   }
+  // A rank that cannot write its file (a full disk fills for several ranks at once) does not stop the job on
+  // its own: the ranks first agree, so that one line reports the failure and every rank that had it.
   std::vector<double> mine{0, 0, 0};
+  std::string failure;
   if (!records.empty()) {
-    WrittenFile f = write_safetensors(dir + "/" + rank_file(world.rank()), records,
-                                      {{"format", kFormat}, {"step", std::to_string(state.step)}});
-    mine = {1, static_cast<double>(f.bytes), static_cast<double>(f.crc32)};
+    try {
+      WrittenFile f = write_safetensors(dir + "/" + rank_file(world.rank()), records,
+                                        {{"format", kFormat}, {"step", std::to_string(state.step)}});
+      mine = {1, static_cast<double>(f.bytes), static_cast<double>(f.crc32)};
+    } catch (const Error& e) {
+      mine = {-1, 0, 0};
+      failure = e.what();
+    }
   }
   std::vector<double> all(3 * static_cast<size_t>(world.size()));
   world.host().all_gather(mine.data(), all.data(), 3, DType::kF64);
+  std::string failed_ranks;
+  for (int r = 0; r < world.size(); ++r) {
+    if (all[3 * r] >= 0) continue;
+    if (failed_ranks.empty()) broadcast_string(world, failure, r);  // the lowest failing rank's reason
+    failed_ranks += (failed_ranks.empty() ? "" : ", ") + std::to_string(r);
+  }
+  if (!failed_ranks.empty()) {
+    throw collective(InputError("checkpoint of step " + std::to_string(state.step),
+                                failure + " (rank(s) " + failed_ranks + " could not write their files; the latest " +
+                                    "complete checkpoint, if any, stays the latest)",
+                                "train.checkpoint_dir"));
+  }
 
   if (world.rank() == 0) {
     test_pause_in_save(state.step);
@@ -483,10 +503,15 @@ std::string save_checkpoint(const std::string& checkpoint_dir, const TrainingSta
       throw InternalError("checkpoint: no file was written for " + s.name + " (" + name + ")");
     };
     for (const Slot& s : slots(model, &optimizer, /*all_experts=*/true)) file_of(s).tensors.push_back(s.name);
-    commit_checkpoint(checkpoint_dir, info, files);
-    prune_checkpoints(checkpoint_dir, config.train.keep_checkpoints, state.step);
+    try {
+      commit_checkpoint(checkpoint_dir, info, files);
+      prune_checkpoints(checkpoint_dir, config.train.keep_checkpoints, state.step);
+    } catch (const Error& e) {  // the index, the manifest or `latest` could not be written
+      failure = e.what();
+    }
   }
-  world.barrier();
+  broadcast_string(world, failure, 0);  // every rank waits for the commit, and learns how it went
+  if (!failure.empty()) throw collective(InputError("checkpoint of step " + std::to_string(state.step), failure, "train.checkpoint_dir"));
   return dir;
 }
 
